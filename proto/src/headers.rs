@@ -1,0 +1,73 @@
+//! Headers between proxy and agent (DESIGN.md, decision 6).
+//!
+//! Every header whose name starts with [`INTERNAL_PREFIX`] is Roost's own: the proxy
+//! removes all of them from client requests before adding its own, so a client can never
+//! choose the site an agent serves or present the proxy's credential.
+
+/// Prefix of every internal header name (lower case, as HTTP/2 and pingora store them).
+pub const INTERNAL_PREFIX: &str = "x-roost-";
+/// The canonical host of the site the proxy resolved.
+pub const SITE: &str = "x-roost-site";
+/// The proxy's credential: the shared secret both sides were given.
+pub const AUTH: &str = "x-roost-auth";
+/// The proxy's snapshot revision when it routed; an agent that is behind waits to catch up.
+pub const REVISION: &str = "x-roost-revision";
+/// Request id, kept from the client when present and well-formed, else generated.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// True for a header name that only Roost may set.
+pub fn is_internal(name: &str) -> bool {
+    name.len() >= INTERNAL_PREFIX.len()
+        && name[..INTERNAL_PREFIX.len()].eq_ignore_ascii_case(INTERNAL_PREFIX)
+}
+
+/// Compare a presented credential with the expected one in time independent of where
+/// they differ, so the secret cannot be guessed byte by byte from response times.
+pub fn credential_matches(presented: &[u8], expected: &[u8]) -> bool {
+    if presented.len() != expected.len() {
+        return false;
+    }
+    presented
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+/// A request id we accept from outside: short, printable, no spaces.
+pub fn valid_request_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_headers_are_recognised_in_any_case() {
+        assert!(is_internal("X-Roost-Site"));
+        assert!(is_internal("x-roost-anything"));
+        assert!(!is_internal("x-roos"));
+        assert!(!is_internal("x-forwarded-for"));
+    }
+
+    #[test]
+    fn credentials_compare_exactly() {
+        assert!(credential_matches(b"secret", b"secret"));
+        assert!(!credential_matches(b"secreT", b"secret"));
+        assert!(!credential_matches(b"secret1", b"secret"));
+        assert!(!credential_matches(b"", b"secret"));
+    }
+
+    #[test]
+    fn request_ids_are_checked() {
+        assert!(valid_request_id("3f2a-11:x.y_z"));
+        assert!(!valid_request_id("has space"));
+        assert!(!valid_request_id(""));
+        assert!(!valid_request_id(&"a".repeat(200)));
+    }
+}

@@ -1,0 +1,67 @@
+//! The etcd key layout (DESIGN.md, "etcd layout").
+//!
+//! ```text
+//! <prefix>/sites/<canonical host>  -> SiteSpec JSON
+//! <prefix>/nodes/<node id>         -> NodeInfo JSON, under the agent's lease
+//! ```
+
+/// The default prefix under which every Roost key lives.
+pub const DEFAULT_PREFIX: &str = "/roost";
+
+/// Key layout under one configurable prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    prefix: String,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Self::new(DEFAULT_PREFIX)
+    }
+}
+
+impl Layout {
+    /// A layout under `prefix`; a trailing `/` is ignored so `/roost` and `/roost/` agree.
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.trim_end_matches('/').to_string(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `<prefix>/sites/`: list or watch this to see every site.
+    pub fn sites_prefix(&self) -> String {
+        format!("{}/sites/", self.prefix)
+    }
+
+    /// `<prefix>/nodes/`: list or watch this to see every live node.
+    pub fn nodes_prefix(&self) -> String {
+        format!("{}/nodes/", self.prefix)
+    }
+
+    /// The key of one site; `host` must already be canonical.
+    pub fn site_key(&self, host: &str) -> String {
+        format!("{}{}", self.sites_prefix(), host)
+    }
+
+    /// The key of one node.
+    pub fn node_key(&self, node_id: &str) -> String {
+        format!("{}{}", self.nodes_prefix(), node_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_built_under_the_prefix() {
+        let l = Layout::new("/roost/");
+        assert_eq!(l.site_key("example.com"), "/roost/sites/example.com");
+        assert_eq!(l.node_key("n1"), "/roost/nodes/n1");
+        assert_eq!(Layout::default().sites_prefix(), "/roost/sites/");
+    }
+}

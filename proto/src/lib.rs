@@ -1,0 +1,24 @@
+//! The contract every Roost component shares.
+//!
+//! - [`keys`]: where things live in etcd.
+//! - [`site`] and [`node`]: the records stored there, with validation that names the bad field.
+//! - [`host`]: host-name canonicalisation, used for keys and for every `Host` header.
+//! - [`placement`]: which node serves a site, as a pure function of the site and the live nodes.
+//! - [`headers`]: the internal headers between proxy and agent, and the proxy's credential.
+//! - [`informer`]: list-then-watch over an etcd prefix, publishing immutable snapshots.
+//! - [`etcd`]: connecting to etcd the same way everywhere.
+
+pub mod etcd;
+pub mod headers;
+pub mod host;
+pub mod informer;
+pub mod keys;
+pub mod node;
+pub mod placement;
+pub mod site;
+
+pub use host::{canonical_host, HostError};
+pub use informer::{Informer, Snapshot};
+pub use keys::Layout;
+pub use node::NodeInfo;
+pub use site::{SiteSpec, SpecError};
