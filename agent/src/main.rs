@@ -1,1 +1,156 @@
-fn main(){}
+//! roost-agent: the node. Registers the node in etcd, receives proxied requests, starts each
+//! site's worker on its first request as the site's user, stops it when idle.
+
+mod admin;
+mod config;
+mod http;
+mod metrics;
+mod registration;
+mod respond;
+mod socket;
+mod supervisor;
+mod users;
+mod worker;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use async_trait::async_trait;
+use clap::Parser;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora_core::services::listening::Service;
+use roost_proto::{Informer, Layout, SiteSpec};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+
+use crate::config::{Args, Config};
+use crate::registration::Registration;
+use crate::supervisor::Supervisor;
+
+fn main() -> Result<()> {
+    init_logging();
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!("roost-agent must run as root: it starts each site's worker as the site's user");
+    }
+    let cfg = Arc::new(Config::load(Args::parse())?);
+    if cfg.secret.is_none() {
+        warn!("no --secret-file: this agent serves anyone who can reach {}; give proxies and agents a shared secret", cfg.listen);
+    }
+
+    // Control-plane work (etcd, timers, reaping workers) runs on its own runtime so it never
+    // competes with, or depends on, pingora's request runtimes.
+    let control = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("roost-control")
+        .enable_all()
+        .build()
+        .context("starting the control runtime")?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let layout = Layout::new(&cfg.prefix);
+    let sites = control.block_on(async { Informer::<SiteSpec>::start(&cfg.etcd, &layout.sites_prefix()) });
+    let supervisor = Supervisor::new(cfg.clone(), metrics.clone(), control.handle().clone())
+        .with_context(|| format!("preparing state directory {}", cfg.state_dir.display()))?;
+    let registration = Registration::new(cfg.clone());
+    control.spawn(registration.clone().run(metrics.clone()));
+    control.spawn(supervisor::run(supervisor.clone(), sites.clone()));
+
+    let mut conf = ServerConf::default();
+    conf.threads = 2;
+    conf.grace_period_seconds = Some(0);
+    conf.graceful_shutdown_timeout_seconds = Some(2);
+    conf.pid_file = cfg.state_dir.join("agent.pid").to_string_lossy().into_owned();
+    conf.upgrade_sock = cfg.state_dir.join("agent-upgrade.sock").to_string_lossy().into_owned();
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        http::AgentHttp {
+            supervisor: supervisor.clone(),
+            sites: sites.clone(),
+            secret: cfg.secret.clone(),
+            metrics: metrics.clone(),
+        },
+        "roost-agent",
+    );
+    proxy.add_tcp(&cfg.listen);
+    let mut admin = Service::new(
+        "admin".to_string(),
+        admin::AdminApp {
+            metrics,
+            sites,
+            registration: registration.clone(),
+            supervisor: supervisor.clone(),
+        },
+    );
+    admin.add_tcp(&cfg.admin);
+    server.add_service(proxy);
+    server.add_service(admin);
+
+    info!(node = %cfg.node_id, listen = %cfg.listen, admin = %cfg.admin, state_dir = %cfg.state_dir.display(), "roost-agent starting");
+    server.run(RunArgs {
+        shutdown_signal: Box::new(DrainOnSignal {
+            registration,
+            supervisor,
+            control: control.handle().clone(),
+        }),
+    });
+    control.shutdown_timeout(Duration::from_secs(1));
+    info!("roost-agent stopped");
+    Ok(())
+}
+
+/// SIGTERM drains the node: mark it draining in etcd (proxies stop placing sites here),
+/// let requests in flight finish, stop the workers, remove the node key, then let pingora
+/// close its listeners. SIGINT does the same (Ctrl-C in a terminal is a request to stop).
+struct DrainOnSignal {
+    registration: Arc<Registration>,
+    supervisor: Arc<Supervisor>,
+    control: tokio::runtime::Handle,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for DrainOnSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(t), Ok(i)) => (t, i),
+            _ => {
+                warn!("cannot install signal handlers; SIGTERM will not drain");
+                std::future::pending::<()>().await;
+                unreachable!()
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: draining the node"),
+            _ = int.recv() => info!("SIGINT: draining the node"),
+        }
+        let registration = self.registration.clone();
+        let supervisor = self.supervisor.clone();
+        let drained = self.control.spawn(async move {
+            registration.set_draining();
+            // Give proxies a moment to see the draining flag, then wait for requests in flight.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while supervisor.in_flight() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            supervisor.shutdown().await;
+            registration.deregister().await;
+        });
+        let _ = drained.await;
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}

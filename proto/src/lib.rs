@@ -6,6 +6,7 @@
 //! - [`placement`]: which node serves a site, as a pure function of the site and the live nodes.
 //! - [`headers`]: the internal headers between proxy and agent, and the proxy's credential.
 //! - [`informer`]: list-then-watch over an etcd prefix, publishing immutable snapshots.
+//! - [`pages`]: the one style of error page both write themselves.
 //! - [`etcd`]: connecting to etcd the same way everywhere.
 
 pub mod etcd;
@@ -14,6 +15,7 @@ pub mod host;
 pub mod informer;
 pub mod keys;
 pub mod node;
+pub mod pages;
 pub mod placement;
 pub mod site;
 

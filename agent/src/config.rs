@@ -1,0 +1,164 @@
+//! The agent's settings: command-line flags over an optional TOML file over defaults that
+//! work on one machine.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use serde::Deserialize;
+
+/// roost-agent: runs the site workers of one node, on demand, each as its site's user.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+pub struct Args {
+    /// etcd endpoints, comma separated.
+    #[arg(long, env = "ROOST_ETCD")]
+    pub etcd: Option<String>,
+    /// This node's id in etcd (`<prefix>/nodes/<id>`).
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// Where proxies reach this agent (HTTP/1.1).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// The address published for proxies, when it differs from --listen (e.g. 0.0.0.0).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Admin address: /metrics, /healthz, /readyz, /sites.
+    #[arg(long)]
+    pub admin: Option<String>,
+    /// Where site sockets and logs live.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// A TOML file with any of these settings; flags win.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The etcd key prefix.
+    #[arg(long, env = "ROOST_PREFIX")]
+    pub prefix: Option<String>,
+    /// A file holding the secret that proxies present; without it the agent trusts its network.
+    #[arg(long)]
+    pub secret_file: Option<PathBuf>,
+    /// Placement weight of this node relative to others.
+    #[arg(long)]
+    pub capacity: Option<u32>,
+}
+
+/// The file form; every field optional.
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    etcd: Option<String>,
+    node_id: Option<String>,
+    listen: Option<String>,
+    advertise: Option<String>,
+    admin: Option<String>,
+    state_dir: Option<PathBuf>,
+    prefix: Option<String>,
+    secret_file: Option<PathBuf>,
+    capacity: Option<u32>,
+    stop_grace_secs: Option<u64>,
+    lease_ttl_secs: Option<i64>,
+}
+
+/// Settings in force.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub etcd: String,
+    pub node_id: String,
+    pub listen: String,
+    pub advertise: String,
+    pub admin: String,
+    pub state_dir: PathBuf,
+    pub prefix: String,
+    pub secret: Option<Vec<u8>>,
+    pub capacity: u32,
+    /// How long a stopping worker may finish its requests before SIGKILL.
+    pub stop_grace: Duration,
+    /// TTL of the lease that holds the node key; the node vanishes this long after a crash.
+    pub lease_ttl_secs: i64,
+}
+
+impl Config {
+    pub fn load(args: Args) -> Result<Self> {
+        let file = match &args.config {
+            Some(path) => read_file_config(path)?,
+            None => FileConfig::default(),
+        };
+        let node_id = args
+            .node_id
+            .or(file.node_id)
+            .unwrap_or_else(default_node_id);
+        if !roost_proto::node::valid_node_id(&node_id) {
+            anyhow::bail!("--node-id {node_id:?}: use lower-case letters, digits, '.', '_' and '-'");
+        }
+        let listen = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:7100".into());
+        let advertise = args.advertise.or(file.advertise).unwrap_or_else(|| listen.clone());
+        advertise
+            .parse::<std::net::SocketAddr>()
+            .with_context(|| format!("advertised address {advertise:?} must be ip:port"))?;
+        let secret_file = args.secret_file.or(file.secret_file);
+        let secret = match secret_file {
+            Some(path) => Some(read_secret(&path)?),
+            None => None,
+        };
+        Ok(Self {
+            etcd: args
+                .etcd
+                .or(file.etcd)
+                .unwrap_or_else(|| roost_proto::etcd::DEFAULT_ENDPOINTS.into()),
+            node_id,
+            listen,
+            advertise,
+            admin: args
+                .admin
+                .or(file.admin)
+                .unwrap_or_else(|| "127.0.0.1:7101".into()),
+            state_dir: args
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| "/var/lib/roost".into()),
+            prefix: args
+                .prefix
+                .or(file.prefix)
+                .unwrap_or_else(|| roost_proto::keys::DEFAULT_PREFIX.into()),
+            secret,
+            capacity: args.capacity.or(file.capacity).unwrap_or(100).max(1),
+            stop_grace: Duration::from_secs(file.stop_grace_secs.unwrap_or(10)),
+            lease_ttl_secs: file.lease_ttl_secs.unwrap_or(5).max(2),
+        })
+    }
+}
+
+fn read_file_config(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+}
+
+/// Read a shared secret: the file's content with surrounding whitespace removed.
+pub fn read_secret(path: &Path) -> Result<Vec<u8>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading secret file {}", path.display()))?;
+    let secret = text.trim();
+    if secret.len() < 16 {
+        anyhow::bail!(
+            "secret file {} holds {} characters; use at least 16",
+            path.display(),
+            secret.len()
+        );
+    }
+    Ok(secret.as_bytes().to_vec())
+}
+
+fn default_node_id() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .map(|h| h.to_ascii_lowercase())
+        .filter(|h| roost_proto::node::valid_node_id(h))
+        .unwrap_or_else(|| "node-1".into())
+}

@@ -1,0 +1,213 @@
+//! The agent's request path: a pingora proxy from proxies (HTTP/1.1 over TCP) to the site's
+//! worker (HTTP/1.1 over the site's unix socket). Phases:
+//!
+//! 1. `request_filter`: check the proxy's credential, find the site, claim a worker.
+//! 2. `upstream_peer`: the site's socket, pooled per worker generation.
+//! 3. `upstream_request_filter`: remove every internal header before the app sees it.
+//! 4. `fail_to_proxy`: Roost's own short error pages (503/504/502 with a reason).
+//! 5. `logging`: give the worker back, count, one log line.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::RequestHeader;
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use roost_proto::headers::{self, credential_matches, is_internal, valid_request_id};
+use roost_proto::{canonical_host, Informer, SiteSpec};
+use tracing::info;
+
+use crate::metrics::Metrics;
+use crate::respond::respond;
+use crate::supervisor::{AcquireError, Supervisor, Ticket};
+
+/// How long an agent that is behind the proxy's snapshot waits to learn of a new site.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
+
+pub struct AgentHttp {
+    pub supervisor: Arc<Supervisor>,
+    pub sites: Arc<Informer<SiteSpec>>,
+    pub secret: Option<Vec<u8>>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub struct RequestCtx {
+    site: String,
+    request_id: String,
+    ticket: Option<Ticket>,
+    started: Instant,
+}
+
+impl AgentHttp {
+    /// The site's spec from this agent's snapshot, waiting briefly when the proxy has seen a
+    /// newer revision (a site added a moment ago may reach the proxy's snapshot first).
+    async fn find_site(&self, host: &str, proxy_revision: Option<i64>) -> Option<Arc<SiteSpec>> {
+        if let Some(spec) = self.sites.snapshot().items.get(host) {
+            return Some(spec.clone());
+        }
+        let rev = proxy_revision?;
+        if rev > self.sites.revision() {
+            self.sites.wait_for_revision(rev, CATCH_UP_WAIT).await;
+        }
+        self.sites.snapshot().items.get(host).cloned()
+    }
+
+    async fn refuse(&self, session: &mut Session, status: u16, why: &'static str, reason: &str) -> Result<bool> {
+        self.metrics.rejected.with_label_values(&[why]).inc();
+        respond(session, status, reason, (status == 503).then_some(1)).await?;
+        Ok(true)
+    }
+}
+
+fn header_str<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
+    req.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+#[async_trait]
+impl ProxyHttp for AgentHttp {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestCtx {
+            site: String::new(),
+            request_id: String::new(),
+            ticket: None,
+            started: Instant::now(),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        let req = session.req_header();
+        if let Some(secret) = &self.secret {
+            let presented = req.headers.get(headers::AUTH).map(|v| v.as_bytes());
+            if !presented.is_some_and(|p| credential_matches(p, secret)) {
+                return self
+                    .refuse(session, 403, "forbidden", "this port only serves Roost proxies")
+                    .await;
+            }
+        }
+        ctx.request_id = header_str(req, headers::REQUEST_ID)
+            .filter(|id| valid_request_id(id))
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
+        let site = match header_str(req, headers::SITE) {
+            Some(s) if canonical_host(s).is_ok_and(|c| c == s) => s.to_string(),
+            _ => {
+                return self
+                    .refuse(session, 400, "no_site", "the request names no valid site")
+                    .await
+            }
+        };
+        let proxy_revision = header_str(req, headers::REVISION).and_then(|r| r.parse().ok());
+        ctx.site = site.clone();
+        let Some(spec) = self.find_site(&site, proxy_revision).await else {
+            return self
+                .refuse(session, 404, "unknown_site", &format!("no site {site} is registered"))
+                .await;
+        };
+        match self.supervisor.acquire(&site, &spec) {
+            Ok(ticket) => {
+                ctx.ticket = Some(ticket);
+                Ok(false)
+            }
+            Err(AcquireError::Removed) => {
+                self.refuse(session, 404, "unknown_site", &format!("site {site} was removed"))
+                    .await
+            }
+            Err(e) => {
+                tracing::error!(site = %site, request_id = %ctx.request_id, error = %e, "cannot start worker");
+                self.refuse(session, 503, "start_failed", &format!("site {site} cannot start: {e}"))
+                    .await
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
+        let Some(ticket) = &ctx.ticket else {
+            return Error::e_explain(ErrorType::InternalError, "no worker claimed");
+        };
+        let path = ticket.socket_path.to_string_lossy();
+        let mut peer = HttpPeer::new_uds(&path, false, String::new())?;
+        peer.group_key = ticket.generation;
+        peer.options.connection_timeout = Some(Duration::from_secs(5));
+        peer.options.read_timeout = Some(ticket.request_timeout);
+        peer.options.write_timeout = Some(ticket.request_timeout);
+        peer.options.idle_timeout = Some(Duration::from_secs(30));
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let internal: Vec<String> = upstream
+            .headers
+            .keys()
+            .map(|k| k.as_str())
+            .filter(|k| is_internal(k))
+            .map(str::to_string)
+            .collect();
+        for name in internal {
+            upstream.remove_header(&name);
+        }
+        upstream.insert_header(headers::REQUEST_ID, &ctx.request_id)?;
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Self::CTX) -> FailToProxy {
+        let site = &ctx.site;
+        let timeout = ctx.ticket.as_ref().map(|t| t.request_timeout.as_secs()).unwrap_or(0);
+        let (code, reason) = match (e.esource(), e.etype()) {
+            (_, ErrorType::HTTPStatus(code)) => (*code, "the request was refused".to_string()),
+            (ErrorSource::Downstream, ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed) => {
+                (0, String::new())
+            }
+            (ErrorSource::Downstream, _) => (400, "the request could not be read".to_string()),
+            (ErrorSource::Upstream, ErrorType::ReadTimedout | ErrorType::WriteTimedout) => {
+                (504, format!("site {site} did not answer within {timeout} s"))
+            }
+            (ErrorSource::Upstream, ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError) => {
+                (503, format!("the worker of site {site} could not be reached"))
+            }
+            (ErrorSource::Upstream, _) => (502, format!("the worker of site {site} closed the connection without an answer")),
+            _ => (500, "internal error in the agent".to_string()),
+        };
+        if code > 0 {
+            let _ = respond(session, code, &reason, (code == 503).then_some(1)).await;
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
+        // Give the worker back first: the idle clock starts when the response is done.
+        ctx.ticket.take();
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            500..=599 => "5xx",
+            _ => "none",
+        };
+        self.metrics.requests.with_label_values(&[class]).inc();
+        let req = session.req_header();
+        info!(
+            request_id = %ctx.request_id,
+            site = %ctx.site,
+            method = %req.method,
+            path = %req.uri.path(),
+            status,
+            ms = ctx.started.elapsed().as_millis() as u64,
+            error = e.map(|e| e.to_string()).unwrap_or_default(),
+            "request"
+        );
+    }
+}

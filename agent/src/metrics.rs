@@ -1,0 +1,86 @@
+//! The agent's Prometheus metrics (`roost_agent_*`), on the admin port's `/metrics`.
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub worker_starts: IntCounter,
+    pub worker_stops: IntCounterVec,
+    pub worker_crashes: IntCounter,
+    pub workers: IntGauge,
+    pub rejected: IntCounterVec,
+    pub invalid_records: IntGauge,
+    pub snapshot_staleness_ms: IntGauge,
+    pub sites_known: IntGauge,
+    pub lease_losses: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let m = Self {
+            requests: IntCounterVec::new(
+                Opts::new("roost_agent_requests_total", "Requests answered, by status class"),
+                &["class"],
+            )
+            .unwrap(),
+            worker_starts: IntCounter::new("roost_agent_worker_starts_total", "Workers started").unwrap(),
+            worker_stops: IntCounterVec::new(
+                Opts::new("roost_agent_worker_stops_total", "Workers asked to stop, by reason"),
+                &["reason"],
+            )
+            .unwrap(),
+            worker_crashes: IntCounter::new(
+                "roost_agent_worker_crashes_total",
+                "Workers that exited without being asked to",
+            )
+            .unwrap(),
+            workers: IntGauge::new("roost_agent_workers", "Worker processes alive (including stopping ones)").unwrap(),
+            rejected: IntCounterVec::new(
+                Opts::new("roost_agent_rejected_total", "Requests refused before reaching a worker, by reason"),
+                &["reason"],
+            )
+            .unwrap(),
+            invalid_records: IntGauge::new(
+                "roost_agent_invalid_site_records_total",
+                "Invalid site records seen in etcd since start",
+            )
+            .unwrap(),
+            snapshot_staleness_ms: IntGauge::new(
+                "roost_agent_snapshot_staleness_milliseconds",
+                "Time since etcd last confirmed the agent's site snapshot",
+            )
+            .unwrap(),
+            sites_known: IntGauge::new("roost_agent_sites", "Valid sites in the agent's snapshot").unwrap(),
+            lease_losses: IntCounter::new(
+                "roost_agent_lease_losses_total",
+                "Times the node's lease was lost and the node re-registered",
+            )
+            .unwrap(),
+            registry,
+        };
+        for c in [
+            Box::new(m.requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.worker_starts.clone()),
+            Box::new(m.worker_stops.clone()),
+            Box::new(m.worker_crashes.clone()),
+            Box::new(m.workers.clone()),
+            Box::new(m.rejected.clone()),
+            Box::new(m.invalid_records.clone()),
+            Box::new(m.snapshot_staleness_ms.clone()),
+            Box::new(m.sites_known.clone()),
+            Box::new(m.lease_losses.clone()),
+        ] {
+            m.registry.register(c).expect("metric names are unique");
+        }
+        m
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+}

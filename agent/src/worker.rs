@@ -1,0 +1,203 @@
+//! Starting a site's worker process: the socket handover and the drop to the site's user.
+//!
+//! The child, between fork and exec, in an order that leaves nothing behind:
+//! new session (so the agent can signal the whole worker tree), parent-death signal,
+//! the listening socket moved to fd 3, every other fd marked close-on-exec, supplementary
+//! groups, gid, uid, no-new-privs, umask, and finally `chdir` into the site's directory *as
+//! the user*, so a directory the user can't enter fails the start instead of being entered
+//! with root's rights. Everything it needs is prepared before fork: the child only makes
+//! system calls.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::process::Stdio;
+
+use roost_proto::SiteSpec;
+use tokio::process::{Child, Command};
+
+use crate::socket::SiteSocket;
+use crate::users::SiteUser;
+
+/// The fd a socket-activated worker finds its listening socket on (`SD_LISTEN_FDS_START`).
+const LISTEN_FD: i32 = 3;
+
+/// `LISTEN_PID` must be the worker's own pid, known only after fork: a shell sets it and
+/// execs the real program, which keeps the pid.
+const SET_LISTEN_PID: &str = r#"LISTEN_PID=$$; export LISTEN_PID; exec "$@""#;
+
+/// The program and arguments that serve `spec` on the inherited socket.
+pub fn worker_argv(spec: &SiteSpec, grace_secs: u64) -> Vec<String> {
+    if let Some(cmd) = &spec.command {
+        return cmd.clone();
+    }
+    let app = spec.app.clone().unwrap_or_default();
+    vec![
+        spec.interpreter(),
+        "-m".into(),
+        "gunicorn".into(),
+        "--worker-class".into(),
+        "gthread".into(),
+        "--workers".into(),
+        spec.workers.to_string(),
+        "--threads".into(),
+        spec.threads.to_string(),
+        "--graceful-timeout".into(),
+        grace_secs.to_string(),
+        // gunicorn's own watchdog; Roost's request timeout is enforced by the agent.
+        "--timeout".into(),
+        spec.request_timeout.max(30).to_string(),
+        "--error-logfile".into(),
+        "-".into(),
+        app,
+    ]
+}
+
+/// The worker's whole environment: a small clean base, then the site's own variables.
+pub fn worker_env(spec: &SiteSpec, host: &str, user: &SiteUser) -> Vec<(String, String)> {
+    let mut path = "/usr/local/bin:/usr/bin:/bin".to_string();
+    let mut env = vec![];
+    if let Some(venv) = &spec.virtualenv {
+        path = format!("{}/bin:{path}", venv.trim_end_matches('/'));
+        env.push(("VIRTUAL_ENV".to_string(), venv.clone()));
+    }
+    env.extend([
+        ("PATH".to_string(), path),
+        ("HOME".to_string(), user.home.clone()),
+        ("USER".to_string(), user.name.clone()),
+        ("LOGNAME".to_string(), user.name.clone()),
+        ("LANG".to_string(), "C.UTF-8".to_string()),
+        ("PYTHONUNBUFFERED".to_string(), "1".to_string()),
+        ("ROOST_SITE".to_string(), host.to_string()),
+        ("LISTEN_FDS".to_string(), "1".to_string()),
+    ]);
+    for (k, v) in &spec.env {
+        env.retain(|(name, _)| name != k);
+        env.push((k.clone(), v.clone()));
+    }
+    env
+}
+
+/// Start the worker of `host`. The returned child is the session leader of the worker tree.
+pub fn spawn(
+    spec: &SiteSpec,
+    host: &str,
+    user: &SiteUser,
+    socket: &SiteSocket,
+    log: File,
+    grace_secs: u64,
+) -> io::Result<Child> {
+    let argv = worker_argv(spec, grace_secs);
+    let dir = CString::new(std::path::Path::new(&spec.dir).as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "site dir contains NUL"))?;
+    let groups: Vec<libc::gid_t> = user.groups.iter().map(|g| g.as_raw()).collect();
+    let (uid, gid) = (user.uid.as_raw(), user.gid.as_raw());
+    let listen_fd = socket.listener.as_raw_fd();
+    let parent = std::process::id() as libc::pid_t;
+    let log_err = log.try_clone()?;
+
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(SET_LISTEN_PID)
+        .arg("roost-worker")
+        .args(&argv)
+        .env_clear()
+        .envs(worker_env(spec, host, user))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_err))
+        .kill_on_drop(false);
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls on data prepared above; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            check(libc::setsid())?;
+            // If the agent dies, the worker tree is told to stop instead of living on.
+            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0))?;
+            if libc::getppid() != parent {
+                return Err(io::Error::other("agent exited during spawn"));
+            }
+            if listen_fd == LISTEN_FD {
+                let flags = check(libc::fcntl(LISTEN_FD, libc::F_GETFD))?;
+                check(libc::fcntl(LISTEN_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC))?;
+            } else {
+                check(libc::dup2(listen_fd, LISTEN_FD))?;
+            }
+            // Whatever else is open in the agent stays behind at exec.
+            check(libc::syscall(
+                libc::SYS_close_range,
+                (LISTEN_FD + 1) as libc::c_uint,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            ) as libc::c_int)?;
+            check(libc::setgroups(groups.len(), groups.as_ptr()))?;
+            check(libc::setgid(gid))?;
+            check(libc::setuid(uid))?;
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+            libc::umask(0o027);
+            check(libc::chdir(dir.as_ptr()))?;
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user() -> SiteUser {
+        SiteUser {
+            name: "alice".into(),
+            uid: nix::unistd::Uid::from_raw(1000),
+            gid: nix::unistd::Gid::from_raw(1000),
+            groups: vec![],
+            home: "/home/alice".into(),
+        }
+    }
+
+    #[test]
+    fn app_sites_run_gunicorn_under_the_sites_interpreter() {
+        let mut spec = SiteSpec::new_app("alice", "app:application", "/srv/a");
+        spec.threads = 8;
+        let argv = worker_argv(&spec, 10);
+        assert_eq!(argv[0], "/usr/bin/python3");
+        assert_eq!(&argv[1..3], &["-m", "gunicorn"]);
+        assert!(argv.windows(2).any(|w| w == ["--threads", "8"]));
+        assert_eq!(argv.last().unwrap(), "app:application");
+    }
+
+    #[test]
+    fn command_sites_run_their_command() {
+        let mut spec = SiteSpec::new_app("alice", "a:b", "/srv/a");
+        spec.app = None;
+        spec.command = Some(vec!["node".into(), "server.js".into()]);
+        assert_eq!(worker_argv(&spec, 10), vec!["node", "server.js"]);
+    }
+
+    #[test]
+    fn the_environment_is_clean_and_the_site_may_extend_it() {
+        let mut spec = SiteSpec::new_app("alice", "a:b", "/srv/a");
+        spec.env.insert("DJANGO_SETTINGS_MODULE".into(), "x.settings".into());
+        spec.env.insert("LANG".into(), "de_DE.UTF-8".into());
+        spec.virtualenv = Some("/srv/venv".into());
+        let env: std::collections::BTreeMap<_, _> =
+            worker_env(&spec, "a.example", &user()).into_iter().collect();
+        assert_eq!(env["LISTEN_FDS"], "1");
+        assert_eq!(env["ROOST_SITE"], "a.example");
+        assert_eq!(env["LANG"], "de_DE.UTF-8");
+        assert_eq!(env["DJANGO_SETTINGS_MODULE"], "x.settings");
+        assert!(env["PATH"].starts_with("/srv/venv/bin:"));
+        assert!(!env.contains_key("RUST_LOG"));
+    }
+}

@@ -1,0 +1,88 @@
+//! The proxy's Prometheus metrics (`roost_proxy_*`). Label sets are bounded: status class,
+//! outcome; never a host or a path.
+
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+    pub rejected: IntCounterVec,
+    pub node_retries: IntCounter,
+    pub sites: IntGauge,
+    pub nodes: IntGauge,
+    pub invalid_records: IntGauge,
+    pub snapshot_staleness_ms: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let m = Self {
+            registry: Registry::new(),
+            requests: IntCounterVec::new(
+                Opts::new("roost_proxy_requests_total", "Requests answered, by status class"),
+                &["class"],
+            )
+            .unwrap(),
+            duration: HistogramVec::new(
+                HistogramOpts::new("roost_proxy_request_duration_seconds", "Time to answer a request, by status class")
+                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+                &["class"],
+            )
+            .unwrap(),
+            rejected: IntCounterVec::new(
+                Opts::new("roost_proxy_rejected_total", "Requests answered by the proxy itself, by reason"),
+                &["reason"],
+            )
+            .unwrap(),
+            node_retries: IntCounter::new(
+                "roost_proxy_node_retries_total",
+                "Connections that failed and were retried on the next node of the ranking",
+            )
+            .unwrap(),
+            sites: IntGauge::new("roost_proxy_sites", "Valid sites in the proxy's snapshot").unwrap(),
+            nodes: IntGauge::new("roost_proxy_nodes", "Live nodes in the proxy's snapshot").unwrap(),
+            invalid_records: IntGauge::new(
+                "roost_proxy_invalid_site_records_total",
+                "Invalid site records seen in etcd since start",
+            )
+            .unwrap(),
+            snapshot_staleness_ms: IntGauge::new(
+                "roost_proxy_snapshot_staleness_milliseconds",
+                "Time since etcd last confirmed the proxy's site snapshot",
+            )
+            .unwrap(),
+        };
+        for c in [
+            Box::new(m.requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.duration.clone()),
+            Box::new(m.rejected.clone()),
+            Box::new(m.node_retries.clone()),
+            Box::new(m.sites.clone()),
+            Box::new(m.nodes.clone()),
+            Box::new(m.invalid_records.clone()),
+            Box::new(m.snapshot_staleness_ms.clone()),
+        ] {
+            m.registry.register(c).expect("metric names are unique");
+        }
+        m
+    }
+
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+}
+
+/// `2xx`, `4xx`, … for a status code; `none` when nothing was sent.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "none",
+    }
+}
