@@ -116,6 +116,9 @@ impl ProxyHttp for AgentHttp {
                 self.refuse(session, 404, "unknown_site", &format!("site {site} was removed"))
                     .await
             }
+            Err(e @ AcquireError::CrashLoop { .. }) => {
+                self.refuse(session, 503, "crash_loop", &format!("site {site}: {e}")).await
+            }
             Err(e) => {
                 tracing::error!(site = %site, request_id = %ctx.request_id, error = %e, "cannot start worker");
                 self.refuse(session, 503, "start_failed", &format!("site {site} cannot start: {e}"))
@@ -173,7 +176,14 @@ impl ProxyHttp for AgentHttp {
             (ErrorSource::Upstream, ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError) => {
                 (503, format!("the worker of site {site} could not be reached"))
             }
-            (ErrorSource::Upstream, _) => (502, format!("the worker of site {site} closed the connection without an answer")),
+            (ErrorSource::Upstream, _) => match ctx.ticket.as_ref().and_then(|t| t.failure_since_issued()) {
+                // The reason goes to the agent's log, not to the world: it may name paths.
+                Some(why) => {
+                    tracing::warn!(site = %site, request_id = %ctx.request_id, reason = %why, "worker died with the request");
+                    (503, format!("site {site} failed to start or crashed; its log says why"))
+                }
+                None => (502, format!("the worker of site {site} closed the connection without an answer")),
+            },
             _ => (500, "internal error in the agent".to_string()),
         };
         if code > 0 {

@@ -39,6 +39,8 @@ pub enum AcquireError {
     Spawn(std::io::Error),
     #[error("the site was removed")]
     Removed,
+    #[error("the site is failing to start (next try in {retry_in_secs} s)")]
+    CrashLoop { retry_in_secs: u64, last_failure: String },
 }
 
 /// A request's claim on a site's worker; dropping it ends the request.
@@ -48,6 +50,19 @@ pub struct Ticket {
     /// Which worker generation was current, so pooled connections never cross workers.
     pub generation: u64,
     pub request_timeout: Duration,
+    issued: Instant,
+}
+
+impl Ticket {
+    /// Why the site's worker died after this request was sent to it, if it did: a worker
+    /// that can't import its app fails every waiting request at once with this reason.
+    pub fn failure_since_issued(&self) -> Option<String> {
+        let st = self.slot.lock();
+        match &st.last_failure {
+            Some((at, why)) if *at >= self.issued => Some(why.clone()),
+            _ => None,
+        }
+    }
 }
 
 impl Drop for Ticket {
@@ -91,7 +106,17 @@ struct SlotState {
     last_active: Instant,
     next_generation: u64,
     removed: bool,
+    /// Unexpected exits in a row of workers that did not live to [`STABLE_AFTER`].
+    failures: u32,
+    /// No new worker before this instant (crash-loop backoff).
+    retry_at: Option<Instant>,
+    last_failure: Option<(Instant, String)>,
 }
+
+/// A worker that has run this long before crashing is not in a crash loop.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// Ceiling of the crash-loop backoff.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 struct Running {
     pid: i32,
@@ -163,6 +188,9 @@ impl Supervisor {
                             last_active: Instant::now(),
                             next_generation: 1,
                             removed: false,
+                            failures: 0,
+                            retry_at: None,
+                            last_failure: None,
                         }),
                     })
                 })
@@ -173,6 +201,12 @@ impl Supervisor {
             return Err(AcquireError::Removed);
         }
         if st.current.is_none() {
+            if let Some(retry_at) = st.retry_at.filter(|t| *t > Instant::now()) {
+                return Err(AcquireError::CrashLoop {
+                    retry_in_secs: retry_at.saturating_duration_since(Instant::now()).as_secs().max(1),
+                    last_failure: st.last_failure.as_ref().map(|f| f.1.clone()).unwrap_or_default(),
+                });
+            }
             self.start_worker(&slot, &mut st)?;
         }
         let Some(current) = &st.current else {
@@ -187,6 +221,7 @@ impl Supervisor {
             slot: slot.clone(),
             socket_path,
             generation,
+            issued: Instant::now(),
         })
     }
 
@@ -246,9 +281,32 @@ impl Supervisor {
         if st.current.as_ref().is_some_and(|c| c.generation == generation) {
             let lived = st.current.take().map(|c| c.started.elapsed()).unwrap_or_default();
             self.metrics.worker_crashes.inc();
+            let log = log_path(&self.cfg.state_dir, &slot.host);
+            let tail = last_lines(&log, 20);
+            // The Python exception says more than gunicorn's closing "failed to boot".
+            let last = tail
+                .lines()
+                .rev()
+                .find(|l| l.contains("Error:") || l.contains("Exception:"))
+                .or_else(|| tail.lines().last())
+                .unwrap_or("no output")
+                .trim()
+                .to_string();
+            st.failures = if lived < STABLE_AFTER { st.failures + 1 } else { 0 };
+            st.retry_at = (st.failures > 1).then(|| {
+                let backoff = Duration::from_secs(1 << (st.failures - 2).min(5)).min(MAX_BACKOFF);
+                Instant::now() + backoff
+            });
+            st.last_failure = Some((Instant::now(), format!("worker exited ({status}): {last}")));
             warn!(site = %slot.host, pid, %status, lived_ms = lived.as_millis() as u64, in_flight = st.in_flight,
-                log = %log_path(&self.cfg.state_dir, &slot.host).display(),
-                "worker exited unexpectedly; the next request starts a new one");
+                failures = st.failures, log = %log.display(), output = %tail,
+                "worker exited unexpectedly");
+            if st.in_flight > 0 {
+                // Requests wait in the socket's backlog for a worker that will not come:
+                // closing the agent's end resets them now, and they answer 503 with the reason
+                // instead of hanging until their timeout. The next start binds a new socket.
+                st.socket = None;
+            }
         } else if was_stopping {
             info!(site = %slot.host, pid, %status, "worker stopped");
         }
@@ -260,6 +318,9 @@ impl Supervisor {
         let Some(running) = st.current.take() else { return };
         let pid = running.pid;
         st.stopping.push(pid);
+        // A worker we stop was healthy enough: the crash-loop count starts over.
+        st.failures = 0;
+        st.retry_at = None;
         self.metrics.worker_stops.with_label_values(&[reason.as_str()]).inc();
         info!(site = %slot.host, pid, reason = reason.as_str(), "stopping worker");
         let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
@@ -376,6 +437,19 @@ impl Supervisor {
         out.sort_by(|a, b| a.host.cmp(&b.host));
         out
     }
+}
+
+/// The last `n` lines of a site's log, for the agent's own log when a worker dies.
+fn last_lines(path: &std::path::Path, n: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(4096)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Drive the supervisor from the control runtime: reconcile on every change of the site
