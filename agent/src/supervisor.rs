@@ -244,9 +244,9 @@ impl Supervisor {
         // Register the child with the control runtime's reaper, whatever thread we are on.
         let _enter = self.runtime.enter();
         let grace = self.cfg.stop_grace.as_secs().max(1);
-        let mut child = worker::spawn(&spec, &slot.host, &user, socket, log, grace)
+        let proc = worker::spawn(&spec, &slot.host, &user, socket, log, grace, &[])
             .map_err(AcquireError::Spawn)?;
-        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        let pid = proc.pid();
         let generation = st.next_generation;
         st.next_generation += 1;
         st.current = Some(Running {
@@ -261,23 +261,19 @@ impl Supervisor {
         let this = self.clone();
         let slot = slot.clone();
         self.runtime.spawn(async move {
-            let status = child.wait().await;
+            let status = proc.wait().await;
             this.on_exit(&slot, generation, pid, status);
         });
         Ok(())
     }
 
-    fn on_exit(&self, slot: &Slot, generation: u64, pid: i32, status: std::io::Result<std::process::ExitStatus>) {
+    fn on_exit(&self, slot: &Slot, generation: u64, pid: i32, status: String) {
         // Reap whatever the worker left in its process group (e.g. gunicorn's children).
         let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
         self.metrics.workers.dec();
         let mut st = slot.lock();
         let was_stopping = st.stopping.contains(&pid);
         st.stopping.retain(|p| *p != pid);
-        let status = match status {
-            Ok(s) => s.to_string(),
-            Err(e) => format!("unknown ({e})"),
-        };
         if st.current.as_ref().is_some_and(|c| c.generation == generation) {
             let lived = st.current.take().map(|c| c.started.elapsed()).unwrap_or_default();
             self.metrics.worker_crashes.inc();

@@ -9,7 +9,8 @@
 //! system calls.
 
 use std::ffi::CString;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
+use std::path::PathBuf;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
@@ -80,7 +81,28 @@ pub fn worker_env(spec: &SiteSpec, host: &str, user: &SiteUser) -> Vec<(String, 
     env
 }
 
-/// Start the worker of `host`. The returned child is the session leader of the worker tree.
+/// A running worker, however it was started. The supervisor only needs its pid (the leader
+/// of the worker's process group) and to learn when it exits.
+pub struct WorkerProc {
+    pid: i32,
+    child: Child,
+}
+
+impl WorkerProc {
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Wait for the worker to exit; the text describes how ("exit status: 3", "signal: 9").
+    pub async fn wait(mut self) -> String {
+        match self.child.wait().await {
+            Ok(status) => status.to_string(),
+            Err(e) => format!("unknown ({e})"),
+        }
+    }
+}
+
+/// Start the worker of `host` directly (fork + exec). The worker leads its own process group.
 pub fn spawn(
     spec: &SiteSpec,
     host: &str,
@@ -88,8 +110,16 @@ pub fn spawn(
     socket: &SiteSocket,
     log: File,
     grace_secs: u64,
-) -> io::Result<Child> {
+    cgroup_procs: &[PathBuf],
+) -> io::Result<WorkerProc> {
     let argv = worker_argv(spec, grace_secs);
+    // The cgroup files are opened here, by the agent; the child only writes its pid to them,
+    // before it drops privileges and before it can fork anything that would escape.
+    let cgroup_files: Vec<File> = cgroup_procs
+        .iter()
+        .map(|p| OpenOptions::new().write(true).open(p))
+        .collect::<io::Result<_>>()?;
+    let cgroup_fds: Vec<i32> = cgroup_files.iter().map(|f| f.as_raw_fd()).collect();
     let dir = CString::new(std::path::Path::new(&spec.dir).as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "site dir contains NUL"))?;
     let groups: Vec<libc::gid_t> = user.groups.iter().map(|g| g.as_raw()).collect();
@@ -113,6 +143,9 @@ pub fn spawn(
     // async-signal-safe system calls on data prepared above; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
+            for fd in &cgroup_fds {
+                join_cgroup(*fd)?;
+            }
             check(libc::setsid())?;
             // If the agent dies, the worker tree is told to stop instead of living on.
             check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0))?;
@@ -141,7 +174,30 @@ pub fn spawn(
             Ok(())
         });
     }
-    cmd.spawn()
+    let child = cmd.spawn()?;
+    let pid = child.id().map(|p| p as i32).unwrap_or(0);
+    Ok(WorkerProc { pid, child })
+}
+
+/// Write this process's pid to an open `cgroup.procs`, without allocating (runs after fork).
+fn join_cgroup(fd: i32) -> io::Result<()> {
+    let mut buf = [0u8; 12];
+    let mut n = unsafe { libc::getpid() } as u32;
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let len = buf.len() - i;
+    let rc = unsafe { libc::write(fd, buf[i..].as_ptr().cast(), len) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
