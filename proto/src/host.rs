@@ -65,7 +65,8 @@ pub fn canonical_host(raw: &str) -> Result<String, HostError> {
     Ok(ascii)
 }
 
-/// Letters, digits and hyphens in labels of 1..=63 characters, 253 in all; a leading `*.`
+/// Letters, digits, hyphens (and underscores, which real DNS names carry, e.g. `_dmarc`) in
+/// labels of 1..=63 characters, 253 in all; a leading `*.`
 /// label is not allowed here (wildcards are an alias feature, checked where aliases are).
 fn validate_ldh(name: &str) -> Result<(), HostError> {
     if name.len() > 253 {

@@ -46,11 +46,7 @@ impl NodeInfo {
     }
 
     pub fn from_json(bytes: &[u8]) -> Result<Self, SpecError> {
-        let de = &mut serde_json::Deserializer::from_slice(bytes);
-        let node: NodeInfo = serde_path_to_error::deserialize(de).map_err(|e| SpecError {
-            field: e.path().to_string(),
-            reason: e.into_inner().to_string(),
-        })?;
+        let node: NodeInfo = crate::site::decode_object(bytes)?;
         if node.addr.parse::<std::net::SocketAddr>().is_err() {
             return Err(SpecError {
                 field: "addr".into(),
@@ -89,6 +85,8 @@ mod tests {
         let n = NodeInfo::new("127.0.0.1:7100");
         assert_eq!(NodeInfo::from_json(n.to_json().as_bytes()).unwrap(), n);
         assert_eq!(NodeInfo::from_json(br#"{"addr":"nowhere"}"#).unwrap_err().field, "addr");
+        assert_eq!(NodeInfo::from_json(br#"{}"#).unwrap_err().field, "addr");
+        assert_eq!(NodeInfo::from_json(br#"["127.0.0.1:1",null,100]"#).unwrap_err().field, "(record)");
         assert_eq!(
             NodeInfo::from_json(br#"{"addr":"127.0.0.1:1","capacity":0}"#).unwrap_err().field,
             "capacity"

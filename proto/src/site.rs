@@ -118,21 +118,7 @@ impl SiteSpec {
 
     /// Decode and validate a record as stored in etcd.
     pub fn from_json(bytes: &[u8]) -> Result<Self, SpecError> {
-        // serde would also accept a JSON array for a struct; a record is always an object.
-        if bytes.trim_ascii_start().first() != Some(&b'{') {
-            return Err(SpecError::new("(record)", "must be a JSON object"));
-        }
-        let de = &mut serde_json::Deserializer::from_slice(bytes);
-        let spec: SiteSpec = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            let msg = inner.to_string();
-            // serde reports unknown and missing fields at the parent; lift the name out.
-            let field = extract_backticked(&msg)
-                .filter(|_| path == "." || path.is_empty())
-                .unwrap_or(if path == "." { "(record)".to_string() } else { path });
-            SpecError::new(&field, strip_position(&msg))
-        })?;
+        let spec: SiteSpec = decode_object(bytes)?;
         spec.validate()?;
         Ok(spec)
     }
@@ -195,6 +181,9 @@ impl SiteSpec {
         }
         for (i, alias) in self.aliases.iter().enumerate() {
             let field = format!("aliases[{i}]");
+            if self.aliases[..i].contains(alias) {
+                return Err(SpecError::new(&field, format!("{alias:?} is listed twice")));
+            }
             let bare = alias.strip_prefix("*.").unwrap_or(alias);
             match canonical_host(bare) {
                 Ok(c) if c == bare => {}
@@ -230,6 +219,24 @@ impl SiteSpec {
         }
         Ok(())
     }
+}
+
+/// Decode a JSON object into a record type, naming the offending field on error.
+pub(crate) fn decode_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, SpecError> {
+    // serde would also accept a JSON array for a struct; a record is always an object.
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err(SpecError::new("(record)", "must be a JSON object"));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = e.into_inner().to_string();
+        // serde reports unknown and missing fields at the parent; lift the name out.
+        let field = extract_backticked(&msg)
+            .filter(|_| path == "." || path.is_empty())
+            .unwrap_or(if path == "." { "(record)".to_string() } else { path });
+        SpecError::new(&field, strip_position(&msg))
+    })
 }
 
 fn check_range(field: &str, v: u64, min: u64, max: u64) -> Result<(), SpecError> {
@@ -326,6 +333,7 @@ mod tests {
         assert_eq!(err(r#"{"user":"alice","dir":"/x"}"#).field, "app");
         assert_eq!(err(r#"{"user":"alice","app":"a:b","command":["x"],"dir":"/x"}"#).field, "command");
         assert_eq!(err(r#"{"user":"alice","app":"a:b","dir":"/x","aliases":["Www.X.com"]}"#).field, "aliases[0]");
+        assert_eq!(err(r#"{"user":"alice","app":"a:b","dir":"/x","aliases":["w.x","w.x"]}"#).field, "aliases[1]");
         assert_eq!(err(r#"{"user":"alice","app":"a:b","dir":"/x","env":{"LISTEN_FDS":"9"}}"#).field, "env.LISTEN_FDS");
         assert_eq!(err(r#"{"user":"alice","app":"a:b","dir":"/x","workers":1000}"#).field, "workers");
         assert_eq!(err(r#"{"user":"alice","app":"a:b","dir":"/x","node":"No Such"}"#).field, "node");
