@@ -1,4 +1,6 @@
-//! The agent's admin port: `/healthz`, `/readyz`, `/metrics`, `/sites`.
+//! The agent's admin port: `/healthz`, `/readyz`, `/metrics`, `/sites`, and
+//! `/sites/<host>/log?lines=N` (a site's worker output; needs the proxies' secret, since a
+//! site's log is its owner's business).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -7,10 +9,12 @@ use async_trait::async_trait;
 use http::Response;
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
-use roost_proto::{Informer, SiteSpec};
+use roost_proto::headers::{self, credential_matches};
+use roost_proto::{canonical_host, Informer, SiteSpec};
 
 use crate::metrics::Metrics;
 use crate::registration::Registration;
+use crate::sitelog;
 use crate::supervisor::Supervisor;
 
 pub struct AdminApp {
@@ -18,6 +22,8 @@ pub struct AdminApp {
     pub sites: Arc<Informer<SiteSpec>>,
     pub registration: Arc<Registration>,
     pub supervisor: Arc<Supervisor>,
+    pub secret: Option<Vec<u8>>,
+    pub state_dir: std::path::PathBuf,
 }
 
 fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -28,6 +34,39 @@ fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
         .header("cache-control", "no-store")
         .body(body)
         .expect("static response parts are valid")
+}
+
+impl AdminApp {
+    fn site_log(&self, session: &ServerSession) -> Response<Vec<u8>> {
+        let req = session.req_header();
+        if let Some(secret) = &self.secret {
+            let presented = req.headers.get(headers::AUTH).map(|v| v.as_bytes());
+            if !presented.is_some_and(|p| credential_matches(p, secret)) {
+                return reply(403, "text/plain", b"forbidden: site logs need the cluster secret\n".to_vec());
+            }
+        }
+        let path = req.uri.path();
+        let host = &path["/sites/".len()..path.len() - "/log".len()];
+        if canonical_host(host).ok().as_deref() != Some(host) {
+            return reply(400, "text/plain", b"bad request: not a canonical site name\n".to_vec());
+        }
+        let lines = req
+            .uri
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("lines=")))
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(100)
+            .min(10_000);
+        match sitelog::tail(&sitelog::path(&self.state_dir, host), lines) {
+            Ok(text) => reply(200, "text/plain; charset=utf-8", text.into_bytes()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => reply(
+                404,
+                "text/plain",
+                format!("no log for {host} on this node: its worker never ran here\n").into_bytes(),
+            ),
+            Err(e) => reply(500, "text/plain", format!("cannot read the log: {e}\n").into_bytes()),
+        }
+    }
 }
 
 #[async_trait]
@@ -59,6 +98,7 @@ impl ServeHttp for AdminApp {
                 let body = serde_json::to_vec_pretty(&self.supervisor.status()).unwrap_or_default();
                 reply(200, "application/json", body)
             }
+            p if p.starts_with("/sites/") && p.ends_with("/log") => self.site_log(session),
             _ => reply(404, "text/plain", b"not found: try /healthz, /readyz, /metrics, /sites\n".to_vec()),
         }
     }

@@ -59,6 +59,14 @@ struct FileConfig {
     capacity: Option<u32>,
     stop_grace_secs: Option<u64>,
     lease_ttl_secs: Option<i64>,
+    cgroups: Option<bool>,
+    max_workers: Option<usize>,
+    memory_budget_mb: Option<u64>,
+    pids_max: Option<u64>,
+    start_timeout_secs: Option<u64>,
+    start_queue_limit: Option<u32>,
+    max_crash_backoff_secs: Option<u64>,
+    log_max_bytes: Option<u64>,
 }
 
 /// Settings in force.
@@ -77,6 +85,22 @@ pub struct Config {
     pub stop_grace: Duration,
     /// TTL of the lease that holds the node key; the node vanishes this long after a crash.
     pub lease_ttl_secs: i64,
+    /// Use cgroups for per-site limits where the kernel offers them.
+    pub cgroups: bool,
+    /// Workers alive at once on this node; past it the least recently used idle one stops.
+    pub max_workers: usize,
+    /// Memory all site cgroups together may use before idle workers are evicted to start more.
+    pub memory_budget_mb: Option<u64>,
+    /// Tasks (processes and threads) one site may have.
+    pub pids_max: u64,
+    /// How long a new worker may take to answer its first request.
+    pub start_timeout: Duration,
+    /// Requests that may wait for one site's worker to start; more get 503 at once.
+    pub start_queue_limit: u32,
+    /// Ceiling of the crash-loop backoff.
+    pub max_crash_backoff: Duration,
+    /// A site's log is rotated (one old copy kept) past this size.
+    pub log_max_bytes: u64,
 }
 
 impl Config {
@@ -129,6 +153,14 @@ impl Config {
             capacity: args.capacity.or(file.capacity).unwrap_or(100).max(1),
             stop_grace: Duration::from_secs(file.stop_grace_secs.unwrap_or(10)),
             lease_ttl_secs: file.lease_ttl_secs.unwrap_or(5).max(2),
+            cgroups: file.cgroups.unwrap_or(true),
+            max_workers: file.max_workers.unwrap_or(256).max(1),
+            memory_budget_mb: file.memory_budget_mb,
+            pids_max: file.pids_max.unwrap_or(512).max(8),
+            start_timeout: Duration::from_secs(file.start_timeout_secs.unwrap_or(30).max(1)),
+            start_queue_limit: file.start_queue_limit.unwrap_or(100).max(1),
+            max_crash_backoff: Duration::from_secs(file.max_crash_backoff_secs.unwrap_or(30).max(1)),
+            log_max_bytes: file.log_max_bytes.unwrap_or(8 << 20).max(4096),
         })
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, Result};
-use pingora_http::RequestHeader;
+use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use roost_proto::headers::{self, credential_matches, is_internal, valid_request_id};
 use roost_proto::{canonical_host, Informer, SiteSpec};
@@ -119,6 +119,14 @@ impl ProxyHttp for AgentHttp {
             Err(e @ AcquireError::CrashLoop { .. }) => {
                 self.refuse(session, 503, "crash_loop", &format!("site {site}: {e}")).await
             }
+            Err(e @ AcquireError::StartQueueFull { .. }) => {
+                self.refuse(session, 503, "start_queue_full", &format!("site {site} is starting: {e}"))
+                    .await
+            }
+            Err(e @ AcquireError::AtCapacity) => {
+                self.refuse(session, 503, "at_capacity", &format!("site {site} cannot start now: {e}"))
+                    .await
+            }
             Err(e) => {
                 tracing::error!(site = %site, request_id = %ctx.request_id, error = %e, "cannot start worker");
                 self.refuse(session, 503, "start_failed", &format!("site {site} cannot start: {e}"))
@@ -161,6 +169,18 @@ impl ProxyHttp for AgentHttp {
         Ok(())
     }
 
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let Some(ticket) = &ctx.ticket {
+            ticket.mark_answered();
+        }
+        Ok(())
+    }
+
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Self::CTX) -> FailToProxy {
         let site = &ctx.site;
         let timeout = ctx.ticket.as_ref().map(|t| t.request_timeout.as_secs()).unwrap_or(0);
@@ -171,16 +191,23 @@ impl ProxyHttp for AgentHttp {
             }
             (ErrorSource::Downstream, _) => (400, "the request could not be read".to_string()),
             (ErrorSource::Upstream, ErrorType::ReadTimedout | ErrorType::WriteTimedout) => {
+                if let Some(ticket) = &ctx.ticket {
+                    self.supervisor.recycle(ticket);
+                }
                 (504, format!("site {site} did not answer within {timeout} s"))
             }
             (ErrorSource::Upstream, ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError) => {
                 (503, format!("the worker of site {site} could not be reached"))
             }
-            (ErrorSource::Upstream, _) => match ctx.ticket.as_ref().and_then(|t| t.failure_since_issued()) {
+            (ErrorSource::Upstream, _) => match ctx.ticket.as_ref().and_then(|t| self.supervisor.failure_reason(t)) {
                 // The reason goes to the agent's log, not to the world: it may name paths.
                 Some(why) => {
                     tracing::warn!(site = %site, request_id = %ctx.request_id, reason = %why, "worker died with the request");
-                    (503, format!("site {site} failed to start or crashed; its log says why"))
+                    if why.starts_with("exceeded its memory limit") {
+                        (503, format!("site {site} {why}"))
+                    } else {
+                        (503, format!("site {site} failed while answering; the site's log says why"))
+                    }
                 }
                 None => (502, format!("the worker of site {site} closed the connection without an answer")),
             },

@@ -2,11 +2,13 @@
 //! site's worker on its first request as the site's user, stops it when idle.
 
 mod admin;
+mod cgroup;
 mod config;
 mod http;
 mod metrics;
 mod registration;
 mod respond;
+mod sitelog;
 mod socket;
 mod supervisor;
 mod users;
@@ -83,6 +85,8 @@ fn main() -> Result<()> {
             sites,
             registration: registration.clone(),
             supervisor: supervisor.clone(),
+            secret: cfg.secret.clone(),
+            state_dir: cfg.state_dir.clone(),
         },
     );
     admin.add_tcp(&cfg.admin);

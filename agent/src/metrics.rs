@@ -14,6 +14,8 @@ pub struct Metrics {
     pub snapshot_staleness_ms: IntGauge,
     pub sites_known: IntGauge,
     pub lease_losses: IntCounter,
+    pub start_timeouts: IntCounter,
+    pub oom_kills: IntCounter,
 }
 
 impl Metrics {
@@ -58,6 +60,16 @@ impl Metrics {
                 "Times the node's lease was lost and the node re-registered",
             )
             .unwrap(),
+            start_timeouts: IntCounter::new(
+                "roost_agent_worker_start_timeouts_total",
+                "Workers killed for not answering within the start timeout",
+            )
+            .unwrap(),
+            oom_kills: IntCounter::new(
+                "roost_agent_worker_oom_kills_total",
+                "Worker processes killed for exceeding their site's memory limit",
+            )
+            .unwrap(),
             registry,
         };
         for c in [
@@ -71,6 +83,8 @@ impl Metrics {
             Box::new(m.snapshot_staleness_ms.clone()),
             Box::new(m.sites_known.clone()),
             Box::new(m.lease_losses.clone()),
+            Box::new(m.start_timeouts.clone()),
+            Box::new(m.oom_kills.clone()),
         ] {
             m.registry.register(c).expect("metric names are unique");
         }

@@ -64,8 +64,3 @@ pub fn ensure_dir(dir: &Path, mode: u32) -> io::Result<()> {
     fs::DirBuilder::new().recursive(true).mode(mode).create(dir)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(mode))
 }
-
-/// Where a site's worker output goes.
-pub fn log_path(state_dir: &Path, host: &str) -> PathBuf {
-    state_dir.join("logs").join(format!("{host}.log"))
-}
