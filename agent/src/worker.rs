@@ -1,11 +1,11 @@
 //! Starting a site's worker process: the socket handover and the drop to the site's user.
 //!
-//! The child, between fork and exec, in an order that leaves nothing behind:
-//! new session (so the agent can signal the whole worker tree), parent-death signal,
-//! the listening socket moved to fd 3, every other fd marked close-on-exec, supplementary
-//! groups, gid, uid, no-new-privs, umask, and finally `chdir` into the site's directory *as
-//! the user*, so a directory the user can't enter fails the start instead of being entered
-//! with root's rights. Everything it needs is prepared before fork: the child only makes
+//! The child, between fork and exec, in an order that leaves nothing behind: its cgroup,
+//! new session (so the agent can signal the whole worker tree), the listening socket moved
+//! to fd 3, every other fd marked close-on-exec, supplementary groups, gid, uid,
+//! parent-death signal (after the uid change, which clears it), no-new-privs, umask, and
+//! finally `chdir` into the site's directory *as the user*, so a directory the user can't
+//! enter fails the start instead of being entered with root's rights. Everything it needs is prepared before fork: the child only makes
 //! system calls.
 
 use std::ffi::CString;
@@ -147,11 +147,6 @@ pub fn spawn(
                 join_cgroup(*fd)?;
             }
             check(libc::setsid())?;
-            // If the agent dies, the worker tree is told to stop instead of living on.
-            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0))?;
-            if libc::getppid() != parent {
-                return Err(io::Error::other("agent exited during spawn"));
-            }
             if listen_fd == LISTEN_FD {
                 let flags = check(libc::fcntl(LISTEN_FD, libc::F_GETFD))?;
                 check(libc::fcntl(LISTEN_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC))?;
@@ -168,6 +163,12 @@ pub fn spawn(
             check(libc::setgroups(groups.len(), groups.as_ptr()))?;
             check(libc::setgid(gid))?;
             check(libc::setuid(uid))?;
+            // If the agent dies, the worker tree is told to stop instead of living on. Set
+            // after the uid change, which would clear it.
+            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0))?;
+            if libc::getppid() != parent {
+                return Err(io::Error::other("agent exited during spawn"));
+            }
             check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
             libc::umask(0o027);
             check(libc::chdir(dir.as_ptr()))?;

@@ -1,0 +1,37 @@
+"""A WSGI app that misbehaves on request, for the lifecycle tests.
+
+GET /                 -> JSON {"pid", "ppid", "uid", "env": {ROOST_TEST_*}}
+GET /sleep?secs=N     -> sleeps N seconds, then answers
+GET /hog?mb=N         -> allocates and touches N MiB, then answers
+GET /crash            -> kills its whole worker tree (gunicorn's arbiter and itself)
+"""
+import json
+import os
+import signal
+import time
+from urllib.parse import parse_qs
+
+if os.environ.get("ROOST_TEST_IMPORT_SLEEP"):
+    time.sleep(float(os.environ["ROOST_TEST_IMPORT_SLEEP"]))
+
+
+def _answer(start_response, payload, status="200 OK"):
+    body = json.dumps(payload).encode()
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def application(environ, start_response):
+    path = environ.get("PATH_INFO", "/")
+    query = parse_qs(environ.get("QUERY_STRING", ""))
+    if path == "/sleep":
+        time.sleep(float(query.get("secs", ["1"])[0]))
+    elif path == "/hog":
+        block = bytearray(int(query.get("mb", ["100"])[0]) * 1024 * 1024)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+    elif path == "/crash":
+        os.kill(os.getppid(), signal.SIGKILL)
+        os._exit(1)
+    env = {k: v for k, v in os.environ.items() if k.startswith("ROOST_TEST_")}
+    return _answer(start_response, {"pid": os.getpid(), "ppid": os.getppid(), "uid": os.getuid(), "env": env})
