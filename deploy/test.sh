@@ -12,4 +12,4 @@ fi
 deploy/install-deps.sh
 # Integration tests start the real binaries, so build them first.
 cargo build --workspace --bins
-cargo test --workspace "$@"
+cargo test --workspace --no-fail-fast "$@" -- --test-threads=2

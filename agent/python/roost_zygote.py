@@ -300,11 +300,33 @@ def _worker(chan_fd, zygote_socks):
     cfg.set("threads", int(spec["threads"]))
     cfg.set("graceful_timeout", int(spec["grace"]))
     cfg.set("timeout", int(spec["timeout"]))
+    # More processes for `workers` > 1: forks of this one, app already imported, serving the
+    # same socket in the same session. The first one leads: the agent signals it, and it
+    # passes the stop on; the others stop when it is gone.
+    leader, others = os.getpid(), []
+    for _ in range(int(spec.get("workers", 1)) - 1):
+        pid = os.fork()
+        if pid == 0:
+            others = None
+            break
+        others.append(pid)
     listener = socket.socket(fileno=LISTEN_FD)
     worker = RoostWorker(0, os.getppid(), [listener], None, int(spec["timeout"]), cfg, _LOG)
+    if others is None:
+        worker.is_parent_alive = lambda: os.getppid() == leader
     _LOG.info("Roost worker %s serving %s (threads %d, forked from the zygote)", os.getpid(), spec["app"], int(spec["threads"]))
     threading.Thread(target=_watch_lifeline, args=(worker, int(spec["grace"])), daemon=True).start()
     worker.serve(app)
+    for pid in others or ():
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    for pid in others or ():
+        try:
+            os.waitpid(pid, 0)
+        except OSError:
+            pass
     _LOG.info("Worker exiting (pid: %s)", os.getpid())
     return 0
 

@@ -42,13 +42,21 @@ impl AdminApp {
         if let Some(secret) = &self.secret {
             let presented = req.headers.get(headers::AUTH).map(|v| v.as_bytes());
             if !presented.is_some_and(|p| credential_matches(p, secret)) {
-                return reply(403, "text/plain", b"forbidden: site logs need the cluster secret\n".to_vec());
+                return reply(
+                    403,
+                    "text/plain",
+                    b"forbidden: site logs need the cluster secret\n".to_vec(),
+                );
             }
         }
         let path = req.uri.path();
         let host = &path["/sites/".len()..path.len() - "/log".len()];
         if canonical_host(host).ok().as_deref() != Some(host) {
-            return reply(400, "text/plain", b"bad request: not a canonical site name\n".to_vec());
+            return reply(
+                400,
+                "text/plain",
+                b"bad request: not a canonical site name\n".to_vec(),
+            );
         }
         let lines = req
             .uri
@@ -64,7 +72,11 @@ impl AdminApp {
                 "text/plain",
                 format!("no log for {host} on this node: its worker never ran here\n").into_bytes(),
             ),
-            Err(e) => reply(500, "text/plain", format!("cannot read the log: {e}\n").into_bytes()),
+            Err(e) => reply(
+                500,
+                "text/plain",
+                format!("cannot read the log: {e}\n").into_bytes(),
+            ),
         }
     }
 }
@@ -81,7 +93,8 @@ impl ServeHttp for AdminApp {
                 if synced && registered {
                     reply(200, "text/plain", b"ready\n".to_vec())
                 } else {
-                    let why = format!("not ready: sites synced={synced}, node registered={registered}\n");
+                    let why =
+                        format!("not ready: sites synced={synced}, node registered={registered}\n");
                     reply(503, "text/plain", why.into_bytes())
                 }
             }
@@ -91,7 +104,9 @@ impl ServeHttp for AdminApp {
                 self.metrics
                     .invalid_records
                     .set(self.sites.stats.invalid_records.load(Ordering::Relaxed) as i64);
-                self.metrics.snapshot_staleness_ms.set(self.sites.staleness_ms() as i64);
+                self.metrics
+                    .snapshot_staleness_ms
+                    .set(self.sites.staleness_ms() as i64);
                 reply(200, "text/plain; version=0.0.4", self.metrics.render())
             }
             "/sites" => {
@@ -99,7 +114,11 @@ impl ServeHttp for AdminApp {
                 reply(200, "application/json", body)
             }
             p if p.starts_with("/sites/") && p.ends_with("/log") => self.site_log(session),
-            _ => reply(404, "text/plain", b"not found: try /healthz, /readyz, /metrics, /sites\n".to_vec()),
+            _ => reply(
+                404,
+                "text/plain",
+                b"not found: try /healthz, /readyz, /metrics, /sites\n".to_vec(),
+            ),
         }
     }
 }

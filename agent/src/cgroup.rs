@@ -19,8 +19,13 @@ use tracing::{info, warn};
 /// Which kind of kernel limits this node has.
 #[derive(Debug, Clone)]
 pub enum Cgroups {
-    V2 { base: PathBuf },
-    V1 { memory: PathBuf, pids: Option<PathBuf> },
+    V2 {
+        base: PathBuf,
+    },
+    V1 {
+        memory: PathBuf,
+        pids: Option<PathBuf>,
+    },
     Unavailable,
 }
 
@@ -33,34 +38,38 @@ pub struct SiteCgroup {
 #[derive(Debug, Clone)]
 enum Kind {
     V2(PathBuf),
-    V1 { memory: PathBuf, pids: Option<PathBuf> },
+    V1 {
+        memory: PathBuf,
+        pids: Option<PathBuf>,
+    },
 }
 
 impl Cgroups {
-    /// Find the hierarchies from `/proc/self/mounts` and `/proc/self/cgroup` and create the
-    /// agent's `roost` group in each. Never fails: without cgroups the node still serves.
-    pub fn detect() -> Self {
+    /// Find the hierarchies from `/proc/self/mounts` and `/proc/self/cgroup` and create this
+    /// agent's group, `name`, in each. `name` must be unique per agent on the host: a starting
+    /// agent kills what it finds in its own group (leftovers of its previous run), so two
+    /// agents sharing one would kill each other's workers. Never fails: without cgroups the
+    /// node still serves.
+    pub fn detect(name: &str) -> Self {
         let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
         let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-        let found = detect_from(&mounts, &own);
-        let ready = match &found {
-            Cgroups::V2 { base } => prepare_v2(base),
-            Cgroups::V1 { memory, pids } => {
-                fs::create_dir_all(memory).and_then(|_| match pids {
-                    Some(p) => fs::create_dir_all(p),
-                    None => Ok(()),
-                })
+        let found = detect_from(&mounts, &own, name);
+        let ready = match found {
+            Cgroups::V2 { base } => {
+                prepare_v2(&base, name).map(|sites| Cgroups::V2 { base: sites })
             }
-            Cgroups::Unavailable => Ok(()),
+            Cgroups::V1 { memory, pids } => fs::create_dir_all(&memory)
+                .and_then(|_| pids.as_ref().map_or(Ok(()), fs::create_dir_all))
+                .map(|_| Cgroups::V1 { memory, pids }),
+            Cgroups::Unavailable => Ok(Cgroups::Unavailable),
         };
         match ready {
-            Ok(()) => {
-                let found = found.normalise();
+            Ok(found) => {
                 info!(cgroups = ?found, "per-site limits");
                 found
             }
             Err(e) => {
-                warn!(cgroups = ?found, error = %e, "cannot create cgroups; falling back to the RSS watchdog");
+                warn!(error = %e, "cannot create cgroups; falling back to the RSS watchdog");
                 Cgroups::Unavailable
             }
         }
@@ -111,7 +120,9 @@ impl Cgroups {
         };
         let mut killed = 0;
         for base in bases {
-            let Ok(entries) = fs::read_dir(base) else { continue };
+            let Ok(entries) = fs::read_dir(base) else {
+                continue;
+            };
             for entry in entries.flatten() {
                 let dir = entry.path();
                 if !dir.is_dir() {
@@ -119,13 +130,34 @@ impl Cgroups {
                 }
                 let pids = read_pids(&dir.join("cgroup.procs"));
                 for pid in &pids {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(*pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
                 }
                 killed += pids.len();
                 remove_when_empty(&dir);
             }
         }
         killed
+    }
+}
+
+impl Cgroups {
+    /// On a clean exit: remove the (empty) site groups and the agent's own group, so a host
+    /// that runs agents with changing state directories does not collect empty groups.
+    pub fn remove_all(&self) {
+        self.clean_leftovers();
+        match self {
+            Cgroups::V2 { base } => remove_when_empty(base),
+            Cgroups::V1 { memory, pids } => {
+                remove_when_empty(memory);
+                if let Some(p) = pids {
+                    remove_when_empty(p);
+                }
+            }
+            Cgroups::Unavailable => {}
+        }
     }
 }
 
@@ -206,7 +238,10 @@ impl SiteCgroup {
     /// Remove the group (the site is gone); processes still in it are killed first.
     pub fn remove(&self) {
         for pid in self.pids() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         match &self.kind {
             Kind::V2(dir) => remove_when_empty(dir),
@@ -220,8 +255,10 @@ impl SiteCgroup {
     }
 }
 
-/// Decide the hierarchy from the text of `/proc/self/mounts` and `/proc/self/cgroup`.
-fn detect_from(mounts: &str, own: &str) -> Cgroups {
+/// Decide the hierarchy from the text of `/proc/self/mounts` and `/proc/self/cgroup`. For
+/// v1 the result holds the agent's group `name` in each hierarchy; for v2 the agent's own
+/// group, which [`prepare_v2`] arranges.
+fn detect_from(mounts: &str, own: &str, name: &str) -> Cgroups {
     let mut v2_mount = None;
     let mut v1_memory = None;
     let mut v1_pids = None;
@@ -261,12 +298,13 @@ fn detect_from(mounts: &str, own: &str) -> Cgroups {
             .unwrap_or_default()
     };
     if let Some(memory) = v1_memory {
-        let base = Path::new(&memory).join(own_path(Some("memory"))).join("roost");
-        let pids = v1_pids.map(|p| Path::new(&p).join(own_path(Some("pids"))).join("roost"));
+        let base = Path::new(&memory).join(own_path(Some("memory"))).join(name);
+        let pids = v1_pids.map(|p| Path::new(&p).join(own_path(Some("pids"))).join(name));
         return Cgroups::V1 { memory: base, pids };
     }
     if let Some(root) = v2_mount {
-        let controllers = fs::read_to_string(Path::new(&root).join("cgroup.controllers")).unwrap_or_default();
+        let controllers =
+            fs::read_to_string(Path::new(&root).join("cgroup.controllers")).unwrap_or_default();
         if controllers.split_whitespace().any(|c| c == "memory") {
             let base = Path::new(&root).join(own_path(None));
             return Cgroups::V2 { base };
@@ -277,8 +315,9 @@ fn detect_from(mounts: &str, own: &str) -> Cgroups {
 
 /// cgroup v2 allows no processes in a group that distributes controllers to children: move
 /// the agent into a leaf `agent/` of its own group, enable memory and pids below, and put
-/// sites under `roost/`. (What systemd expects of a service with `Delegate=yes`.)
-fn prepare_v2(base: &Path) -> io::Result<()> {
+/// sites under `<name>/` (what systemd expects of a service with `Delegate=yes`). Returns the
+/// directory sites go in.
+fn prepare_v2(base: &Path, name: &str) -> io::Result<PathBuf> {
     let own_procs = read_pids(&base.join("cgroup.procs"));
     if !own_procs.is_empty() {
         let leaf = base.join("agent");
@@ -288,20 +327,10 @@ fn prepare_v2(base: &Path) -> io::Result<()> {
         }
     }
     fs::write(base.join("cgroup.subtree_control"), "+memory +pids")?;
-    let roost = base.join("roost");
-    fs::create_dir_all(&roost)?;
-    fs::write(roost.join("cgroup.subtree_control"), "+memory +pids")?;
-    Ok(())
-}
-
-/// After `prepare_v2` the sites live in `<base>/roost`; `detect_from` returns `<base>`.
-impl Cgroups {
-    pub fn normalise(self) -> Self {
-        match self {
-            Cgroups::V2 { base } if !base.ends_with("roost") => Cgroups::V2 { base: base.join("roost") },
-            other => other,
-        }
-    }
+    let sites = base.join(name);
+    fs::create_dir_all(&sites)?;
+    fs::write(sites.join("cgroup.subtree_control"), "+memory +pids")?;
+    Ok(sites)
 }
 
 fn read_pids(file: &Path) -> Vec<i32> {
@@ -345,10 +374,13 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
 
     #[test]
     fn v1_hierarchies_nest_under_the_agents_own_group() {
-        match detect_from(V1_MOUNTS, V1_OWN) {
+        match detect_from(V1_MOUNTS, V1_OWN, "roost-n1") {
             Cgroups::V1 { memory, pids } => {
-                assert_eq!(memory, PathBuf::from("/sys/fs/cgroup/memory/process_api/abc/roost"));
-                assert_eq!(pids, Some(PathBuf::from("/sys/fs/cgroup/pids/roost")));
+                assert_eq!(
+                    memory,
+                    PathBuf::from("/sys/fs/cgroup/memory/process_api/abc/roost-n1")
+                );
+                assert_eq!(pids, Some(PathBuf::from("/sys/fs/cgroup/pids/roost-n1")));
             }
             other => panic!("expected v1, got {other:?}"),
         }
@@ -356,13 +388,22 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
 
     #[test]
     fn no_cgroup_mounts_means_unavailable() {
-        assert!(matches!(detect_from("proc /proc proc rw 0 0\n", ""), Cgroups::Unavailable));
+        assert!(matches!(
+            detect_from("proc /proc proc rw 0 0\n", "", "roost"),
+            Cgroups::Unavailable
+        ));
     }
 
     #[test]
     fn oom_counters_are_read_from_either_format() {
-        assert_eq!(parse_counter("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n", "oom_kill"), 3);
-        assert_eq!(parse_counter("low 0\nhigh 0\nmax 7\noom 2\noom_kill 2\n", "oom_kill"), 2);
+        assert_eq!(
+            parse_counter("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n", "oom_kill"),
+            3
+        );
+        assert_eq!(
+            parse_counter("low 0\nhigh 0\nmax 7\noom 2\noom_kill 2\n", "oom_kill"),
+            2
+        );
         assert_eq!(parse_counter("", "oom_kill"), 0);
     }
 }

@@ -67,6 +67,7 @@ struct FileConfig {
     start_queue_limit: Option<u32>,
     max_crash_backoff_secs: Option<u64>,
     log_max_bytes: Option<u64>,
+    preload: Option<Vec<String>>,
 }
 
 /// Settings in force.
@@ -101,9 +102,25 @@ pub struct Config {
     pub max_crash_backoff: Duration,
     /// A site's log is rotated (one old copy kept) past this size.
     pub log_max_bytes: u64,
+    /// Python modules every zygote imports before forking workers (e.g. `["flask"]`), on
+    /// top of the WSGI server. A module that fails to import is logged and skipped.
+    pub preload: Vec<String>,
 }
 
 impl Config {
+    /// This agent's cgroup name: unique per agent installation on a host (node id and state
+    /// directory), stable across restarts so a restarted agent finds what it left behind.
+    pub fn cgroup_name(&self) -> String {
+        let dir = std::fs::canonicalize(&self.state_dir).unwrap_or_else(|_| self.state_dir.clone());
+        // FNV-1a: a short, stable tag; not security relevant.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in dir.as_os_str().as_encoded_bytes() {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        format!("roost-{}-{:08x}", self.node_id, h as u32)
+    }
+
     pub fn load(args: Args) -> Result<Self> {
         let file = match &args.config {
             Some(path) => read_file_config(path)?,
@@ -114,13 +131,18 @@ impl Config {
             .or(file.node_id)
             .unwrap_or_else(default_node_id);
         if !roost_proto::node::valid_node_id(&node_id) {
-            anyhow::bail!("--node-id {node_id:?}: use lower-case letters, digits, '.', '_' and '-'");
+            anyhow::bail!(
+                "--node-id {node_id:?}: use lower-case letters, digits, '.', '_' and '-'"
+            );
         }
         let listen = args
             .listen
             .or(file.listen)
             .unwrap_or_else(|| "127.0.0.1:7100".into());
-        let advertise = args.advertise.or(file.advertise).unwrap_or_else(|| listen.clone());
+        let advertise = args
+            .advertise
+            .or(file.advertise)
+            .unwrap_or_else(|| listen.clone());
         advertise
             .parse::<std::net::SocketAddr>()
             .with_context(|| format!("advertised address {advertise:?} must be ip:port"))?;
@@ -159,8 +181,11 @@ impl Config {
             pids_max: file.pids_max.unwrap_or(512).max(8),
             start_timeout: Duration::from_secs(file.start_timeout_secs.unwrap_or(30).max(1)),
             start_queue_limit: file.start_queue_limit.unwrap_or(100).max(1),
-            max_crash_backoff: Duration::from_secs(file.max_crash_backoff_secs.unwrap_or(30).max(1)),
+            max_crash_backoff: Duration::from_secs(
+                file.max_crash_backoff_secs.unwrap_or(30).max(1),
+            ),
             log_max_bytes: file.log_max_bytes.unwrap_or(8 << 20).max(4096),
+            preload: file.preload.unwrap_or_default(),
         })
     }
 }

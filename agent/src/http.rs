@@ -54,7 +54,13 @@ impl AgentHttp {
         self.sites.snapshot().items.get(host).cloned()
     }
 
-    async fn refuse(&self, session: &mut Session, status: u16, why: &'static str, reason: &str) -> Result<bool> {
+    async fn refuse(
+        &self,
+        session: &mut Session,
+        status: u16,
+        why: &'static str,
+        reason: &str,
+    ) -> Result<bool> {
         self.metrics.rejected.with_label_values(&[why]).inc();
         respond(session, status, reason, (status == 503).then_some(1)).await?;
         Ok(true)
@@ -84,7 +90,12 @@ impl ProxyHttp for AgentHttp {
             let presented = req.headers.get(headers::AUTH).map(|v| v.as_bytes());
             if !presented.is_some_and(|p| credential_matches(p, secret)) {
                 return self
-                    .refuse(session, 403, "forbidden", "this port only serves Roost proxies")
+                    .refuse(
+                        session,
+                        403,
+                        "forbidden",
+                        "this port only serves Roost proxies",
+                    )
                     .await;
             }
         }
@@ -104,7 +115,12 @@ impl ProxyHttp for AgentHttp {
         ctx.site = site.clone();
         let Some(spec) = self.find_site(&site, proxy_revision).await else {
             return self
-                .refuse(session, 404, "unknown_site", &format!("no site {site} is registered"))
+                .refuse(
+                    session,
+                    404,
+                    "unknown_site",
+                    &format!("no site {site} is registered"),
+                )
                 .await;
         };
         match self.supervisor.acquire(&site, &spec) {
@@ -113,29 +129,54 @@ impl ProxyHttp for AgentHttp {
                 Ok(false)
             }
             Err(AcquireError::Removed) => {
-                self.refuse(session, 404, "unknown_site", &format!("site {site} was removed"))
-                    .await
+                self.refuse(
+                    session,
+                    404,
+                    "unknown_site",
+                    &format!("site {site} was removed"),
+                )
+                .await
             }
             Err(e @ AcquireError::CrashLoop { .. }) => {
-                self.refuse(session, 503, "crash_loop", &format!("site {site}: {e}")).await
+                self.refuse(session, 503, "crash_loop", &format!("site {site}: {e}"))
+                    .await
             }
             Err(e @ AcquireError::StartQueueFull { .. }) => {
-                self.refuse(session, 503, "start_queue_full", &format!("site {site} is starting: {e}"))
-                    .await
+                self.refuse(
+                    session,
+                    503,
+                    "start_queue_full",
+                    &format!("site {site} is starting: {e}"),
+                )
+                .await
             }
             Err(e @ AcquireError::AtCapacity) => {
-                self.refuse(session, 503, "at_capacity", &format!("site {site} cannot start now: {e}"))
-                    .await
+                self.refuse(
+                    session,
+                    503,
+                    "at_capacity",
+                    &format!("site {site} cannot start now: {e}"),
+                )
+                .await
             }
             Err(e) => {
                 tracing::error!(site = %site, request_id = %ctx.request_id, error = %e, "cannot start worker");
-                self.refuse(session, 503, "start_failed", &format!("site {site} cannot start: {e}"))
-                    .await
+                self.refuse(
+                    session,
+                    503,
+                    "start_failed",
+                    &format!("site {site} cannot start: {e}"),
+                )
+                .await
             }
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
         let Some(ticket) = &ctx.ticket else {
             return Error::e_explain(ErrorType::InternalError, "no worker claimed");
         };
@@ -181,35 +222,62 @@ impl ProxyHttp for AgentHttp {
         Ok(())
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Self::CTX) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy {
         let site = &ctx.site;
-        let timeout = ctx.ticket.as_ref().map(|t| t.request_timeout.as_secs()).unwrap_or(0);
+        let timeout = ctx
+            .ticket
+            .as_ref()
+            .map(|t| t.request_timeout.as_secs())
+            .unwrap_or(0);
         let (code, reason) = match (e.esource(), e.etype()) {
             (_, ErrorType::HTTPStatus(code)) => (*code, "the request was refused".to_string()),
-            (ErrorSource::Downstream, ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed) => {
-                (0, String::new())
-            }
+            (
+                ErrorSource::Downstream,
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
+            ) => (0, String::new()),
             (ErrorSource::Downstream, _) => (400, "the request could not be read".to_string()),
             (ErrorSource::Upstream, ErrorType::ReadTimedout | ErrorType::WriteTimedout) => {
                 if let Some(ticket) = &ctx.ticket {
                     self.supervisor.recycle(ticket);
                 }
-                (504, format!("site {site} did not answer within {timeout} s"))
+                (
+                    504,
+                    format!("site {site} did not answer within {timeout} s"),
+                )
             }
-            (ErrorSource::Upstream, ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError) => {
-                (503, format!("the worker of site {site} could not be reached"))
-            }
-            (ErrorSource::Upstream, _) => match ctx.ticket.as_ref().and_then(|t| self.supervisor.failure_reason(t)) {
+            (
+                ErrorSource::Upstream,
+                ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError,
+            ) => (
+                503,
+                format!("the worker of site {site} could not be reached"),
+            ),
+            (ErrorSource::Upstream, _) => match ctx
+                .ticket
+                .as_ref()
+                .and_then(|t| self.supervisor.failure_reason(t))
+            {
                 // The reason goes to the agent's log, not to the world: it may name paths.
                 Some(why) => {
                     tracing::warn!(site = %site, request_id = %ctx.request_id, reason = %why, "worker died with the request");
                     if why.starts_with("exceeded its memory limit") {
                         (503, format!("site {site} {why}"))
                     } else {
-                        (503, format!("site {site} failed while answering; the site's log says why"))
+                        (
+                            503,
+                            format!("site {site} failed while answering; the site's log says why"),
+                        )
                     }
                 }
-                None => (502, format!("the worker of site {site} closed the connection without an answer")),
+                None => (
+                    502,
+                    format!("the worker of site {site} closed the connection without an answer"),
+                ),
             },
             _ => (500, "internal error in the agent".to_string()),
         };

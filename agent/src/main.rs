@@ -13,6 +13,7 @@ mod socket;
 mod supervisor;
 mod users;
 mod worker;
+mod zygote;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,7 +35,9 @@ use crate::supervisor::Supervisor;
 fn main() -> Result<()> {
     init_logging();
     if !nix::unistd::geteuid().is_root() {
-        anyhow::bail!("roost-agent must run as root: it starts each site's worker as the site's user");
+        anyhow::bail!(
+            "roost-agent must run as root: it starts each site's worker as the site's user"
+        );
     }
     let cfg = Arc::new(Config::load(Args::parse())?);
     if cfg.secret.is_none() {
@@ -51,9 +54,15 @@ fn main() -> Result<()> {
         .context("starting the control runtime")?;
     let metrics = Arc::new(metrics::Metrics::new());
     let layout = Layout::new(&cfg.prefix);
-    let sites = control.block_on(async { Informer::<SiteSpec>::start(&cfg.etcd, &layout.sites_prefix()) });
+    let sites =
+        control.block_on(async { Informer::<SiteSpec>::start(&cfg.etcd, &layout.sites_prefix()) });
     let supervisor = Supervisor::new(cfg.clone(), metrics.clone(), control.handle().clone())
         .with_context(|| format!("preparing state directory {}", cfg.state_dir.display()))?;
+    // Zygotes before any request thread exists: the manager thread that forks them lives
+    // as long as the agent (their parent-death signal follows it).
+    if let Err(e) = zygote::init(&cfg.state_dir, &cfg.preload) {
+        warn!(error = %e, "cannot start zygotes; every worker will be started directly");
+    }
     let registration = Registration::new(cfg.clone());
     control.spawn(registration.clone().run(metrics.clone()));
     control.spawn(supervisor::run(supervisor.clone(), sites.clone()));
@@ -62,8 +71,16 @@ fn main() -> Result<()> {
     conf.threads = 2;
     conf.grace_period_seconds = Some(0);
     conf.graceful_shutdown_timeout_seconds = Some(2);
-    conf.pid_file = cfg.state_dir.join("agent.pid").to_string_lossy().into_owned();
-    conf.upgrade_sock = cfg.state_dir.join("agent-upgrade.sock").to_string_lossy().into_owned();
+    conf.pid_file = cfg
+        .state_dir
+        .join("agent.pid")
+        .to_string_lossy()
+        .into_owned();
+    conf.upgrade_sock = cfg
+        .state_dir
+        .join("agent-upgrade.sock")
+        .to_string_lossy()
+        .into_owned();
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
@@ -118,7 +135,10 @@ struct DrainOnSignal {
 #[async_trait]
 impl ShutdownSignalWatch for DrainOnSignal {
     async fn recv(&self) -> ShutdownSignal {
-        let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        let (mut term, mut int) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(t), Ok(i)) => (t, i),
             _ => {
                 warn!("cannot install signal handlers; SIGTERM will not drain");

@@ -16,6 +16,7 @@ pub struct Metrics {
     pub lease_losses: IntCounter,
     pub start_timeouts: IntCounter,
     pub oom_kills: IntCounter,
+    pub limit_failures: IntCounter,
 }
 
 impl Metrics {
@@ -23,13 +24,20 @@ impl Metrics {
         let registry = Registry::new();
         let m = Self {
             requests: IntCounterVec::new(
-                Opts::new("roost_agent_requests_total", "Requests answered, by status class"),
+                Opts::new(
+                    "roost_agent_requests_total",
+                    "Requests answered, by status class",
+                ),
                 &["class"],
             )
             .unwrap(),
-            worker_starts: IntCounter::new("roost_agent_worker_starts_total", "Workers started").unwrap(),
+            worker_starts: IntCounter::new("roost_agent_worker_starts_total", "Workers started")
+                .unwrap(),
             worker_stops: IntCounterVec::new(
-                Opts::new("roost_agent_worker_stops_total", "Workers asked to stop, by reason"),
+                Opts::new(
+                    "roost_agent_worker_stops_total",
+                    "Workers asked to stop, by reason",
+                ),
                 &["reason"],
             )
             .unwrap(),
@@ -38,9 +46,16 @@ impl Metrics {
                 "Workers that exited without being asked to",
             )
             .unwrap(),
-            workers: IntGauge::new("roost_agent_workers", "Worker processes alive (including stopping ones)").unwrap(),
+            workers: IntGauge::new(
+                "roost_agent_workers",
+                "Worker processes alive (including stopping ones)",
+            )
+            .unwrap(),
             rejected: IntCounterVec::new(
-                Opts::new("roost_agent_rejected_total", "Requests refused before reaching a worker, by reason"),
+                Opts::new(
+                    "roost_agent_rejected_total",
+                    "Requests refused before reaching a worker, by reason",
+                ),
                 &["reason"],
             )
             .unwrap(),
@@ -54,7 +69,8 @@ impl Metrics {
                 "Time since etcd last confirmed the agent's site snapshot",
             )
             .unwrap(),
-            sites_known: IntGauge::new("roost_agent_sites", "Valid sites in the agent's snapshot").unwrap(),
+            sites_known: IntGauge::new("roost_agent_sites", "Valid sites in the agent's snapshot")
+                .unwrap(),
             lease_losses: IntCounter::new(
                 "roost_agent_lease_losses_total",
                 "Times the node's lease was lost and the node re-registered",
@@ -68,6 +84,11 @@ impl Metrics {
             oom_kills: IntCounter::new(
                 "roost_agent_worker_oom_kills_total",
                 "Worker processes killed for exceeding their site's memory limit",
+            )
+            .unwrap(),
+            limit_failures: IntCounter::new(
+                "roost_agent_limit_failures_total",
+                "Workers started without kernel limits because their cgroup could not be set up",
             )
             .unwrap(),
             registry,
@@ -85,6 +106,7 @@ impl Metrics {
             Box::new(m.lease_losses.clone()),
             Box::new(m.start_timeouts.clone()),
             Box::new(m.oom_kills.clone()),
+            Box::new(m.limit_failures.clone()),
         ] {
             m.registry.register(c).expect("metric names are unique");
         }

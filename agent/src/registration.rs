@@ -78,8 +78,12 @@ impl Registration {
             let key = self.key();
             let mut c = c.clone();
             async move {
-                c.put(key, node.to_json(), Some(PutOptions::new().with_lease(lease)))
-                    .await
+                c.put(
+                    key,
+                    node.to_json(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+                .await
             }
         };
         put(&mut client, self.record()).await?;
@@ -124,7 +128,9 @@ impl Registration {
             if let Ok(mut client) = roost_proto::etcd::connect(&self.cfg.etcd).await {
                 match client.lease_revoke(lease).await {
                     Ok(_) => info!(node = %self.cfg.node_id, "node deregistered"),
-                    Err(e) => warn!(node = %self.cfg.node_id, error = %e, "could not revoke lease; the node key expires with it"),
+                    Err(e) => {
+                        warn!(node = %self.cfg.node_id, error = %e, "could not revoke lease; the node key expires with it")
+                    }
                 }
             }
         }

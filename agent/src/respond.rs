@@ -21,5 +21,7 @@ pub async fn respond(
         resp.insert_header("retry-after", secs.to_string())?;
     }
     session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(Bytes::from(body)), true).await
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await
 }

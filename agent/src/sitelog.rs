@@ -74,7 +74,9 @@ mod tests {
         // The writer keeps appending to the emptied file.
         writeln!(f, "after").unwrap();
         assert_eq!(tail(&log, 5).unwrap(), "after\n");
-        assert!(tail(&dir.join("logs/a.example.log.1"), 1).unwrap().contains("line 99"));
+        assert!(tail(&dir.join("logs/a.example.log.1"), 1)
+            .unwrap()
+            .contains("line 99"));
         fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -61,6 +61,9 @@ impl SiteSocket {
 
 /// Create `dir` (and parents) if missing and set its mode.
 pub fn ensure_dir(dir: &Path, mode: u32) -> io::Result<()> {
-    fs::DirBuilder::new().recursive(true).mode(mode).create(dir)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(mode))
 }

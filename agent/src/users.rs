@@ -37,10 +37,7 @@ impl SiteUser {
         let groups = nix::unistd::getgrouplist(&cname, user.gid)
             .map_err(|e| UserError::Lookup(name.into(), e))?;
         // Never hand a worker the root group, whatever /etc/group says.
-        let groups = groups
-            .into_iter()
-            .filter(|g| g.as_raw() != 0)
-            .collect();
+        let groups = groups.into_iter().filter(|g| g.as_raw() != 0).collect();
         Ok(Self {
             name: name.to_string(),
             uid: user.uid,

@@ -1,5 +1,9 @@
 //! Starting a site's worker process: the socket handover and the drop to the site's user.
 //!
+//! `app` sites are forked from a preloaded zygote (see `zygote.rs` and
+//! `agent/python/roost_zygote.py`, which drops privileges in the same order as below).
+//! `command` sites, and sites with `"spawn": "direct"`, are started directly:
+//!
 //! The child, between fork and exec, in an order that leaves nothing behind: its cgroup,
 //! new session (so the agent can signal the whole worker tree), the listening socket moved
 //! to fd 3, every other fd marked close-on-exec, supplementary groups, gid, uid,
@@ -10,17 +14,19 @@
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
-use std::path::PathBuf;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
 use std::process::Stdio;
 
 use roost_proto::SiteSpec;
 use tokio::process::{Child, Command};
+use tracing::warn;
 
 use crate::socket::SiteSocket;
 use crate::users::SiteUser;
+use crate::zygote::{self, ForkedWorker};
 
 /// The fd a socket-activated worker finds its listening socket on (`SD_LISTEN_FDS_START`).
 const LISTEN_FD: i32 = 3;
@@ -85,7 +91,14 @@ pub fn worker_env(spec: &SiteSpec, host: &str, user: &SiteUser) -> Vec<(String, 
 /// of the worker's process group) and to learn when it exits.
 pub struct WorkerProc {
     pid: i32,
-    child: Child,
+    how: How,
+}
+
+enum How {
+    /// fork + exec by the agent: our child.
+    Direct(Child),
+    /// Forked by a zygote: not our child; watched through its pidfd.
+    Forked(ForkedWorker),
 }
 
 impl WorkerProc {
@@ -94,16 +107,49 @@ impl WorkerProc {
     }
 
     /// Wait for the worker to exit; the text describes how ("exit status: 3", "signal: 9").
-    pub async fn wait(mut self) -> String {
-        match self.child.wait().await {
-            Ok(status) => status.to_string(),
-            Err(e) => format!("unknown ({e})"),
+    pub async fn wait(self) -> String {
+        match self.how {
+            How::Direct(mut child) => match child.wait().await {
+                Ok(status) => status.to_string(),
+                Err(e) => format!("unknown ({e})"),
+            },
+            How::Forked(worker) => worker.wait().await,
         }
     }
 }
 
-/// Start the worker of `host` directly (fork + exec). The worker leads its own process group.
+/// Start the worker of `host`: an `app` site's is forked from its interpreter's zygote
+/// (unless the site opted out with `"spawn": "direct"`); a `command` site's, or one whose
+/// zygote is unavailable, is started directly. The worker leads its own process group.
 pub fn spawn(
+    spec: &SiteSpec,
+    host: &str,
+    user: &SiteUser,
+    socket: &SiteSocket,
+    log: File,
+    grace_secs: u64,
+    cgroup_procs: &[PathBuf],
+) -> io::Result<WorkerProc> {
+    if spec.uses_zygote() {
+        if let Some(zygotes) = zygote::global() {
+            match zygotes.fork_worker(spec, host, user, socket, &log, grace_secs, cgroup_procs) {
+                Ok(worker) => {
+                    return Ok(WorkerProc {
+                        pid: worker.pid,
+                        how: How::Forked(worker),
+                    })
+                }
+                Err(e) => {
+                    warn!(site = %host, error = %e, "cannot fork the worker from a zygote; starting it directly")
+                }
+            }
+        }
+    }
+    spawn_direct(spec, host, user, socket, log, grace_secs, cgroup_procs)
+}
+
+/// Start the worker of `host` directly (fork + exec). The worker leads its own process group.
+pub fn spawn_direct(
     spec: &SiteSpec,
     host: &str,
     user: &SiteUser,
@@ -149,7 +195,11 @@ pub fn spawn(
             check(libc::setsid())?;
             if listen_fd == LISTEN_FD {
                 let flags = check(libc::fcntl(LISTEN_FD, libc::F_GETFD))?;
-                check(libc::fcntl(LISTEN_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC))?;
+                check(libc::fcntl(
+                    LISTEN_FD,
+                    libc::F_SETFD,
+                    flags & !libc::FD_CLOEXEC,
+                ))?;
             } else {
                 check(libc::dup2(listen_fd, LISTEN_FD))?;
             }
@@ -177,7 +227,10 @@ pub fn spawn(
     }
     let child = cmd.spawn()?;
     let pid = child.id().map(|p| p as i32).unwrap_or(0);
-    Ok(WorkerProc { pid, child })
+    Ok(WorkerProc {
+        pid,
+        how: How::Direct(child),
+    })
 }
 
 /// Write this process's pid to an open `cgroup.procs`, without allocating (runs after fork).
@@ -245,11 +298,13 @@ mod tests {
     #[test]
     fn the_environment_is_clean_and_the_site_may_extend_it() {
         let mut spec = SiteSpec::new_app("alice", "a:b", "/srv/a");
-        spec.env.insert("DJANGO_SETTINGS_MODULE".into(), "x.settings".into());
+        spec.env
+            .insert("DJANGO_SETTINGS_MODULE".into(), "x.settings".into());
         spec.env.insert("LANG".into(), "de_DE.UTF-8".into());
         spec.virtualenv = Some("/srv/venv".into());
-        let env: std::collections::BTreeMap<_, _> =
-            worker_env(&spec, "a.example", &user()).into_iter().collect();
+        let env: std::collections::BTreeMap<_, _> = worker_env(&spec, "a.example", &user())
+            .into_iter()
+            .collect();
         assert_eq!(env["LISTEN_FDS"], "1");
         assert_eq!(env["ROOST_SITE"], "a.example");
         assert_eq!(env["LANG"], "de_DE.UTF-8");

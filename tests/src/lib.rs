@@ -1,1 +1,32 @@
+//! Harness for Roost's integration tests: real etcd, the workspace's real binaries, real
+//! unix users running real Python workers, and a raw HTTP/1.1 client.
+//!
+//! Every test builds its own [`Cluster`] (etcd + one agent + one proxy on free loopback
+//! ports, in its own temp directory), so tests run in parallel within one test binary.
+//! Everything started is stopped by `Drop` guards, also when a test panics; on a panic the
+//! tails of every log are printed and the temp directory is kept.
 
+pub mod bins;
+pub mod cluster;
+pub mod etcd;
+pub mod http;
+pub mod ports;
+pub mod process;
+pub mod temp;
+pub mod users;
+pub mod wait;
+
+pub use cluster::Cluster;
+pub use etcd::Etcd;
+pub use http::{get, Response};
+pub use temp::TempRoot;
+pub use users::{ensure_user, site_dir, User};
+pub use wait::{wait_for, wait_until};
+
+/// Source of the echo app (`tests/apps/echo/app.py`): a WSGI `application` that answers
+/// with JSON: `environ` (str values only), `pid`, `ppid`, `uid`, `euid`, `gid`, `groups`,
+/// `cwd` and `os_environ`.
+pub const ECHO_APP: &str = include_str!("../apps/echo/app.py");
+
+/// The WSGI entry point of [`ECHO_APP`] as `roostctl --app` takes it.
+pub const ECHO_ENTRY: &str = "app:application";

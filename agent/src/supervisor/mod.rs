@@ -53,14 +53,25 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(cfg: Arc<Config>, metrics: Arc<Metrics>, runtime: Handle) -> std::io::Result<Arc<Self>> {
+    pub fn new(
+        cfg: Arc<Config>,
+        metrics: Arc<Metrics>,
+        runtime: Handle,
+    ) -> std::io::Result<Arc<Self>> {
         ensure_dir(&cfg.state_dir, 0o755)?;
         ensure_dir(&cfg.state_dir.join("sites"), 0o711)?;
         ensure_dir(&cfg.state_dir.join("logs"), 0o750)?;
-        let cgroups = if cfg.cgroups { Cgroups::detect() } else { Cgroups::Unavailable };
+        let cgroups = if cfg.cgroups {
+            Cgroups::detect(&cfg.cgroup_name())
+        } else {
+            Cgroups::Unavailable
+        };
         let leftovers = cgroups.clean_leftovers();
         if leftovers > 0 {
-            warn!(killed = leftovers, "killed workers left behind by a previous agent");
+            warn!(
+                killed = leftovers,
+                "killed workers left behind by a previous agent"
+            );
         }
         info!(limits = cgroups.describe(), max_workers = cfg.max_workers, memory_budget_mb = ?cfg.memory_budget_mb,
             "supervisor ready");
@@ -83,7 +94,11 @@ impl Supervisor {
     }
 
     /// Claim a worker for one request to `host`, starting one if none is current.
-    pub fn acquire(self: &Arc<Self>, host: &str, spec: &Arc<SiteSpec>) -> Result<Ticket, AcquireError> {
+    pub fn acquire(
+        self: &Arc<Self>,
+        host: &str,
+        spec: &Arc<SiteSpec>,
+    ) -> Result<Ticket, AcquireError> {
         let slot = self
             .slots()
             .entry(host.to_string())
@@ -96,8 +111,13 @@ impl Supervisor {
             }
             if let Some(cur) = &st.current {
                 if !cur.answered && st.in_flight >= self.cfg.start_queue_limit {
-                    self.metrics.rejected.with_label_values(&["start_queue_full"]).inc();
-                    return Err(AcquireError::StartQueueFull { waiting: st.in_flight });
+                    self.metrics
+                        .rejected
+                        .with_label_values(&["start_queue_full"])
+                        .inc();
+                    return Err(AcquireError::StartQueueFull {
+                        waiting: st.in_flight,
+                    });
                 }
                 return Ok(self.ticket(&slot, &mut st));
             }
@@ -121,7 +141,11 @@ impl Supervisor {
         st.last_active = Instant::now();
         Ticket {
             slot: slot.clone(),
-            socket_path: st.socket.as_ref().map(|s| s.path.clone()).unwrap_or_default(),
+            socket_path: st
+                .socket
+                .as_ref()
+                .map(|s| s.path.clone())
+                .unwrap_or_default(),
             generation: st.current.as_ref().map_or(0, |c| c.generation),
             request_timeout: Duration::from_secs(st.spec.request_timeout),
             issued: Instant::now(),
@@ -152,7 +176,10 @@ impl Supervisor {
                 })
                 .min_by_key(|(last, _)| *last);
             let Some((_, victim)) = victim else {
-                self.metrics.rejected.with_label_values(&["at_capacity"]).inc();
+                self.metrics
+                    .rejected
+                    .with_label_values(&["at_capacity"])
+                    .inc();
                 warn!(site = %except, running = self.running.load(Ordering::Relaxed), "node full: no idle worker to stop");
                 return Err(AcquireError::AtCapacity);
             };
@@ -173,7 +200,11 @@ impl Supervisor {
             .sum()
     }
 
-    fn start_worker(self: &Arc<Self>, slot: &Arc<Slot>, st: &mut SlotState) -> Result<(), AcquireError> {
+    fn start_worker(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        st: &mut SlotState,
+    ) -> Result<(), AcquireError> {
         let spec = st.spec.clone();
         let user = SiteUser::lookup(&spec.user)?;
         if !st.socket.as_ref().is_some_and(|s| s.uid == user.uid) {
@@ -183,7 +214,8 @@ impl Supervisor {
         }
         let procs = self.prepare_cgroup(slot, st);
         let socket = st.socket.as_ref().expect("socket was just ensured");
-        let log = sitelog::open_for_worker(&self.cfg.state_dir, &slot.host).map_err(AcquireError::Spawn)?;
+        let log = sitelog::open_for_worker(&self.cfg.state_dir, &slot.host)
+            .map_err(AcquireError::Spawn)?;
         // Register the child with the control runtime's reaper, whatever thread we are on.
         let _enter = self.runtime.enter();
         let grace = self.cfg.stop_grace.as_secs().max(1);
@@ -222,21 +254,28 @@ impl Supervisor {
     /// The site's cgroup with the spec's limits applied; the files a new worker joins.
     /// A cgroup that can't be set up is logged and the worker runs without it.
     fn prepare_cgroup(&self, slot: &Slot, st: &mut SlotState) -> Vec<std::path::PathBuf> {
-        if st.cgroup.is_none() {
-            match self.cgroups.site(&slot.host) {
-                Ok(cg) => {
-                    st.oom_seen = cg.as_ref().map_or(0, |c| c.oom_kills());
-                    st.cgroup = cg;
-                }
-                Err(e) => warn!(site = %slot.host, error = %e, "cannot create the site's cgroup; no kernel limits"),
+        // Created (again) at every start: cheap, and it heals a group someone removed.
+        let cg = match self.cgroups.site(&slot.host) {
+            Ok(Some(cg)) => cg,
+            Ok(None) => return Vec::new(),
+            Err(e) => {
+                self.metrics.limit_failures.inc();
+                tracing::error!(site = %slot.host, error = %e, "cannot create the site's cgroup; starting without kernel limits");
+                return Vec::new();
             }
+        };
+        if st.cgroup.is_none() {
+            st.oom_seen = cg.oom_kills();
         }
-        let Some(cg) = &st.cgroup else { return Vec::new() };
         let memory = st.spec.memory_limit_mb.map(|mb| mb * MIB);
         if let Err(e) = cg.set_limits(memory, Some(self.cfg.pids_max)) {
-            warn!(site = %slot.host, error = %e, "cannot set the site's limits");
+            self.metrics.limit_failures.inc();
+            tracing::error!(site = %slot.host, error = %e, "cannot set the site's limits; starting without kernel limits");
+            return Vec::new();
         }
-        cg.procs_files()
+        let files = cg.procs_files();
+        st.cgroup = Some(cg);
+        files
     }
 
     /// A worker that has not answered its first request within the start timeout has failed
@@ -255,7 +294,10 @@ impl Supervisor {
         self.metrics.start_timeouts.inc();
         let pid = st.current.as_ref().map_or(0, |c| c.pid);
         warn!(site = %slot.host, pid, waiting = st.in_flight, timeout_secs = secs, "worker did not answer in time; killing it");
-        self.fail_start(&mut st, format!("the worker did not answer within {secs} s of starting"));
+        self.fail_start(
+            &mut st,
+            format!("the worker did not answer within {secs} s of starting"),
+        );
         self.stop_current(slot, &mut st, StopReason::StartTimeout);
         let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
     }
@@ -290,13 +332,22 @@ impl Supervisor {
         let was_stopping = st.stopping.contains(&pid);
         st.stopping.retain(|p| *p != pid);
         let oom = self.refresh_oom(slot, &mut st);
-        if st.current.as_ref().is_some_and(|c| c.generation == generation) {
-            let cur = self.take_current(&mut st).expect("current was just checked");
+        if st
+            .current
+            .as_ref()
+            .is_some_and(|c| c.generation == generation)
+        {
+            let cur = self
+                .take_current(&mut st)
+                .expect("current was just checked");
             self.metrics.worker_crashes.inc();
             let log = sitelog::path(&self.cfg.state_dir, &slot.host);
             let tail = sitelog::tail(&log, 20).unwrap_or_default();
             let why = if oom {
-                format!("killed for exceeding its memory limit of {} MiB", st.spec.memory_limit_mb.unwrap_or(0))
+                format!(
+                    "killed for exceeding its memory limit of {} MiB",
+                    st.spec.memory_limit_mb.unwrap_or(0)
+                )
             } else {
                 // The Python exception says more than gunicorn's closing "failed to boot".
                 let last = tail
@@ -333,7 +384,9 @@ impl Supervisor {
 
     /// Has the kernel OOM-killed something in the site's cgroup since we last looked?
     fn refresh_oom(&self, slot: &Slot, st: &mut SlotState) -> bool {
-        let Some(kills) = st.cgroup.as_ref().map(|c| c.oom_kills()) else { return false };
+        let Some(kills) = st.cgroup.as_ref().map(|c| c.oom_kills()) else {
+            return false;
+        };
         if kills <= st.oom_seen {
             return false;
         }
@@ -365,10 +418,15 @@ impl Supervisor {
     /// Move the current worker to `stopping` and ask it to finish (SIGTERM), with SIGKILL
     /// of its whole process group after the grace period.
     fn stop_current(&self, slot: &Arc<Slot>, st: &mut SlotState, reason: StopReason) {
-        let Some(running) = self.take_current(st) else { return };
+        let Some(running) = self.take_current(st) else {
+            return;
+        };
         let pid = running.pid;
         st.stopping.push(pid);
-        self.metrics.worker_stops.with_label_values(&[reason.as_str()]).inc();
+        self.metrics
+            .worker_stops
+            .with_label_values(&[reason.as_str()])
+            .inc();
         info!(site = %slot.host, pid, reason = reason.as_str(), "stopping worker");
         let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         let grace = self.cfg.stop_grace;
@@ -405,7 +463,12 @@ impl Supervisor {
     pub fn recycle(self: &Arc<Self>, ticket: &Ticket) {
         let slot = ticket.slot.clone();
         let mut st = slot.lock();
-        if st.current.as_ref().is_some_and(|c| c.generation == ticket.generation) && !st.removed {
+        if st
+            .current
+            .as_ref()
+            .is_some_and(|c| c.generation == ticket.generation)
+            && !st.removed
+        {
             warn!(site = %slot.host, "a request timed out; recycling the worker");
             self.replace_current(&slot, &mut st, StopReason::Recycled);
         }
@@ -466,8 +529,11 @@ impl Supervisor {
     /// Bring the slots in line with the sites in etcd: stop and forget removed sites, replace
     /// workers whose spec changed (new worker first, then the old one drains).
     pub fn reconcile(self: &Arc<Self>, sites: &BTreeMap<String, Arc<SiteSpec>>) {
-        let slots: Vec<(String, Arc<Slot>)> =
-            self.slots().iter().map(|(h, s)| (h.clone(), s.clone())).collect();
+        let slots: Vec<(String, Arc<Slot>)> = self
+            .slots()
+            .iter()
+            .map(|(h, s)| (h.clone(), s.clone()))
+            .collect();
         for (host, slot) in slots {
             let mut st = slot.lock();
             match sites.get(&host) {
@@ -514,6 +580,8 @@ impl Supervisor {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let cgroups = self.cgroups.clone();
+        let _ = tokio::task::spawn_blocking(move || cgroups.remove_all()).await;
     }
 
     /// Requests in flight on this node.
@@ -540,7 +608,11 @@ impl Supervisor {
                     pid: st.current.as_ref().map(|c| c.pid),
                     stopping: st.stopping.clone(),
                     in_flight: st.in_flight,
-                    idle_for_secs: if st.in_flight == 0 { st.last_active.elapsed().as_secs() } else { 0 },
+                    idle_for_secs: if st.in_flight == 0 {
+                        st.last_active.elapsed().as_secs()
+                    } else {
+                        0
+                    },
                     memory_bytes: st.cgroup.as_ref().and_then(|c| c.memory_bytes()),
                     failures: st.failures,
                 }
@@ -554,7 +626,10 @@ impl Supervisor {
 fn check_backoff(st: &SlotState) -> Result<(), AcquireError> {
     match st.retry_at {
         Some(at) if at > Instant::now() => Err(AcquireError::CrashLoop {
-            retry_in_secs: at.saturating_duration_since(Instant::now()).as_secs().max(1),
+            retry_in_secs: at
+                .saturating_duration_since(Instant::now())
+                .as_secs()
+                .max(1),
         }),
         _ => Ok(()),
     }

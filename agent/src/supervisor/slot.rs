@@ -136,7 +136,11 @@ impl Ticket {
     /// The worker answered (a response header arrived): it has started.
     pub fn mark_answered(&self) {
         let mut st = self.slot.lock();
-        if let Some(cur) = st.current.as_mut().filter(|c| c.generation == self.generation) {
+        if let Some(cur) = st
+            .current
+            .as_mut()
+            .filter(|c| c.generation == self.generation)
+        {
             if !cur.answered {
                 cur.answered = true;
                 st.failures = 0;

@@ -11,13 +11,20 @@ pub fn group_rss(groups: &[i32]) -> HashMap<i32, u64> {
         return out;
     }
     let page = page_size();
-    let Ok(entries) = fs::read_dir("/proc") else { return out };
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return out;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else {
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
             continue;
         };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         if let Some((pgrp, rss_pages)) = parse_stat(&stat) {
             if let Some(total) = out.get_mut(&pgrp) {
                 *total += rss_pages * page;

@@ -1,0 +1,731 @@
+//! Zygotes: one preloaded fork server per base Python interpreter (DESIGN.md, decision 4).
+//!
+//! A zygote is `python -I roost_zygote.py` (the script is embedded in this binary and
+//! written to `<state-dir>/zygote/`), run as root with no site's code, data or privilege.
+//! It gets three fds: 3, a control socket (SOCK_SEQPACKET) on which the agent asks for a
+//! fork and gets back the child's pid and a pidfd; 4, an events socket on which it reports
+//! each child's exit status; 5, the lifeline: the read end of a pipe whose write end only
+//! the agent holds, so EOF there means the agent is gone, even when SIGKILLed.
+//!
+//! A fork request carries one fd: a fresh socket whose other end the agent keeps. Once the
+//! zygote has answered with the pid, the agent sends the site's spec, listening socket and
+//! log file on it, straight to the child, which drops to the site's user and serves (see
+//! the script). The zygote's memory, which every later worker inherits, never holds a
+//! site's environment. If the agent gives up on a fork (timeout), it closes its end
+//! unsent and the child exits.
+//!
+//! Workers are not the agent's children: their exit is learnt from the pidfd (readable when
+//! the process ends, whoever its parent is) and their status from the zygote's report.
+//! Workers outlive their zygote; a zygote that dies is restarted by the manager thread,
+//! with backoff when it keeps dying. The manager thread spawns every zygote and never
+//! exits, so `PR_SET_PDEATHSIG` (which follows the forking *thread*) fires only when the
+//! agent process dies.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
+use roost_proto::SiteSpec;
+use serde_json::json;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::socket::{ensure_dir, SiteSocket};
+use crate::users::SiteUser;
+use crate::worker::worker_env;
+
+/// The zygote's Python source, installed at start so the binary is self-contained.
+pub const SCRIPT: &str = include_str!("../python/roost_zygote.py");
+
+/// fds the zygote finds its channels on (see the script).
+const CONTROL_FD: RawFd = 3;
+const EVENTS_FD: RawFd = 4;
+const LIFELINE_FD: RawFd = 5;
+/// How long a fork request may take, including a fresh zygote's preloading.
+const FORK_TIMEOUT: Duration = Duration::from_secs(10);
+/// A zygote that dies sooner than this after its start counts as failing to start.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long a worker's exit waits for the zygote's report of its status.
+const STATUS_WAIT: Duration = Duration::from_millis(500);
+
+static GLOBAL: OnceLock<Arc<Zygotes>> = OnceLock::new();
+
+/// The agent's zygotes, once [`init`] has run.
+pub fn global() -> Option<&'static Arc<Zygotes>> {
+    GLOBAL.get()
+}
+
+/// Install the script, create the lifeline, start the manager and the system
+/// interpreter's zygote (so the first cold start finds it warm).
+pub fn init(state_dir: &Path, preload: &[String]) -> io::Result<Arc<Zygotes>> {
+    let zygotes = Zygotes::start(state_dir, preload)?;
+    let _ = GLOBAL.set(zygotes.clone());
+    Ok(zygotes)
+}
+
+/// All zygotes of this agent.
+pub struct Zygotes {
+    live: Mutex<HashMap<PathBuf, Arc<Zygote>>>,
+    manager: Mutex<mpsc::Sender<Start>>,
+    exits: Arc<ExitBoard>,
+    /// The lifeline's write end: held, never written, never inherited; closed only by the
+    /// kernel when the agent exits.
+    _lifeline: OwnedFd,
+}
+
+/// One running zygote.
+pub struct Zygote {
+    interpreter: PathBuf,
+    pid: i32,
+    control: Mutex<OwnedFd>,
+    next_id: AtomicU64,
+    dead: AtomicBool,
+}
+
+struct Start {
+    interpreter: PathBuf,
+    reply: mpsc::Sender<Result<Arc<Zygote>, String>>,
+}
+
+impl Zygotes {
+    fn start(state_dir: &Path, preload: &[String]) -> io::Result<Arc<Self>> {
+        let script = install_script(state_dir)?;
+        let (lifeline_read, lifeline_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let (tx, rx) = mpsc::channel();
+        let zygotes = Arc::new(Self {
+            live: Mutex::new(HashMap::new()),
+            manager: Mutex::new(tx),
+            exits: Arc::new(ExitBoard::default()),
+            _lifeline: lifeline_write,
+        });
+        let manager = Manager {
+            zygotes: Arc::downgrade(&zygotes),
+            script,
+            preload: serde_json::to_string(preload).unwrap_or_else(|_| "[]".into()),
+            lifeline: lifeline_read,
+            children: HashMap::new(),
+            wanted: HashMap::new(),
+        };
+        std::thread::Builder::new()
+            .name("roost-zygotes".into())
+            .spawn(move || manager.run(rx))?;
+        // Warm the system interpreter's zygote now; failure here is not fatal (the first
+        // request retries, and falls back to a direct spawn).
+        if let Ok(default) = trusted_interpreter(Path::new(roost_proto::site::DEFAULT_PYTHON)) {
+            if let Err(e) = zygotes.get(&default) {
+                warn!(error = %e, "cannot start the system interpreter's zygote");
+            }
+        }
+        Ok(zygotes)
+    }
+
+    /// The live zygote for `interpreter`, started (by the manager thread) if needed.
+    fn get(&self, interpreter: &Path) -> Result<Arc<Zygote>, String> {
+        if let Some(z) = self.lock_live().get(interpreter) {
+            if !z.dead.load(Ordering::Acquire) {
+                return Ok(z.clone());
+            }
+        }
+        let (reply, answer) = mpsc::channel();
+        self.manager
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(Start {
+                interpreter: interpreter.to_path_buf(),
+                reply,
+            })
+            .map_err(|_| "the zygote manager is gone".to_string())?;
+        answer
+            .recv_timeout(Duration::from_secs(5))
+            .map_err(|_| "the zygote manager did not answer".to_string())?
+    }
+
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Arc<Zygote>>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fork the worker of `host` from the zygote of its interpreter. An `Err` means no
+    /// worker was started (the caller may start one directly).
+    #[allow(clippy::too_many_arguments)]
+    pub fn fork_worker(
+        &self,
+        spec: &SiteSpec,
+        host: &str,
+        user: &SiteUser,
+        socket: &SiteSocket,
+        log: &File,
+        grace_secs: u64,
+        cgroup_procs: &[PathBuf],
+    ) -> io::Result<ForkedWorker> {
+        let interpreter =
+            trusted_interpreter(Path::new(&spec.interpreter())).map_err(io::Error::other)?;
+        let zygote = self.get(&interpreter).map_err(io::Error::other)?;
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        let (pid, pidfd) = zygote.fork(theirs)?;
+        let pidfd = match pidfd {
+            Some(fd) => fd,
+            None => pidfd_open(pid)?,
+        };
+        let app = spec.app.clone().unwrap_or_default();
+        let message = json!({
+            "host": host,
+            "app": app,
+            "dir": spec.dir,
+            "virtualenv": spec.virtualenv,
+            "uid": user.uid.as_raw(),
+            "gid": user.gid.as_raw(),
+            "groups": user.groups.iter().map(|g| g.as_raw()).collect::<Vec<_>>(),
+            "env": worker_env(spec, host, user),
+            "cgroup_procs": cgroup_procs.iter().map(|p| p.to_string_lossy()).collect::<Vec<_>>(),
+            "workers": spec.workers,
+            "threads": spec.threads,
+            "grace": grace_secs,
+            "timeout": spec.request_timeout.max(30),
+        })
+        .to_string();
+        // Straight to the child: the zygote never sees it. On failure, dropping `ours`
+        // closes the channel and the child exits.
+        send_with_fds(
+            ours.as_raw_fd(),
+            message.as_bytes(),
+            &[socket.listener.as_raw_fd(), log.as_raw_fd()],
+        )?;
+        Ok(ForkedWorker {
+            pid,
+            pidfd,
+            exits: self.exits.clone(),
+        })
+    }
+}
+
+impl Zygote {
+    /// Ask for a fork whose child reads its spec from `channel`; returns the child's pid
+    /// and, when the zygote could open one, its pidfd.
+    fn fork(&self, channel: OwnedFd) -> io::Result<(i32, Option<OwnedFd>)> {
+        let control = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        if self.dead.load(Ordering::Acquire) {
+            return Err(io::Error::other("the zygote has exited"));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let request = json!({"op": "fork", "id": id}).to_string();
+        let exchange = || -> io::Result<Result<(i32, Option<OwnedFd>), String>> {
+            send_with_fds(
+                control.as_raw_fd(),
+                request.as_bytes(),
+                &[channel.as_raw_fd()],
+            )?;
+            loop {
+                let (bytes, mut fds) = recv_with_fds(control.as_raw_fd(), 1)?;
+                if bytes.is_empty() {
+                    return Err(io::Error::other("the zygote closed its control socket"));
+                }
+                let reply: serde_json::Value = serde_json::from_slice(&bytes)
+                    .map_err(|e| io::Error::other(format!("bad reply from the zygote: {e}")))?;
+                if reply["id"].as_u64() != Some(id) {
+                    continue; // a late answer to a request given up on; its child got EOF
+                }
+                if let Some(err) = reply["error"].as_str() {
+                    return Ok(Err(format!("zygote: {err}")));
+                }
+                let pid = reply["pid"]
+                    .as_i64()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| io::Error::other("zygote reply without a pid"))?;
+                return Ok(Ok((pid as i32, fds.pop())));
+            }
+        };
+        match exchange() {
+            Ok(answer) => answer.map_err(io::Error::other),
+            Err(e) => {
+                // A zygote that does not answer (timeout, closed socket, garbage) is replaced:
+                // kill it; the manager restarts it.
+                warn!(pid = self.pid, interpreter = %self.interpreter.display(), error = %e,
+                    "zygote failed a fork request; killing it");
+                self.dead.store(true, Ordering::Release);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(self.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A worker forked from a zygote: not our child, watched through its pidfd.
+pub struct ForkedWorker {
+    pub pid: i32,
+    pidfd: OwnedFd,
+    exits: Arc<ExitBoard>,
+}
+
+impl ForkedWorker {
+    /// Wait until the process has exited; describe how (as the zygote saw it, when it did).
+    pub async fn wait(self) -> String {
+        let pid = self.pid;
+        // SAFETY: the OwnedFd stays open, and the same fd, for as long as the AsyncFd lives.
+        match unsafe { AsyncFd::register_with_interest(self.pidfd, Interest::READABLE) } {
+            Ok(fd) => loop {
+                match fd.readable().await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        warn!(pid, error = %e, "waiting on a worker's pidfd failed; polling instead");
+                        poll_until_exit(fd.as_raw_fd()).await;
+                        break;
+                    }
+                }
+            },
+            Err(e) => {
+                let (fd, _) = e.into_parts();
+                poll_until_exit(fd.as_raw_fd()).await;
+            }
+        }
+        match self.exits.take(pid, STATUS_WAIT).await {
+            Some(status) => status,
+            None => "exited (status unknown: its zygote is gone)".to_string(),
+        }
+    }
+}
+
+async fn poll_until_exit(fd: RawFd) {
+    loop {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        if n != 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Exit statuses the zygotes reported, until the worker's waiter takes them.
+#[derive(Default)]
+struct ExitBoard {
+    statuses: Mutex<HashMap<i32, String>>,
+    changed: Notify,
+}
+
+impl ExitBoard {
+    fn put(&self, pid: i32, status: String) {
+        let mut map = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 4096 {
+            map.clear(); // reports nobody waited for; bounded
+        }
+        map.insert(pid, status);
+        drop(map);
+        self.changed.notify_waiters();
+    }
+
+    async fn take(&self, pid: i32, within: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(s) = self
+                .statuses
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&pid)
+            {
+                return Some(s);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+/// The manager thread: starts zygotes on request and restarts those that die.
+struct Manager {
+    zygotes: std::sync::Weak<Zygotes>,
+    script: PathBuf,
+    preload: String,
+    lifeline: OwnedFd,
+    children: HashMap<PathBuf, (Child, Instant)>,
+    /// Interpreters that should have a zygote: failures in a row, and no restart before.
+    wanted: HashMap<PathBuf, (u32, Instant)>,
+}
+
+impl Manager {
+    fn run(mut self, requests: mpsc::Receiver<Start>) {
+        loop {
+            match requests.recv_timeout(Duration::from_millis(100)) {
+                Ok(start) => {
+                    let result = self.ensure(&start.interpreter, true);
+                    let _ = start.reply.send(result);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            self.supervise();
+        }
+    }
+
+    fn supervise(&mut self) {
+        let Some(zygotes) = self.zygotes.upgrade() else {
+            return;
+        };
+        let mut exited = Vec::new();
+        for (interp, (child, started)) in self.children.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                exited.push((interp.clone(), status, started.elapsed()));
+            }
+        }
+        for (interp, status, lived) in exited {
+            self.children.remove(&interp);
+            if let Some(z) = zygotes.lock_live().remove(&interp) {
+                z.dead.store(true, Ordering::Release);
+            }
+            let entry = self
+                .wanted
+                .entry(interp.clone())
+                .or_insert((0, Instant::now()));
+            entry.0 = if lived < STABLE_AFTER { entry.0 + 1 } else { 0 };
+            let backoff = if entry.0 == 0 {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(1 << (entry.0 - 1).min(5)).min(MAX_BACKOFF)
+            };
+            entry.1 = Instant::now() + backoff;
+            warn!(interpreter = %interp.display(), %status, lived_ms = lived.as_millis() as u64,
+                restart_in_ms = backoff.as_millis() as u64, "zygote exited; restarting it");
+        }
+        let due: Vec<PathBuf> = self
+            .wanted
+            .iter()
+            .filter(|(interp, (_, at))| {
+                *at <= Instant::now() && !self.children.contains_key(*interp)
+            })
+            .map(|(i, _)| i.clone())
+            .collect();
+        for interp in due {
+            if let Err(e) = self.ensure(&interp, false) {
+                warn!(interpreter = %interp.display(), error = %e, "cannot restart zygote");
+            }
+        }
+    }
+
+    /// The live zygote of `interp`, starting it unless it is backing off (when `asked`,
+    /// a request is waiting: it gets an error and starts its worker directly).
+    fn ensure(&mut self, interp: &Path, asked: bool) -> Result<Arc<Zygote>, String> {
+        let zygotes = self.zygotes.upgrade().ok_or("the agent is stopping")?;
+        if let Some(z) = zygotes.lock_live().get(interp) {
+            if !z.dead.load(Ordering::Acquire) {
+                return Ok(z.clone());
+            }
+        }
+        let (failures, not_before) = *self
+            .wanted
+            .entry(interp.to_path_buf())
+            .or_insert((0, Instant::now()));
+        if asked && not_before > Instant::now() {
+            return Err(format!(
+                "the zygote of {} keeps exiting ({failures} times in a row); next start in {} s",
+                interp.display(),
+                not_before
+                    .saturating_duration_since(Instant::now())
+                    .as_secs()
+                    + 1
+            ));
+        }
+        let (zygote, child) = self.spawn(interp, zygotes.exits.clone()).map_err(|e| {
+            // Count it like an early exit, so a broken interpreter is not retried in a loop.
+            let entry = self
+                .wanted
+                .entry(interp.to_path_buf())
+                .or_insert((0, Instant::now()));
+            entry.0 += 1;
+            entry.1 =
+                Instant::now() + Duration::from_secs(1 << (entry.0 - 1).min(5)).min(MAX_BACKOFF);
+            format!("starting the zygote of {}: {e}", interp.display())
+        })?;
+        self.children
+            .insert(interp.to_path_buf(), (child, Instant::now()));
+        zygotes
+            .lock_live()
+            .insert(interp.to_path_buf(), zygote.clone());
+        Ok(zygote)
+    }
+
+    fn spawn(&self, interp: &Path, exits: Arc<ExitBoard>) -> io::Result<(Arc<Zygote>, Child)> {
+        let (control, control_theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        let (events, events_theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        set_timeouts(control.as_raw_fd(), FORK_TIMEOUT)?;
+        let fds = [
+            (control_theirs.as_raw_fd(), CONTROL_FD),
+            (events_theirs.as_raw_fd(), EVENTS_FD),
+            (self.lifeline.as_raw_fd(), LIFELINE_FD),
+        ];
+        let parent = std::process::id() as libc::pid_t;
+        let mut cmd = Command::new(interp);
+        cmd.arg("-I")
+            .arg(&self.script)
+            .arg(&self.preload)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("LANG", "C.UTF-8")
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        // SAFETY: only async-signal-safe system calls on data prepared above.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Its own session: a terminal's Ctrl-C reaches the agent, which stops it.
+                check(libc::setsid())?;
+                check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
+                if libc::getppid() != parent {
+                    return Err(io::Error::other("agent exited during spawn"));
+                }
+                // Out of the way first, then into place (dup2 clears close-on-exec).
+                let mut high = [0; 3];
+                for (i, (src, _)) in fds.iter().enumerate() {
+                    high[i] = check(libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, 64))?;
+                }
+                for (i, (_, dst)) in fds.iter().enumerate() {
+                    check(libc::dup2(high[i], *dst))?;
+                }
+                check(libc::syscall(
+                    libc::SYS_close_range,
+                    (LIFELINE_FD + 1) as libc::c_uint,
+                    libc::c_uint::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                ) as libc::c_int)?;
+                Ok(())
+            });
+        }
+        let child = cmd.spawn()?;
+        drop(control_theirs);
+        drop(events_theirs);
+        let pid = child.id() as i32;
+        info!(pid, interpreter = %interp.display(), "zygote started");
+        let zygote = Arc::new(Zygote {
+            interpreter: interp.to_path_buf(),
+            pid,
+            control: Mutex::new(control),
+            next_id: AtomicU64::new(1),
+            dead: AtomicBool::new(false),
+        });
+        std::thread::Builder::new()
+            .name("roost-zygote-ev".into())
+            .spawn(move || read_events(events, exits))?;
+        Ok((zygote, child))
+    }
+}
+
+/// Exit reports from one zygote, until it closes its end.
+fn read_events(events: OwnedFd, exits: Arc<ExitBoard>) {
+    loop {
+        match recv_with_fds(events.as_raw_fd(), 0) {
+            Ok((bytes, _)) if bytes.is_empty() => return,
+            Ok((bytes, _)) => {
+                let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+                    continue;
+                };
+                if let (Some(pid), Some(status)) = (v["pid"].as_i64(), v["status"].as_str()) {
+                    exits.put(pid as i32, status.to_string());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// The real path of `interpreter`, if root may run it: the zygote runs it as root, so the
+/// file and every directory above it must be root's and writable by no one else. A
+/// virtualenv's `bin/python` (a symlink in the user's directory) resolves to the base
+/// interpreter it was made from, which is what runs; the virtualenv itself is only put on
+/// the worker's path, after the drop to the site's user.
+pub fn trusted_interpreter(interpreter: &Path) -> Result<PathBuf, String> {
+    let real = fs::canonicalize(interpreter)
+        .map_err(|e| format!("interpreter {}: {e}", interpreter.display()))?;
+    let meta = fs::metadata(&real).map_err(|e| format!("interpreter {}: {e}", real.display()))?;
+    if !meta.is_file() || meta.mode() & 0o111 == 0 {
+        return Err(format!(
+            "interpreter {} is not an executable file",
+            real.display()
+        ));
+    }
+    for p in real.ancestors() {
+        let m = fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        if m.uid() != 0 || m.mode() & 0o022 != 0 {
+            return Err(format!(
+                "interpreter {} is not root's alone ({} is owned by uid {} with mode {:o}); no zygote runs it as root",
+                real.display(),
+                p.display(),
+                m.uid(),
+                m.mode() & 0o7777
+            ));
+        }
+    }
+    Ok(real)
+}
+
+fn install_script(state_dir: &Path) -> io::Result<PathBuf> {
+    let dir = state_dir.join("zygote");
+    ensure_dir(&dir, 0o755)?;
+    let path = dir.join("roost_zygote.py");
+    let tmp = dir.join(format!(".roost_zygote.py.{}", std::process::id()));
+    fs::write(&tmp, SCRIPT)?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644))?;
+    nix::unistd::chown(
+        &tmp,
+        Some(nix::unistd::Uid::from_raw(0)),
+        Some(nix::unistd::Gid::from_raw(0)),
+    )?;
+    fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+fn send_with_fds(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let iov = [IoSlice::new(bytes)];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+    loop {
+        match sendmsg::<()>(sock, &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// One message and up to `max_fds` fds (owned); an empty message means EOF.
+fn recv_with_fds(sock: RawFd, max_fds: usize) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let (n, raw) = loop {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        match recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Ok(msg) => {
+                let mut raw: Vec<RawFd> = Vec::new();
+                if let Ok(cmsgs) = msg.cmsgs() {
+                    for c in cmsgs {
+                        if let ControlMessageOwned::ScmRights(fds) = c {
+                            raw.extend(fds);
+                        }
+                    }
+                }
+                break (msg.bytes, raw);
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    // SAFETY: the kernel just installed these fds in this process for us.
+    let mut fds: Vec<OwnedFd> = raw
+        .into_iter()
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    fds.truncate(max_fds);
+    buf.truncate(n);
+    Ok((buf, fds))
+}
+
+fn set_timeouts(fd: RawFd, t: Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_usec: t.subsec_micros() as libc::suseconds_t,
+    };
+    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        // SAFETY: a valid socket and a timeval of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        check(rc)?;
+    }
+    Ok(())
+}
+
+/// `pidfd_open(2)` (Linux ≥ 5.3), for a zygote whose Python lacks `os.pidfd_open`.
+fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain system call; the result is a new fd we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: see above.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_system_interpreter_is_trusted_and_a_user_owned_one_is_not() {
+        let real =
+            trusted_interpreter(Path::new("/usr/bin/python3")).expect("system python is root's");
+        assert!(real.is_absolute());
+        let dir = std::env::temp_dir().join(format!("roost-zygote-unit-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let fake = dir.join("python");
+        fs::write(&fake, "#!/bin/sh\n").unwrap();
+        fs::set_permissions(&fake, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = trusted_interpreter(&fake).unwrap_err();
+        assert!(err.contains("not root's alone"), "{err}");
+        // A symlink into root's tree resolves to its target, which is what would run.
+        let link = dir.join("python-link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert_eq!(trusted_interpreter(&link).unwrap(), real);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_embedded_script_is_the_repo_file() {
+        assert!(SCRIPT.contains("def worker_main"));
+        assert!(SCRIPT.contains("PR_SET_NO_NEW_PRIVS"));
+    }
+}

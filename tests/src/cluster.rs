@@ -1,0 +1,348 @@
+//! One etcd + one `roost-agent` (node `node-1`) + one `roost-proxy`, on free loopback
+//! ports, in a temp dir of their own. Stopped on drop; on a panic the log tails are printed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::bins::{bin, AGENT, CTL, PROXY};
+use crate::etcd::Etcd;
+use crate::http::{get, Response};
+use crate::ports::free_addr;
+use crate::process::{pid_alive, read_log, tail, Proc};
+use crate::temp::TempRoot;
+use crate::users::{site_dir, User};
+use crate::wait::{wait_for, wait_until};
+use crate::ECHO_APP;
+
+pub const NODE_ID: &str = "node-1";
+pub const PREFIX: &str = "/roost";
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const TAIL_LINES: usize = 40;
+
+pub struct Cluster {
+    pub proxy_addr: SocketAddr,
+    pub proxy_admin: SocketAddr,
+    pub agent_addr: SocketAddr,
+    pub agent_admin: SocketAddr,
+    /// The shared secret both proxy and agent were given with `--secret-file`.
+    pub secret: String,
+    pub state_dir: PathBuf,
+    proxy: Proc,
+    agent: Proc,
+    pub etcd: Etcd,
+    // Declared last so it is removed after every process is gone.
+    root: TempRoot,
+}
+
+impl Cluster {
+    /// Start etcd, an agent and a proxy; return once both `/readyz` answer 200 and the
+    /// agent's node key is in etcd.
+    pub fn start() -> Cluster {
+        let proxy_bin = bin(PROXY);
+        let agent_bin = bin(AGENT);
+        let root = TempRoot::new("cluster");
+        let etcd = Etcd::start_in(root.path());
+        let secret = random_hex(32);
+        let secret_file = root.path().join("secret");
+        std::fs::write(&secret_file, &secret).expect("write secret file");
+        let state_dir = root.subdir("state");
+        let (agent_addr, agent_admin) = (free_addr(), free_addr());
+        let (proxy_addr, proxy_admin) = (free_addr(), free_addr());
+
+        let mut cmd = Command::new(&agent_bin);
+        cmd.arg("--etcd")
+            .arg(etcd.url())
+            .args(["--node-id", NODE_ID])
+            .arg("--listen")
+            .arg(agent_addr.to_string())
+            .arg("--admin")
+            .arg(agent_admin.to_string())
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--secret-file")
+            .arg(&secret_file);
+        log_env(&mut cmd);
+        let mut agent = Proc::spawn(
+            "agent",
+            cmd,
+            &root.path().join("agent.log"),
+            Signal::SIGTERM,
+        );
+
+        let mut cmd = Command::new(&proxy_bin);
+        cmd.arg("--etcd")
+            .arg(etcd.url())
+            .arg("--listen")
+            .arg(proxy_addr.to_string())
+            .arg("--admin")
+            .arg(proxy_admin.to_string())
+            .arg("--secret-file")
+            .arg(&secret_file);
+        log_env(&mut cmd);
+        let mut proxy = Proc::spawn(
+            "proxy",
+            cmd,
+            &root.path().join("proxy.log"),
+            Signal::SIGTERM,
+        );
+
+        let node_key = format!("{PREFIX}/nodes/{NODE_ID}");
+        let mut waiting_for = String::new();
+        let ready = wait_until(START_TIMEOUT, || {
+            if agent.exited().is_some() || proxy.exited().is_some() {
+                return true;
+            }
+            waiting_for = if status_of(proxy_admin, "/readyz") != Some(200) {
+                format!("proxy {proxy_admin}/readyz")
+            } else if status_of(agent_admin, "/readyz") != Some(200) {
+                format!("agent {agent_admin}/readyz")
+            } else if etcd.get(&node_key).is_none() {
+                format!("etcd key {node_key}")
+            } else {
+                return true;
+            };
+            false
+        });
+        let died = [&mut agent, &mut proxy]
+            .into_iter()
+            .filter_map(|p| p.exited().map(|s| format!("{} exited: {s}", p.name())))
+            .collect::<Vec<_>>();
+        if !ready || !died.is_empty() {
+            panic!(
+                "cluster failed to start: {} (last waited for {waiting_for})\n\
+                 --- agent log ---\n{}\n--- proxy log ---\n{}",
+                if died.is_empty() {
+                    format!("not ready within {START_TIMEOUT:?}")
+                } else {
+                    died.join(", ")
+                },
+                tail(&agent.log(), TAIL_LINES),
+                tail(&proxy.log(), TAIL_LINES)
+            );
+        }
+        Cluster {
+            proxy_addr,
+            proxy_admin,
+            agent_addr,
+            agent_admin,
+            secret,
+            state_dir,
+            proxy,
+            agent,
+            etcd,
+            root,
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// `GET path` through the proxy with `Host: host`.
+    pub fn get(&self, host: &str, path: &str) -> std::io::Result<Response> {
+        get(self.proxy_addr, Some(host), path, &[])
+    }
+
+    /// Poll the proxy until `host` answers `status` (or `timeout` passes). Returns the
+    /// matching response, or an `Err` describing the last thing that came back.
+    pub fn wait_for_status(
+        &self,
+        host: &str,
+        status: u16,
+        timeout: Duration,
+    ) -> Result<Response, String> {
+        let mut last = String::from("no attempt");
+        wait_for(timeout, || match self.get(host, "/") {
+            Ok(r) if r.status == status => Some(r),
+            Ok(r) => {
+                last = format!("status {}: {}", r.status, truncate(&r.text(), 300));
+                None
+            }
+            Err(e) => {
+                last = format!("error: {e}");
+                None
+            }
+        })
+        .ok_or(last)
+    }
+
+    /// Run `roostctl --etcd <this etcd> ARGS`.
+    pub fn roostctl(&self, args: &[&str]) -> Output {
+        Command::new(bin(CTL))
+            .arg("--etcd")
+            .arg(self.etcd.url())
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("run roostctl: {e}"))
+    }
+
+    /// Run roostctl and panic (with its output) unless it succeeds; returns stdout.
+    pub fn roostctl_ok(&self, args: &[&str]) -> String {
+        let out = self.roostctl(args);
+        assert!(
+            out.status.success(),
+            "roostctl {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `roostctl site add HOST --user U --app app:application --dir DIR EXTRA...`.
+    pub fn add_site(&self, host: &str, user: &User, dir: &Path, extra: &[&str]) {
+        let dir = dir.to_str().expect("UTF-8 site dir");
+        let mut args = vec![
+            "site",
+            "add",
+            host,
+            "--user",
+            &user.name,
+            "--app",
+            crate::ECHO_ENTRY,
+            "--dir",
+            dir,
+        ];
+        args.extend_from_slice(extra);
+        self.roostctl_ok(&args);
+    }
+
+    /// A directory owned by `user` holding the echo app, unique per `tag`.
+    pub fn echo_site_dir(&self, user: &User, tag: &str) -> PathBuf {
+        site_dir(&self.root.subdir("sites"), user, tag, ECHO_APP)
+    }
+
+    /// Panic unless proxy and agent are both still running (nothing was restarted).
+    pub fn assert_running(&self) {
+        for p in [&self.proxy, &self.agent] {
+            assert!(
+                pid_alive(p.pid()),
+                "{} (pid {}) is no longer running\n{}",
+                p.name(),
+                p.pid(),
+                self.diagnostics()
+            );
+        }
+    }
+
+    /// The agent's per-site directory holding the socket (`<state-dir>/sites/<host>`).
+    pub fn site_state_dir(&self, host: &str) -> PathBuf {
+        self.state_dir.join("sites").join(host)
+    }
+
+    pub fn proxy_log(&self) -> String {
+        self.proxy.log()
+    }
+
+    pub fn agent_log(&self) -> String {
+        self.agent.log()
+    }
+
+    /// The worker log the agent writes for `host` (`<state-dir>/logs/<host>.log`).
+    pub fn worker_log(&self, host: &str) -> String {
+        read_log(&self.state_dir.join("logs").join(format!("{host}.log")))
+    }
+
+    /// Everything worth reading after a failure: log tails and the agent's site table.
+    pub fn diagnostics(&self) -> String {
+        let mut s = format!(
+            "--- agent log ({}) ---\n{}\n--- proxy log ({}) ---\n{}\n",
+            self.agent.log_path().display(),
+            tail(&self.agent.log(), TAIL_LINES),
+            self.proxy.log_path().display(),
+            tail(&self.proxy.log(), TAIL_LINES)
+        );
+        if let Ok(entries) = std::fs::read_dir(self.state_dir.join("logs")) {
+            for e in entries.flatten() {
+                s += &format!(
+                    "--- worker log {} ---\n{}\n",
+                    e.path().display(),
+                    tail(&read_log(&e.path()), TAIL_LINES / 2)
+                );
+            }
+        }
+        if let Ok(r) = get(self.agent_admin, Some("localhost"), "/sites", &[]) {
+            s += &format!("--- agent /sites ({}) ---\n{}\n", r.status, r.text());
+        }
+        s += &format!("--- etcd log ---\n{}\n", tail(&self.etcd.log(), 10));
+        s
+    }
+
+    /// SIGKILL processes left running whose cwd is in this cluster's temp dir (site
+    /// workers the agent did not stop); returns their pids.
+    fn kill_strays(&self) -> Vec<u32> {
+        let mut killed = Vec::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return killed;
+        };
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(cwd) = std::fs::read_link(e.path().join("cwd")) else {
+                continue;
+            };
+            if cwd.starts_with(self.root.path()) {
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+                killed.push(pid);
+            }
+        }
+        killed
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        if panicking {
+            eprintln!(
+                "[harness] test failed; cluster state:\n{}",
+                self.diagnostics()
+            );
+        }
+        // Both at once: each takes a moment to drain.
+        self.proxy.terminate();
+        self.agent.terminate();
+        self.proxy.stop();
+        let agent_exit = self.agent.stop();
+        let strays = self.kill_strays();
+        if !strays.is_empty() {
+            eprintln!(
+                "[harness] agent ({agent_exit:?}) left workers running after SIGTERM; killed pids {strays:?}"
+            );
+        }
+    }
+}
+
+fn log_env(cmd: &mut Command) {
+    let level = std::env::var("ROOST_TEST_LOG").unwrap_or_else(|_| "info".to_string());
+    cmd.env("RUST_LOG", level).env("NO_COLOR", "1");
+}
+
+/// Status of `GET path` on an admin address, `None` if it did not answer.
+pub fn status_of(addr: SocketAddr, path: &str) -> Option<u16> {
+    get(addr, Some("localhost"), path, &[])
+        .ok()
+        .map(|r| r.status)
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .expect("read /dev/urandom");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}

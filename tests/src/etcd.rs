@@ -1,0 +1,145 @@
+//! A real etcd (Debian's etcd-server 3.4) on free loopback ports with a temp data dir.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::ports::free_addr;
+use crate::process::{tail, Proc};
+use crate::temp::TempRoot;
+use crate::wait::wait_until;
+
+pub const ETCD: &str = "/usr/bin/etcd";
+pub const ETCDCTL: &str = "/usr/bin/etcdctl";
+
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running single-member etcd. Killed on drop; its data dir goes with its temp root.
+pub struct Etcd {
+    proc: Proc,
+    url: String,
+    // Declared last: the directory outlives the process during drop.
+    _own_root: Option<TempRoot>,
+}
+
+impl Etcd {
+    /// Start etcd in a temp dir of its own.
+    pub fn start() -> Etcd {
+        let root = TempRoot::new("etcd");
+        let mut etcd = Etcd::start_in(root.path());
+        etcd._own_root = Some(root);
+        etcd
+    }
+
+    /// Start etcd with its data dir and log under `dir`; wait until it answers.
+    pub fn start_in(dir: &Path) -> Etcd {
+        let client = free_addr();
+        let peer = free_addr();
+        let url = format!("http://{client}");
+        let peer_url = format!("http://{peer}");
+        let mut cmd = Command::new(ETCD);
+        cmd.arg("--name")
+            .arg("test")
+            .arg("--data-dir")
+            .arg(dir.join("etcd-data"))
+            .arg("--listen-client-urls")
+            .arg(&url)
+            .arg("--advertise-client-urls")
+            .arg(&url)
+            .arg("--listen-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-cluster")
+            .arg(format!("test={peer_url}"))
+            .arg("--initial-cluster-state")
+            .arg("new");
+        let mut proc = Proc::spawn("etcd", cmd, &dir.join("etcd.log"), Signal::SIGKILL);
+        let mut etcd_ok = false;
+        let ready = wait_until(START_TIMEOUT, || {
+            if proc.exited().is_some() {
+                return true;
+            }
+            etcd_ok = etcdctl_at(&url, &["endpoint", "health"]).status.success();
+            etcd_ok
+        });
+        if !ready || !etcd_ok {
+            panic!(
+                "etcd at {url} did not become healthy within {START_TIMEOUT:?} (exit: {:?}); log tail:\n{}",
+                proc.exited(),
+                tail(&proc.log(), 30)
+            );
+        }
+        Etcd {
+            proc,
+            url,
+            _own_root: None,
+        }
+    }
+
+    /// The client URL, for `--etcd`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Run `etcdctl` (API v3) against this etcd.
+    pub fn etcdctl(&self, args: &[&str]) -> Output {
+        etcdctl_at(&self.url, args)
+    }
+
+    /// `etcdctl put KEY VALUE`; panics if it fails.
+    pub fn put(&self, key: &str, value: &str) {
+        let out = self.etcdctl(&["put", key, value]);
+        assert!(
+            out.status.success(),
+            "etcdctl put {key} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The value at `key`, or `None` when absent.
+    pub fn get(&self, key: &str) -> Option<String> {
+        let out = self.etcdctl(&["get", key, "--print-value-only"]);
+        assert!(
+            out.status.success(),
+            "etcdctl get {key} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v = String::from_utf8_lossy(&out.stdout);
+        let v = v.strip_suffix('\n').unwrap_or(&v);
+        (!v.is_empty()).then(|| v.to_string())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    pub fn log(&self) -> String {
+        self.proc.log()
+    }
+}
+
+fn etcdctl_at(url: &str, args: &[&str]) -> Output {
+    Command::new(ETCDCTL)
+        .env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(url)
+        .arg("--dial-timeout=2s")
+        .arg("--command-timeout=5s")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {ETCDCTL}: {e}"))
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        // etcd holds no state we need: kill at once.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.proc.pid() as i32),
+            Signal::SIGKILL,
+        );
+        self.proc.stop();
+    }
+}

@@ -1,0 +1,76 @@
+//! Unix users for sites, and site directories they own.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use nix::unistd::{chown, Gid, Uid};
+
+/// A unix user the harness made sure exists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+static USERADD: Mutex<()> = Mutex::new(());
+
+/// Make sure system user `name` exists (`useradd --system --create-home --shell
+/// /usr/sbin/nologin NAME` if absent) and return its ids. Idempotent, safe in parallel.
+pub fn ensure_user(name: &str) -> User {
+    let _guard = USERADD.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(u) = lookup(name) {
+        return u;
+    }
+    let out = Command::new("useradd")
+        .args([
+            "--system",
+            "--create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            name,
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("run useradd (tests need root): {e}"));
+    // Exit code 9: the name exists already (another test binary made it meanwhile).
+    if !out.status.success() && out.status.code() != Some(9) {
+        panic!(
+            "useradd {name} failed ({}): {} (tests need root)",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    lookup(name).unwrap_or_else(|| panic!("user {name} still absent after useradd"))
+}
+
+fn lookup(name: &str) -> Option<User> {
+    let u =
+        nix::unistd::User::from_name(name).unwrap_or_else(|e| panic!("getpwnam({name}): {e}"))?;
+    Some(User {
+        name: name.to_string(),
+        uid: u.uid.as_raw(),
+        gid: u.gid.as_raw(),
+    })
+}
+
+/// Make `base/<user>-<tag>/` owned by `user` (0755) with `app.py` = `app_source` in it,
+/// and return its path. `base` must be traversable by the user (a [`crate::TempRoot`] is).
+pub fn site_dir(base: &Path, user: &User, tag: &str, app_source: &str) -> PathBuf {
+    let dir = base.join(format!("{}-{tag}", user.name));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+    let app = dir.join("app.py");
+    std::fs::write(&app, app_source).unwrap_or_else(|e| panic!("write {}: {e}", app.display()));
+    for (p, mode) in [(&dir, 0o755), (&app, 0o644)] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()));
+        chown(
+            p.as_path(),
+            Some(Uid::from_raw(user.uid)),
+            Some(Gid::from_raw(user.gid)),
+        )
+        .unwrap_or_else(|e| panic!("chown {}: {e}", p.display()));
+    }
+    dir
+}
