@@ -2,10 +2,11 @@
 //!
 //! This file holds the arguments and the dispatch, and maps failures to exit codes:
 //! 0 ok, 1 operator error (bad input, not found, conflict), 2 usage (clap),
-//! 3 etcd unreachable. Every failure is one line on stderr that says what to do.
+//! 3 etcd (or, for `site logs`, the node's agent) unreachable. Every failure is one line on stderr that says what to do.
 
 mod catalog;
 mod locate;
+mod logs;
 mod nodes;
 mod output;
 mod sites;
@@ -13,6 +14,7 @@ mod spec;
 mod store;
 mod table;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -41,7 +43,7 @@ struct Cli {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true, help_heading = GLOBAL)]
     json: bool,
-    /// Give up on etcd after this many seconds (exit code 3).
+    /// Give up on etcd (and on an agent, for `site logs`) after this many seconds (exit code 3).
     #[arg(long, global = true, help_heading = GLOBAL, value_name = "SECS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=600))]
     timeout: u64,
@@ -54,7 +56,7 @@ const GLOBAL: &str = "Global options";
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Sites: add, set, rm, ls, show.
+    /// Sites: add, set, rm, ls, show, logs.
     #[command(subcommand)]
     Site(SiteCommand),
     /// Nodes: ls.
@@ -87,6 +89,24 @@ enum SiteCommand {
         /// The site's host name.
         host: String,
     },
+    /// Show the end of a site's worker output (stdout and stderr), from the node running it.
+    Logs(LogsArgs),
+}
+
+#[derive(Args, Debug)]
+struct LogsArgs {
+    /// The site's host name (or one of its aliases).
+    host: String,
+    /// How many lines to show, counted from the end (the agent reads its last 256 KiB).
+    #[arg(long, short = 'n', value_name = "N", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    lines: u32,
+    /// Read the log on this node instead of the one the site is placed on.
+    #[arg(long, value_name = "ID")]
+    node: Option<String>,
+    /// The secret the agents were given [default: /etc/roost/secret, when it exists].
+    #[arg(long, value_name = "FILE", env = "ROOST_SECRET_FILE")]
+    secret_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -228,9 +248,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// 3 when etcd could not be reached, else 1 (usage errors exit 2 inside clap).
+/// 3 when etcd or a node could not be reached, else 1 (usage errors exit 2 inside clap).
 fn exit_code(e: &anyhow::Error) -> u8 {
-    if e.downcast_ref::<Unreachable>().is_some() {
+    if e.downcast_ref::<Unreachable>().is_some()
+        || e.downcast_ref::<logs::NodeUnreachable>().is_some()
+    {
         3
     } else {
         1
@@ -257,6 +279,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Site(SiteCommand::Rm { host }) => sites::rm(&store, host, json).await,
         Command::Site(SiteCommand::Ls) => sites::ls(&store, json).await,
         Command::Site(SiteCommand::Show { host }) => sites::show(&store, host, json).await,
+        Command::Site(SiteCommand::Logs(a)) => {
+            let request = logs::LogsRequest {
+                host: &a.host,
+                lines: a.lines,
+                node: a.node.as_deref(),
+                secret_file: a.secret_file.as_deref(),
+                timeout: Duration::from_secs(cli.timeout),
+            };
+            logs::logs(&store, &request, json).await
+        }
         Command::Node(NodeCommand::Ls) => nodes::ls(&store, json).await,
         Command::Where { host } => locate::where_(&store, host, json).await,
     }
@@ -338,6 +370,37 @@ mod tests {
         assert_eq!(e.exit_code(), 2);
         let e = parse(&[&base[..], &["--command", "'unterminated"]].concat()).unwrap_err();
         assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn logs_takes_lines_node_and_a_secret_file() {
+        let Command::Site(SiteCommand::Logs(l)) =
+            parse(&["site", "logs", "a.example"]).unwrap().command
+        else {
+            panic!()
+        };
+        assert_eq!((l.lines, l.node), (100, None));
+        let Command::Site(SiteCommand::Logs(l)) = parse(&[
+            "site",
+            "logs",
+            "a.example",
+            "--lines",
+            "5",
+            "--node",
+            "n2",
+            "--secret-file",
+            "/s",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (l.lines, l.node.as_deref(), l.secret_file),
+            (5, Some("n2"), Some(PathBuf::from("/s")))
+        );
+        assert!(parse(&["site", "logs", "a.example", "--lines", "0"]).is_err());
     }
 
     #[test]
