@@ -250,35 +250,28 @@ impl ProxyHttp for AgentHttp {
                     format!("site {site} did not answer within {timeout} s"),
                 )
             }
-            (
-                ErrorSource::Upstream,
-                ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError,
-            ) => (
-                503,
-                format!("the worker of site {site} could not be reached"),
-            ),
-            (ErrorSource::Upstream, _) => match ctx
-                .ticket
-                .as_ref()
-                .and_then(|t| self.supervisor.failure_reason(t))
-            {
-                // The reason goes to the agent's log, not to the world: it may name paths.
-                Some(why) => {
-                    tracing::warn!(site = %site, request_id = %ctx.request_id, reason = %why, "worker died with the request");
-                    if why.starts_with("exceeded its memory limit") {
-                        (503, format!("site {site} {why}"))
-                    } else {
-                        (
-                            503,
-                            format!("site {site} failed while answering; the site's log says why"),
-                        )
+            (ErrorSource::Upstream, etype) => {
+                // A worker that died (or was killed for memory) after the request was sent
+                // explains any later error: a reset, or a refused connect to its socket.
+                let died = ctx.ticket.as_ref().and_then(|t| self.supervisor.failure_reason(t));
+                match died {
+                    // The detail goes to the agent's log, not to the world: it may name paths.
+                    Some(why) => {
+                        tracing::warn!(site = %site, request_id = %ctx.request_id, reason = %why,
+                            "worker died with the request");
+                        if why.starts_with("exceeded its memory limit") {
+                            (503, format!("site {site} {why}"))
+                        } else {
+                            (503, format!("site {site} failed while answering; the site's log says why"))
+                        }
                     }
+                    None if matches!(
+                        etype,
+                        ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError
+                    ) => (503, format!("the worker of site {site} could not be reached")),
+                    None => (502, format!("the worker of site {site} closed the connection without an answer")),
                 }
-                None => (
-                    502,
-                    format!("the worker of site {site} closed the connection without an answer"),
-                ),
-            },
+            }
             _ => (500, "internal error in the agent".to_string()),
         };
         if code > 0 {

@@ -60,6 +60,21 @@ pub struct SiteSpec {
     /// Environment of the worker (on top of a small clean base).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// How the worker of an `app` site starts: forked from the interpreter's preloaded
+    /// zygote (the default), or `direct` (a fresh gunicorn). `command` sites always start
+    /// directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spawn: Option<SpawnMode>,
+}
+
+/// How an `app` site's worker is started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpawnMode {
+    /// Forked from the preloaded zygote of the site's interpreter: milliseconds.
+    Zygote,
+    /// A fresh interpreter running gunicorn: the opt-out.
+    Direct,
 }
 
 fn default_workers() -> u32 {
@@ -113,6 +128,7 @@ impl SiteSpec {
             request_timeout: default_request_timeout(),
             memory_limit_mb: None,
             env: BTreeMap::new(),
+            spawn: None,
         }
     }
 
@@ -139,6 +155,11 @@ impl SiteSpec {
         DEFAULT_PYTHON.to_string()
     }
 
+    /// Whether this site's worker is forked from a zygote (an `app` site that did not opt out).
+    pub fn uses_zygote(&self) -> bool {
+        self.app.is_some() && self.command.is_none() && self.spawn != Some(SpawnMode::Direct)
+    }
+
     /// Check every field; the error names the first bad one.
     pub fn validate(&self) -> Result<(), SpecError> {
         if !valid_user_name(&self.user) {
@@ -152,7 +173,10 @@ impl SiteSpec {
         }
         match (&self.app, &self.command) {
             (Some(_), Some(_)) => {
-                return Err(SpecError::new("command", "give either `app` or `command`, not both"))
+                return Err(SpecError::new(
+                    "command",
+                    "give either `app` or `command`, not both",
+                ))
             }
             (None, None) => return Err(SpecError::new("app", "give either `app` or `command`")),
             (Some(app), None) => {
@@ -169,6 +193,12 @@ impl SiteSpec {
                 }
                 if cmd.iter().any(|a| a.contains('\0')) {
                     return Err(SpecError::new("command", "contains a NUL byte"));
+                }
+                if self.spawn == Some(SpawnMode::Zygote) {
+                    return Err(SpecError::new(
+                        "spawn",
+                        "`command` sites are always started directly; only `app` sites can use the zygote",
+                    ));
                 }
             }
         }
@@ -188,14 +218,20 @@ impl SiteSpec {
             match canonical_host(bare) {
                 Ok(c) if c == bare => {}
                 Ok(c) => {
-                    return Err(SpecError::new(&field, format!("{alias:?} is not canonical; write {c:?}")))
+                    return Err(SpecError::new(
+                        &field,
+                        format!("{alias:?} is not canonical; write {c:?}"),
+                    ))
                 }
                 Err(e) => return Err(SpecError::new(&field, e.to_string())),
             }
         }
         if let Some(node) = &self.node {
             if !valid_node_id(node) {
-                return Err(SpecError::new("node", format!("{node:?} is not a valid node id")));
+                return Err(SpecError::new(
+                    "node",
+                    format!("{node:?} is not a valid node id"),
+                ));
             }
         }
         check_range("workers", self.workers as u64, 1, 64)?;
@@ -208,10 +244,16 @@ impl SiteSpec {
         for (k, v) in &self.env {
             let field = format!("env.{k}");
             if !valid_env_name(k) {
-                return Err(SpecError::new(&field, "is not a valid environment variable name"));
+                return Err(SpecError::new(
+                    &field,
+                    "is not a valid environment variable name",
+                ));
             }
             if RESERVED_ENV.contains(&k.as_str()) {
-                return Err(SpecError::new(&field, "is set by Roost and cannot be overridden"));
+                return Err(SpecError::new(
+                    &field,
+                    "is set by Roost and cannot be overridden",
+                ));
             }
             if v.contains('\0') {
                 return Err(SpecError::new(&field, "contains a NUL byte"));
@@ -234,24 +276,37 @@ pub(crate) fn decode_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Res
         // serde reports unknown and missing fields at the parent; lift the name out.
         let field = extract_backticked(&msg)
             .filter(|_| path == "." || path.is_empty())
-            .unwrap_or(if path == "." { "(record)".to_string() } else { path });
+            .unwrap_or(if path == "." {
+                "(record)".to_string()
+            } else {
+                path
+            });
         SpecError::new(&field, strip_position(&msg))
     })
 }
 
 fn check_range(field: &str, v: u64, min: u64, max: u64) -> Result<(), SpecError> {
     if v < min || v > max {
-        return Err(SpecError::new(field, format!("{v} is outside {min}..={max}")));
+        return Err(SpecError::new(
+            field,
+            format!("{v} is outside {min}..={max}"),
+        ));
     }
     Ok(())
 }
 
 fn check_abs_path(field: &str, p: &str) -> Result<(), SpecError> {
     if !p.starts_with('/') {
-        return Err(SpecError::new(field, format!("{p:?} is not an absolute path")));
+        return Err(SpecError::new(
+            field,
+            format!("{p:?} is not an absolute path"),
+        ));
     }
     if p.contains('\0') || p.split('/').any(|c| c == "..") {
-        return Err(SpecError::new(field, format!("{p:?} may not contain `..` or NUL")));
+        return Err(SpecError::new(
+            field,
+            format!("{p:?} may not contain `..` or NUL"),
+        ));
     }
     Ok(())
 }
@@ -322,21 +377,63 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         assert_eq!(err(r#"{"app":"a:b","dir":"/x"}"#).field, "user");
-        assert_eq!(err(r#"{"user":"alice","app":"a:b","dir":"/x","idle_timout":5}"#).field, "idle_timout");
-        assert_eq!(err(r#"{"user":"alice","app":"a:b","dir":"/x","idle_timeout":"5"}"#).field, "idle_timeout");
-        assert_eq!(err(r#"{"user":"alice","app":"a:b","dir":"/x","idle_timeout":0}"#).field, "idle_timeout");
-        assert_eq!(err(r#"{"user":"alice","app":"nocolon","dir":"/x"}"#).field, "app");
-        assert_eq!(err(r#"{"user":"alice","app":"a:b","dir":"rel/dir"}"#).field, "dir");
-        assert_eq!(err(r#"{"user":"alice","app":"a:b","dir":"/x/../etc"}"#).field, "dir");
-        assert_eq!(err(r#"{"user":"root","app":"a:b","dir":"/x"}"#).field, "user");
-        assert_eq!(err(r#"{"user":"Bad User","app":"a:b","dir":"/x"}"#).field, "user");
+        assert_eq!(
+            err(r#"{"user":"alice","app":"a:b","dir":"/x","idle_timout":5}"#).field,
+            "idle_timout"
+        );
+        assert_eq!(
+            err(r#"{"user":"alice","app":"a:b","dir":"/x","idle_timeout":"5"}"#).field,
+            "idle_timeout"
+        );
+        assert_eq!(
+            err(r#"{"user":"alice","app":"a:b","dir":"/x","idle_timeout":0}"#).field,
+            "idle_timeout"
+        );
+        assert_eq!(
+            err(r#"{"user":"alice","app":"nocolon","dir":"/x"}"#).field,
+            "app"
+        );
+        assert_eq!(
+            err(r#"{"user":"alice","app":"a:b","dir":"rel/dir"}"#).field,
+            "dir"
+        );
+        assert_eq!(
+            err(r#"{"user":"alice","app":"a:b","dir":"/x/../etc"}"#).field,
+            "dir"
+        );
+        assert_eq!(
+            err(r#"{"user":"root","app":"a:b","dir":"/x"}"#).field,
+            "user"
+        );
+        assert_eq!(
+            err(r#"{"user":"Bad User","app":"a:b","dir":"/x"}"#).field,
+            "user"
+        );
         assert_eq!(err(r#"{"user":"alice","dir":"/x"}"#).field, "app");
-        assert_eq!(err(r#"{"user":"alice","app":"a:b","command":["x"],"dir":"/x"}"#).field, "command");
-        assert_eq!(err(r#"{"user":"alice","app":"a:b","dir":"/x","aliases":["Www.X.com"]}"#).field, "aliases[0]");
-        assert_eq!(err(r#"{"user":"alice","app":"a:b","dir":"/x","aliases":["w.x","w.x"]}"#).field, "aliases[1]");
-        assert_eq!(err(r#"{"user":"alice","app":"a:b","dir":"/x","env":{"LISTEN_FDS":"9"}}"#).field, "env.LISTEN_FDS");
-        assert_eq!(err(r#"{"user":"alice","app":"a:b","dir":"/x","workers":1000}"#).field, "workers");
-        assert_eq!(err(r#"{"user":"alice","app":"a:b","dir":"/x","node":"No Such"}"#).field, "node");
+        assert_eq!(
+            err(r#"{"user":"alice","app":"a:b","command":["x"],"dir":"/x"}"#).field,
+            "command"
+        );
+        assert_eq!(
+            err(r#"{"user":"alice","app":"a:b","dir":"/x","aliases":["Www.X.com"]}"#).field,
+            "aliases[0]"
+        );
+        assert_eq!(
+            err(r#"{"user":"alice","app":"a:b","dir":"/x","aliases":["w.x","w.x"]}"#).field,
+            "aliases[1]"
+        );
+        assert_eq!(
+            err(r#"{"user":"alice","app":"a:b","dir":"/x","env":{"LISTEN_FDS":"9"}}"#).field,
+            "env.LISTEN_FDS"
+        );
+        assert_eq!(
+            err(r#"{"user":"alice","app":"a:b","dir":"/x","workers":1000}"#).field,
+            "workers"
+        );
+        assert_eq!(
+            err(r#"{"user":"alice","app":"a:b","dir":"/x","node":"No Such"}"#).field,
+            "node"
+        );
         assert_eq!(err(r#"not json"#).field, "(record)");
         assert_eq!(err(r#"[1,2]"#).field, "(record)");
     }
@@ -348,6 +445,41 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.aliases.len(), 2);
+    }
+
+    #[test]
+    fn spawn_mode_defaults_to_the_zygote_and_app_sites_may_opt_out() {
+        let s = SiteSpec::from_json(OK.as_bytes()).unwrap();
+        assert_eq!(s.spawn, None);
+        assert!(s.uses_zygote());
+        assert!(!s.to_json().contains("spawn"));
+        let direct =
+            SiteSpec::from_json(br#"{"user":"alice","app":"a:b","dir":"/x","spawn":"direct"}"#)
+                .unwrap();
+        assert_eq!(direct.spawn, Some(SpawnMode::Direct));
+        assert!(!direct.uses_zygote());
+        assert_eq!(
+            SiteSpec::from_json(direct.to_json().as_bytes()).unwrap(),
+            direct
+        );
+        let zygote =
+            SiteSpec::from_json(br#"{"user":"alice","app":"a:b","dir":"/x","spawn":"zygote"}"#)
+                .unwrap();
+        assert!(zygote.uses_zygote());
+        let cmd = SiteSpec::from_json(br#"{"user":"alice","command":["srv"],"dir":"/x"}"#).unwrap();
+        assert!(!cmd.uses_zygote());
+        assert_eq!(
+            err(r#"{"user":"alice","app":"a:b","dir":"/x","spawn":"fork"}"#).field,
+            "spawn"
+        );
+        assert_eq!(
+            err(r#"{"user":"alice","command":["srv"],"dir":"/x","spawn":"zygote"}"#).field,
+            "spawn"
+        );
+        assert!(SiteSpec::from_json(
+            br#"{"user":"alice","command":["srv"],"dir":"/x","spawn":"direct"}"#
+        )
+        .is_ok());
     }
 
     #[test]

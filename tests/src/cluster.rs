@@ -38,10 +38,22 @@ pub struct Cluster {
     root: TempRoot,
 }
 
+/// What a test may change about its cluster.
+#[derive(Default, Clone)]
+pub struct Options {
+    /// TOML for the agent's `--config` file (see deploy/examples/agent.toml).
+    pub agent_config: Option<String>,
+}
+
 impl Cluster {
     /// Start etcd, an agent and a proxy; return once both `/readyz` answer 200 and the
     /// agent's node key is in etcd.
     pub fn start() -> Cluster {
+        Self::start_with(Options::default())
+    }
+
+    /// [`Cluster::start`] with options.
+    pub fn start_with(opts: Options) -> Cluster {
         let proxy_bin = bin(PROXY);
         let agent_bin = bin(AGENT);
         let root = TempRoot::new("cluster");
@@ -65,6 +77,11 @@ impl Cluster {
             .arg(&state_dir)
             .arg("--secret-file")
             .arg(&secret_file);
+        if let Some(toml) = &opts.agent_config {
+            let path = root.path().join("agent.toml");
+            std::fs::write(&path, toml).expect("write agent config");
+            cmd.arg("--config").arg(path);
+        }
         log_env(&mut cmd);
         let mut agent = Proc::spawn(
             "agent",
@@ -227,6 +244,38 @@ impl Cluster {
                 self.diagnostics()
             );
         }
+    }
+
+    /// A sample of the agent's Prometheus metrics, e.g.
+    /// `agent_metric("roost_agent_worker_stops_total{reason=\"idle\"}")`; 0 when absent.
+    pub fn agent_metric(&self, series: &str) -> f64 {
+        let text = get(self.agent_admin, Some("localhost"), "/metrics", &[])
+            .map(|r| r.text())
+            .unwrap_or_default();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                (name == series).then(|| value.parse().ok())?
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// The agent's `/sites` table.
+    pub fn agent_sites(&self) -> serde_json::Value {
+        get(self.agent_admin, Some("localhost"), "/sites", &[])
+            .map(|r| r.json())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The agent's pid (to signal it).
+    pub fn agent_pid(&self) -> u32 {
+        self.agent.pid()
+    }
+
+    /// Wait for the agent to exit (after a signal the test sent); its exit status.
+    pub fn wait_agent_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        wait_for(timeout, || self.agent.exited())
     }
 
     /// The agent's per-site directory holding the socket (`<state-dir>/sites/<host>`).

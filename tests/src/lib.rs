@@ -8,15 +8,17 @@
 
 pub mod bins;
 pub mod cluster;
+pub mod edge;
 pub mod etcd;
 pub mod http;
 pub mod ports;
 pub mod process;
+pub mod procfs;
 pub mod temp;
 pub mod users;
 pub mod wait;
 
-pub use cluster::Cluster;
+pub use cluster::{Cluster, Options};
 pub use etcd::Etcd;
 pub use http::{get, Response};
 pub use temp::TempRoot;
@@ -27,6 +29,10 @@ pub use wait::{wait_for, wait_until};
 /// with JSON: `environ` (str values only), `pid`, `ppid`, `uid`, `euid`, `gid`, `groups`,
 /// `cwd` and `os_environ`.
 pub const ECHO_APP: &str = include_str!("../apps/echo/app.py");
+
+/// Source of the misbehaving app (`tests/apps/misbehave/app.py`): `/sleep?secs=N`,
+/// `/hog?mb=N`, `/crash`; `/` answers JSON with `pid`, `ppid`, `uid` and `ROOST_TEST_*` env.
+pub const MISBEHAVE_APP: &str = include_str!("../apps/misbehave/app.py");
 
 /// The WSGI entry point of [`ECHO_APP`] as `roostctl --app` takes it.
 pub const ECHO_ENTRY: &str = "app:application";

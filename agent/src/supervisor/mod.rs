@@ -324,7 +324,7 @@ impl Supervisor {
         cur
     }
 
-    fn on_exit(&self, slot: &Arc<Slot>, generation: u64, pid: i32, status: String) {
+    fn on_exit(self: &Arc<Self>, slot: &Arc<Slot>, generation: u64, pid: i32, status: String) {
         // Reap whatever the worker left in its process group (e.g. gunicorn's children).
         let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
         self.metrics.workers.dec();
@@ -363,11 +363,15 @@ impl Supervisor {
                 answered = cur.answered, in_flight = st.in_flight, log = %log.display(), output = %tail,
                 reason = %why, "worker exited unexpectedly");
             if cur.answered {
-                // A worker that served requests and then died is not a start failure:
-                // the next request starts a new one at once.
+                // A worker that served requests and then died is not a start failure. The
+                // requests it had accepted are lost with it; those still waiting in the
+                // socket's backlog are served by a new worker, started now.
                 st.last_failure = Some((Instant::now(), why));
-                if st.in_flight > 0 {
-                    st.socket = None;
+                if st.in_flight > 0 && !st.removed {
+                    if let Err(e) = self.start_worker(slot, &mut st) {
+                        warn!(site = %slot.host, error = %e, "cannot restart the crashed worker");
+                        st.socket = None;
+                    }
                 }
             } else {
                 self.fail_start(&mut st, why);

@@ -3,7 +3,7 @@
 GET /                 -> JSON {"pid", "ppid", "uid", "env": {ROOST_TEST_*}}
 GET /sleep?secs=N     -> sleeps N seconds, then answers
 GET /hog?mb=N         -> allocates and touches N MiB, then answers
-GET /crash            -> kills its whole worker tree (gunicorn's arbiter and itself)
+GET /crash            -> kills its whole worker (its process group: gunicorn's arbiter too)
 """
 import json
 import os
@@ -31,7 +31,6 @@ def application(environ, start_response):
         for i in range(0, len(block), 4096):
             block[i] = 1
     elif path == "/crash":
-        os.kill(os.getppid(), signal.SIGKILL)
-        os._exit(1)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
     env = {k: v for k, v in os.environ.items() if k.startswith("ROOST_TEST_")}
     return _answer(start_response, {"pid": os.getpid(), "ppid": os.getppid(), "uid": os.getuid(), "env": env})

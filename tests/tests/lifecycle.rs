@@ -1,0 +1,557 @@
+//! Issue 3: a worker lifecycle that never loses a request. Python apps written to misbehave
+//! (crash on request, allocate past the limit, fail to import, sleep) under real etcd, real
+//! binaries and real users; assertions on status codes, processes, cgroup files and etcd.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use roost_tests::process::proc_state;
+use roost_tests::{ensure_user, get, site_dir, wait_until, Cluster, Options, User, MISBEHAVE_APP};
+use serde_json::Value;
+
+const CAROL: &str = "roost-t-carol";
+const DAVE: &str = "roost-t-dave";
+const EXIT: Duration = Duration::from_secs(15);
+
+/// Dead: gone from /proc, or a zombie (exited; only its parent's bookkeeping is left).
+fn dead(pid: u64) -> bool {
+    proc_state(pid as u32).is_none_or(|s| s == 'Z')
+}
+
+/// The pid the agent knows as `host`'s current worker (the leader of its process group,
+/// whether forked from a zygote or started directly).
+fn worker_leader(c: &Cluster, host: &str) -> u64 {
+    c.agent_sites()
+        .as_array()
+        .and_then(|sites| sites.iter().find(|s| s["host"] == host))
+        .and_then(|s| s["pid"].as_u64())
+        .unwrap_or_else(|| panic!("{host} has no current worker\n{}", c.diagnostics()))
+}
+
+fn misbehaving_site(c: &Cluster, host: &str, user: &User, extra: &[&str]) {
+    let dir = site_dir(&c.root().join("sites"), user, host, MISBEHAVE_APP);
+    c.add_site(host, user, &dir, extra);
+}
+
+fn json_get(c: &Cluster, host: &str, path: &str) -> (u16, Value) {
+    match c.get(host, path) {
+        Ok(r) => {
+            let v = if r.status == 200 {
+                r.json()
+            } else {
+                Value::String(r.text())
+            };
+            (r.status, v)
+        }
+        Err(e) => (0, Value::String(format!("io error: {e}"))),
+    }
+}
+
+#[test]
+fn concurrent_load_across_idle_drains_loses_no_request() {
+    let c = Cluster::start();
+    let carol = ensure_user(CAROL);
+    misbehaving_site(&c, "drain.example", &carol, &["--idle-timeout", "1"]);
+    c.wait_for_status("drain.example", 200, Duration::from_secs(10))
+        .unwrap();
+
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let started = Instant::now();
+    let run_for = Duration::from_secs(20);
+    let clients: Vec<_> = (0..8)
+        .map(|i| {
+            let (ok, failed, failures) = (ok.clone(), failed.clone(), failures.clone());
+            let addr = c.proxy_addr;
+            std::thread::spawn(move || {
+                // Each client alternates bursts with pauses around the 1 s idle timeout, so
+                // requests keep arriving while workers are deciding to stop and stopping.
+                let mut n: u64 = i;
+                while started.elapsed() < run_for {
+                    match get(addr, Some("drain.example"), "/", &[]) {
+                        Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                        Ok(r) => {
+                            failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("{} {}", r.status, r.text()));
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                        Err(e) => {
+                            failures.lock().unwrap().push(format!("io: {e}"));
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    n = n
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let pause_ms = match (n >> 33) % 4 {
+                        0 => 0,
+                        1 => 50,
+                        2 => 900 + (n >> 40) % 300, // just around the idle timeout
+                        _ => 1100 + (n >> 40) % 600, // just past it
+                    };
+                    std::thread::sleep(Duration::from_millis(pause_ms));
+                }
+            })
+        })
+        .collect();
+    for t in clients {
+        t.join().unwrap();
+    }
+    let idle_stops = c.agent_metric("roost_agent_worker_stops_total{reason=\"idle\"}");
+    eprintln!(
+        "load across idle drains: {} ok, {} failed, {} idle stops, {} worker starts",
+        ok.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+        idle_stops,
+        c.agent_metric("roost_agent_worker_starts_total")
+    );
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "failures: {:?}\n{}",
+        failures.lock().unwrap(),
+        c.diagnostics()
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) > 100,
+        "too few requests to mean anything"
+    );
+    // The test only means something if workers really stopped while clients were running.
+    assert!(
+        idle_stops >= 1.0,
+        "no idle stop happened during the load\n{}",
+        c.diagnostics()
+    );
+}
+
+#[test]
+fn a_crashed_worker_is_replaced_on_the_next_request() {
+    let c = Cluster::start();
+    let carol = ensure_user(CAROL);
+    misbehaving_site(&c, "crash.example", &carol, &[]);
+    let _first = c
+        .wait_for_status("crash.example", 200, Duration::from_secs(10))
+        .unwrap()
+        .json();
+    let leader = worker_leader(&c, "crash.example");
+
+    // Kills gunicorn's arbiter and the worker: the agent's worker is gone, mid-request.
+    let (status, body) = json_get(&c, "crash.example", "/crash");
+    assert!(
+        status >= 500,
+        "a crash must answer 5xx, got {status} {body}"
+    );
+    assert!(
+        wait_until(EXIT, || dead(leader)),
+        "crashed worker {leader} still alive"
+    );
+
+    let (status, next) = json_get(&c, "crash.example", "/");
+    assert_eq!(status, 200, "{next}\n{}", c.diagnostics());
+    assert_ne!(worker_leader(&c, "crash.example"), leader, "must be a new worker");
+    assert!(c.agent_metric("roost_agent_worker_crashes_total") >= 1.0);
+    assert!(c.agent_log().contains("worker exited unexpectedly"));
+}
+
+#[test]
+fn an_app_that_cannot_import_fails_fast_then_backs_off() {
+    let c = Cluster::start();
+    let carol = ensure_user(CAROL);
+    let dir = site_dir(
+        &c.root().join("sites"),
+        &carol,
+        "broken",
+        "import roost_no_such_module\n",
+    );
+    c.add_site(
+        "broken.example",
+        &carol,
+        &dir,
+        &["--request-timeout", "120"],
+    );
+
+    // The first request waits for the worker, which dies importing: 503 at once, far from
+    // the 30 s start timeout or the 120 s request timeout.
+    let started = Instant::now();
+    let r = c
+        .wait_for_status("broken.example", 503, Duration::from_secs(10))
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(r.text().contains("broken.example"), "{}", r.text());
+    assert!(
+        wait_until(Duration::from_secs(5), || c
+            .worker_log("broken.example")
+            .contains("ModuleNotFoundError")),
+        "the Python error is in the site's log:\n{}",
+        c.worker_log("broken.example")
+    );
+    assert!(
+        c.agent_log()
+            .contains("No module named 'roost_no_such_module'"),
+        "{}",
+        c.diagnostics()
+    );
+    // The page must not leak the error (paths, module names) to the world.
+    assert!(!r.text().contains("roost_no_such_module"), "{}", r.text());
+
+    // Repeated failures back off: refused without even starting, with Retry-After.
+    let backoff = (0..10)
+        .filter_map(|_| c.get("broken.example", "/").ok())
+        .find(|r| r.text().contains("failing to start"));
+    let backoff = backoff.unwrap_or_else(|| panic!("no backoff answer\n{}", c.diagnostics()));
+    assert_eq!(backoff.status, 503);
+    assert!(
+        backoff.header("retry-after").is_some(),
+        "{:?}",
+        backoff.headers
+    );
+}
+
+#[test]
+fn a_memory_hog_is_killed_and_its_neighbour_keeps_answering() {
+    let c = Cluster::start();
+    let (carol, dave) = (ensure_user(CAROL), ensure_user(DAVE));
+    misbehaving_site(&c, "hog.example", &carol, &["--memory-limit-mb", "64"]);
+    misbehaving_site(&c, "calm.example", &dave, &[]);
+    let before = c
+        .wait_for_status("hog.example", 200, Duration::from_secs(10))
+        .unwrap()
+        .json();
+    c.wait_for_status("calm.example", 200, Duration::from_secs(10))
+        .unwrap();
+
+    // The limit is the kernel's: find the worker's memory cgroup and read its limit.
+    let pid = before["pid"].as_u64().unwrap();
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let mem_path = cgroup
+        .lines()
+        .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()));
+    let v2_path = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_string));
+    let limit = match &mem_path {
+        Some(p) => {
+            std::fs::read_to_string(format!("/sys/fs/cgroup/memory{p}/memory.limit_in_bytes"))
+        }
+        None => std::fs::read_to_string(format!(
+            "/sys/fs/cgroup{}/memory.max",
+            v2_path.clone().unwrap_or_default()
+        )),
+    };
+    assert_eq!(
+        limit.unwrap().trim(),
+        (64u64 << 20).to_string(),
+        "cgroups {cgroup}"
+    );
+    assert!(
+        mem_path.unwrap_or_default().ends_with("/hog.example")
+            || v2_path.unwrap_or_default().ends_with("/hog.example")
+    );
+
+    // The neighbour is hammered the whole time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let neighbour_failures = Arc::new(AtomicU64::new(0));
+    let neighbour_ok = Arc::new(AtomicU64::new(0));
+    let hammer = {
+        let (stop, bad, good, addr) = (
+            stop.clone(),
+            neighbour_failures.clone(),
+            neighbour_ok.clone(),
+            c.proxy_addr,
+        );
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match get(addr, Some("calm.example"), "/", &[]) {
+                    Ok(r) if r.status == 200 => good.fetch_add(1, Ordering::Relaxed),
+                    _ => bad.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+    let (status, body) = json_get(&c, "hog.example", "/hog?mb=300");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.as_str().unwrap_or("").contains("memory limit"),
+        "{body}"
+    );
+    let (status, after) = json_get(&c, "hog.example", "/");
+    stop.store(true, Ordering::Relaxed);
+    hammer.join().unwrap();
+    assert_eq!(status, 200, "{after}\n{}", c.diagnostics());
+    assert_ne!(
+        after["pid"], before["pid"],
+        "the next request is served by a fresh worker process"
+    );
+    assert!(
+        c.agent_metric("roost_agent_worker_oom_kills_total") >= 1.0,
+        "{}",
+        c.diagnostics()
+    );
+    assert!(c.agent_log().contains("exceeding the site's memory limit"));
+    assert_eq!(
+        neighbour_failures.load(Ordering::Relaxed),
+        0,
+        "the neighbour failed"
+    );
+    assert!(neighbour_ok.load(Ordering::Relaxed) > 0);
+}
+
+#[test]
+fn a_request_past_its_timeout_gets_504_and_the_worker_is_recycled() {
+    let c = Cluster::start();
+    let carol = ensure_user(CAROL);
+    misbehaving_site(&c, "slow.example", &carol, &["--request-timeout", "2"]);
+    let first = c
+        .wait_for_status("slow.example", 200, Duration::from_secs(10))
+        .unwrap()
+        .json();
+    let old_leader = worker_leader(&c, "slow.example");
+    assert!(first["pid"].is_u64());
+
+    let r = c.get("slow.example", "/sleep?secs=8").unwrap();
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(
+        r.text().contains("did not answer within 2 s"),
+        "{}",
+        r.text()
+    );
+    // A new worker serves at once; the stuck one is stopped.
+    let (status, next) = json_get(&c, "slow.example", "/");
+    assert_eq!(status, 200, "{next}");
+    assert!(next["pid"].is_u64());
+    assert_ne!(worker_leader(&c, "slow.example"), old_leader, "the stuck worker was not replaced");
+    assert!(
+        wait_until(EXIT, || dead(old_leader)),
+        "stuck worker {old_leader} still alive"
+    );
+    assert!(c.agent_metric("roost_agent_worker_stops_total{reason=\"recycled\"}") >= 1.0);
+}
+
+#[test]
+fn a_full_node_evicts_the_least_recently_used_idle_worker_or_refuses_at_once() {
+    let c = Cluster::start_with(Options {
+        agent_config: Some("max_workers = 2\n".into()),
+    });
+    let carol = ensure_user(CAROL);
+    for host in ["a.example", "b.example", "c.example"] {
+        misbehaving_site(&c, host, &carol, &[]);
+    }
+    let a = c
+        .wait_for_status("a.example", 200, Duration::from_secs(10))
+        .unwrap()
+        .json();
+    assert!(a["pid"].is_u64());
+    let a_leader = worker_leader(&c, "a.example");
+    std::thread::sleep(Duration::from_millis(100));
+    c.wait_for_status("b.example", 200, Duration::from_secs(10))
+        .unwrap();
+    // Full: starting c stops a, the least recently used.
+    c.wait_for_status("c.example", 200, Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        wait_until(EXIT, || dead(a_leader)),
+        "a's worker should have been evicted"
+    );
+    assert!(c.agent_metric("roost_agent_worker_stops_total{reason=\"evicted\"}") >= 1.0);
+
+    // Both workers busy: nothing can be evicted, so a third site is refused at once.
+    let addr = c.proxy_addr;
+    let busy: Vec<_> = ["b.example", "c.example"]
+        .into_iter()
+        .map(|h| {
+            std::thread::spawn(move || get(addr, Some(h), "/sleep?secs=4", &[]).map(|r| r.status))
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(3), || {
+            c.agent_sites()
+                .as_array()
+                .is_some_and(|s| s.iter().filter(|x| x["in_flight"] == 1).count() == 2)
+        }),
+        "both sites should be busy"
+    );
+    let r = c.get("a.example", "/").unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("capacity"), "{}", r.text());
+    for t in busy {
+        assert_eq!(t.join().unwrap().unwrap(), 200);
+    }
+}
+
+#[test]
+fn a_changed_spec_replaces_the_worker_without_failing_requests() {
+    let c = Cluster::start();
+    let carol = ensure_user(CAROL);
+    misbehaving_site(
+        &c,
+        "change.example",
+        &carol,
+        &["--env", "ROOST_TEST_VERSION=1"],
+    );
+    let first = c
+        .wait_for_status("change.example", 200, Duration::from_secs(10))
+        .unwrap()
+        .json();
+    assert_eq!(first["env"]["ROOST_TEST_VERSION"], "1");
+    let old_leader = worker_leader(&c, "change.example");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let looping = {
+        let (stop, failures, addr) = (stop.clone(), failures.clone(), c.proxy_addr);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match get(addr, Some("change.example"), "/", &[]) {
+                    Ok(r) if r.status == 200 => {}
+                    Ok(r) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("{} {}", r.status, r.text())),
+                    Err(e) => failures.lock().unwrap().push(format!("io: {e}")),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    c.roostctl_ok(&[
+        "site",
+        "set",
+        "change.example",
+        "--env",
+        "ROOST_TEST_VERSION=2",
+    ]);
+    let switched = wait_until(Duration::from_secs(10), || {
+        json_get(&c, "change.example", "/").1["env"]["ROOST_TEST_VERSION"] == "2"
+    });
+    stop.store(true, Ordering::Relaxed);
+    looping.join().unwrap();
+    assert!(switched, "the new spec never served\n{}", c.diagnostics());
+    assert!(
+        failures.lock().unwrap().is_empty(),
+        "{:?}",
+        failures.lock().unwrap()
+    );
+    assert!(
+        wait_until(EXIT, || dead(old_leader)),
+        "the old worker drained and exited"
+    );
+}
+
+#[test]
+fn a_slow_start_is_bounded_by_the_start_timeout_and_the_waiting_queue() {
+    let c = Cluster::start_with(Options {
+        agent_config: Some("start_timeout_secs = 2\nstart_queue_limit = 2\n".into()),
+    });
+    let carol = ensure_user(CAROL);
+    // The app takes 6 s to import: longer than the start timeout.
+    misbehaving_site(
+        &c,
+        "sluggish.example",
+        &carol,
+        &["--env", "ROOST_TEST_IMPORT_SLEEP=6"],
+    );
+    let addr = c.proxy_addr;
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                let r = get(addr, Some("sluggish.example"), "/", &[]).unwrap();
+                (r.status, r.text(), t.elapsed())
+            })
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(2), || {
+            c.agent_sites()
+                .as_array()
+                .is_some_and(|s| s.iter().any(|x| x["in_flight"] == 2))
+        }),
+        "two requests should be waiting for the start"
+    );
+    // A third waiter is over the queue limit: refused at once.
+    let r = c.get("sluggish.example", "/").unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("waiting"), "{}", r.text());
+    assert!(r.header("retry-after").is_some());
+    for t in waiting {
+        let (status, text, took) = t.join().unwrap();
+        assert_eq!(status, 503, "{text}");
+        // Answered at the start timeout, not after the 6 s import.
+        assert!(took < Duration::from_secs(5), "waited {took:?}");
+    }
+    assert!(c.agent_metric("roost_agent_worker_start_timeouts_total") >= 1.0);
+    assert!(c.agent_log().contains("did not answer in time"));
+}
+
+#[test]
+fn sigterm_drains_the_node_and_a_killed_agent_takes_its_workers_along() {
+    let mut c = Cluster::start();
+    let carol = ensure_user(CAROL);
+    misbehaving_site(&c, "drainme.example", &carol, &[]);
+    let w = c
+        .wait_for_status("drainme.example", 200, Duration::from_secs(10))
+        .unwrap()
+        .json();
+    assert!(w["pid"].is_u64());
+    let leader = worker_leader(&c, "drainme.example");
+
+    // A request in flight when SIGTERM arrives still finishes.
+    let addr = c.proxy_addr;
+    let inflight = std::thread::spawn(move || {
+        get(addr, Some("drainme.example"), "/sleep?secs=2", &[]).map(|r| r.status)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let node_key = "/roost/nodes/node-1";
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.agent_pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(3), || c
+            .etcd
+            .get(node_key)
+            .is_some_and(|v| v.contains("\"draining\":true"))),
+        "the node is marked draining in etcd"
+    );
+    assert_eq!(
+        inflight.join().unwrap().unwrap(),
+        200,
+        "the request in flight finished"
+    );
+    let status = c
+        .wait_agent_exit(Duration::from_secs(30))
+        .expect("agent exited");
+    assert!(status.success(), "agent exit: {status}");
+    assert!(c.etcd.get(node_key).is_none(), "the node key is removed");
+    assert!(dead(leader), "the worker was stopped");
+}
+
+#[test]
+fn a_killed_agents_workers_do_not_live_on() {
+    let mut c = Cluster::start();
+    let carol = ensure_user(CAROL);
+    misbehaving_site(&c, "orphan.example", &carol, &[]);
+    let w = c
+        .wait_for_status("orphan.example", 200, Duration::from_secs(10))
+        .unwrap()
+        .json();
+    let (leader, worker) = (worker_leader(&c, "orphan.example"), w["pid"].as_u64().unwrap());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.agent_pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    c.wait_agent_exit(Duration::from_secs(5))
+        .expect("agent killed");
+    assert!(
+        wait_until(EXIT, || dead(leader) && dead(worker)),
+        "workers of a SIGKILLed agent must exit (leader {leader}: {:?}, worker {worker}: {:?})",
+        proc_state(leader as u32),
+        proc_state(worker as u32)
+    );
+}
