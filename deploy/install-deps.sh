@@ -11,6 +11,9 @@ packages=(
   python3           # workers default to the system interpreter, /usr/bin/python3
   python3-gunicorn  # the WSGI server the workers run
   curl
+  pkg-config        # openssl-sys finds the system OpenSSL with it
+  libssl-dev        # roost-proxy terminates TLS with pingora's openssl backend
+  openssl           # the tests make certificates and check handshakes with it
   passwd            # useradd, for the demo's and tests' site users
 )
 

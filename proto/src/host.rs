@@ -104,8 +104,14 @@ mod tests {
 
     #[test]
     fn unicode_names_become_punycode() {
-        assert_eq!(canonical_host("bücher.example").unwrap(), "xn--bcher-kva.example");
-        assert_eq!(canonical_host("BÜCHER.example").unwrap(), "xn--bcher-kva.example");
+        assert_eq!(
+            canonical_host("bücher.example").unwrap(),
+            "xn--bcher-kva.example"
+        );
+        assert_eq!(
+            canonical_host("BÜCHER.example").unwrap(),
+            "xn--bcher-kva.example"
+        );
     }
 
     #[test]
@@ -114,14 +120,26 @@ mod tests {
         assert_eq!(canonical_host("   "), Err(HostError::Empty));
         assert_eq!(canonical_host("."), Err(HostError::Empty));
         assert_eq!(canonical_host("a b.com"), Err(HostError::BadChar(' ')));
-        assert_eq!(canonical_host("evil.com/path"), Err(HostError::BadChar('/')));
-        assert_eq!(canonical_host("a..b"), Err(HostError::BadLabel(String::new())));
-        assert_eq!(canonical_host("-a.com"), Err(HostError::BadLabel("-a".into())));
+        assert_eq!(
+            canonical_host("evil.com/path"),
+            Err(HostError::BadChar('/'))
+        );
+        assert_eq!(
+            canonical_host("a..b"),
+            Err(HostError::BadLabel(String::new()))
+        );
+        assert_eq!(
+            canonical_host("-a.com"),
+            Err(HostError::BadLabel("-a".into()))
+        );
         assert_eq!(canonical_host("a.com:"), Err(HostError::BadPort));
         assert_eq!(canonical_host("a.com:99999"), Err(HostError::BadPort));
         assert_eq!(canonical_host("a.com:x"), Err(HostError::BadPort));
         assert_eq!(canonical_host("user@a.com"), Err(HostError::BadChar('@')));
-        assert_eq!(canonical_host(&"a".repeat(64)), Err(HostError::BadLabel("a".repeat(64))));
+        assert_eq!(
+            canonical_host(&"a".repeat(64)),
+            Err(HostError::BadLabel("a".repeat(64)))
+        );
         assert_eq!(canonical_host(&"a.".repeat(130)), Err(HostError::TooLong));
     }
 

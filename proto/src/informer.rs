@@ -220,8 +220,10 @@ impl<T: Record> Informer<T> {
             .with_prefix()
             .with_start_revision(revision + 1)
             .with_prev_key();
-        let (mut requests, mut responses) =
-            client.watch(self.prefix.as_str(), Some(options)).await?.split();
+        let (mut requests, mut responses) = client
+            .watch(self.prefix.as_str(), Some(options))
+            .await?
+            .split();
         let mut progress = tokio::time::interval(PROGRESS_EVERY);
         loop {
             tokio::select! {
@@ -268,7 +270,9 @@ impl<T: Record> Informer<T> {
     }
 
     fn name_of<'k>(&self, key: &'k [u8]) -> Option<&'k str> {
-        std::str::from_utf8(key).ok()?.strip_prefix(self.prefix.as_str())
+        std::str::from_utf8(key)
+            .ok()?
+            .strip_prefix(self.prefix.as_str())
     }
 
     fn apply_put(
@@ -321,7 +325,9 @@ impl<T: Record> Informer<T> {
         items: &BTreeMap<String, Arc<T>>,
         invalid: &BTreeMap<String, String>,
     ) {
-        self.stats.last_contact_ms.store(now_ms(), Ordering::Relaxed);
+        self.stats
+            .last_contact_ms
+            .store(now_ms(), Ordering::Relaxed);
         self.current.store(Arc::new(Snapshot {
             revision,
             items: items.clone(),

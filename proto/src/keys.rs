@@ -3,6 +3,8 @@
 //! ```text
 //! <prefix>/sites/<canonical host>  -> SiteSpec JSON
 //! <prefix>/nodes/<node id>         -> NodeInfo JSON, under the agent's lease
+//! <prefix>/certs/<canonical host>  -> CertRecord JSON (PEM chain + key) the proxy serves by SNI;
+//!                                     `*.<host>` for a wildcard certificate
 //! ```
 
 /// The default prefix under which every Roost key lives.
@@ -42,6 +44,16 @@ impl Layout {
         format!("{}/nodes/", self.prefix)
     }
 
+    /// `<prefix>/certs/`: list or watch this to see every TLS certificate.
+    pub fn certs_prefix(&self) -> String {
+        format!("{}/certs/", self.prefix)
+    }
+
+    /// The key of the certificate for `host` (canonical, or `*.` + canonical).
+    pub fn cert_key(&self, host: &str) -> String {
+        format!("{}{}", self.certs_prefix(), host)
+    }
+
     /// The key of one site; `host` must already be canonical.
     pub fn site_key(&self, host: &str) -> String {
         format!("{}{}", self.sites_prefix(), host)
@@ -63,5 +75,6 @@ mod tests {
         assert_eq!(l.site_key("example.com"), "/roost/sites/example.com");
         assert_eq!(l.node_key("n1"), "/roost/nodes/n1");
         assert_eq!(Layout::default().sites_prefix(), "/roost/sites/");
+        assert_eq!(l.cert_key("*.example.com"), "/roost/certs/*.example.com");
     }
 }

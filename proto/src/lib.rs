@@ -8,7 +8,9 @@
 //! - [`informer`]: list-then-watch over an etcd prefix, publishing immutable snapshots.
 //! - [`pages`]: the one style of error page both write themselves.
 //! - [`etcd`]: connecting to etcd the same way everywhere.
+//! - [`cert`]: the TLS certificates the proxy serves by SNI name.
 
+pub mod cert;
 pub mod etcd;
 pub mod headers;
 pub mod host;
@@ -19,6 +21,7 @@ pub mod pages;
 pub mod placement;
 pub mod site;
 
+pub use cert::CertRecord;
 pub use host::{canonical_host, HostError};
 pub use informer::{Informer, Snapshot};
 pub use keys::Layout;

@@ -71,7 +71,9 @@ impl NodeInfo {
 pub fn valid_node_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && s.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
         && s.chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
 }
@@ -84,11 +86,23 @@ mod tests {
     fn node_records_round_trip_and_validate() {
         let n = NodeInfo::new("127.0.0.1:7100");
         assert_eq!(NodeInfo::from_json(n.to_json().as_bytes()).unwrap(), n);
-        assert_eq!(NodeInfo::from_json(br#"{"addr":"nowhere"}"#).unwrap_err().field, "addr");
-        assert_eq!(NodeInfo::from_json(br#"{}"#).unwrap_err().field, "addr");
-        assert_eq!(NodeInfo::from_json(br#"["127.0.0.1:1",null,100]"#).unwrap_err().field, "(record)");
         assert_eq!(
-            NodeInfo::from_json(br#"{"addr":"127.0.0.1:1","capacity":0}"#).unwrap_err().field,
+            NodeInfo::from_json(br#"{"addr":"nowhere"}"#)
+                .unwrap_err()
+                .field,
+            "addr"
+        );
+        assert_eq!(NodeInfo::from_json(br#"{}"#).unwrap_err().field, "addr");
+        assert_eq!(
+            NodeInfo::from_json(br#"["127.0.0.1:1",null,100]"#)
+                .unwrap_err()
+                .field,
+            "(record)"
+        );
+        assert_eq!(
+            NodeInfo::from_json(br#"{"addr":"127.0.0.1:1","capacity":0}"#)
+                .unwrap_err()
+                .field,
             "capacity"
         );
         assert!(valid_node_id("node-1.dc2"));

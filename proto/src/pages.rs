@@ -7,7 +7,10 @@ pub fn error_page(status: u16, reason: &str) -> String {
         400 => "Bad Request",
         403 => "Forbidden",
         404 => "Not Found",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
         421 => "Misdirected Request",
+        431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
@@ -21,7 +24,9 @@ pub fn error_page(status: u16, reason: &str) -> String {
 mod tests {
     #[test]
     fn pages_say_status_and_reason() {
-        assert_eq!(super::error_page(404, "no site is registered for x.example"),
-            "404 Not Found: no site is registered for x.example\n");
+        assert_eq!(
+            super::error_page(404, "no site is registered for x.example"),
+            "404 Not Found: no site is registered for x.example\n"
+        );
     }
 }

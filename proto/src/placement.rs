@@ -54,7 +54,11 @@ fn score(site: &str, node: &str, capacity: u32) -> f64 {
 /// to spread FNV's weak low bits.
 fn stable_hash(site: &str, node: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in site.bytes().chain(std::iter::once(0xff)).chain(node.bytes()) {
+    for b in site
+        .bytes()
+        .chain(std::iter::once(0xff))
+        .chain(node.bytes())
+    {
         h ^= b as u64;
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -71,12 +75,19 @@ mod tests {
 
     fn nodes(n: usize) -> BTreeMap<String, NodeInfo> {
         (1..=n)
-            .map(|i| (format!("node-{i}"), NodeInfo::new(&format!("127.0.0.1:{}", 7000 + i))))
+            .map(|i| {
+                (
+                    format!("node-{i}"),
+                    NodeInfo::new(&format!("127.0.0.1:{}", 7000 + i)),
+                )
+            })
             .collect()
     }
 
     fn sites() -> Vec<String> {
-        (0..10_000).map(|i| format!("site{i}.example.com")).collect()
+        (0..10_000)
+            .map(|i| format!("site{i}.example.com"))
+            .collect()
     }
 
     #[test]

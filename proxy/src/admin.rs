@@ -1,7 +1,7 @@
 //! The proxy's admin port: `/healthz` (alive), `/readyz` (first etcd sync done and not
 //! draining: what a load balancer should check), `/metrics`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -11,11 +11,14 @@ use pingora_core::protocols::http::ServerSession;
 
 use crate::metrics::Metrics;
 use crate::routes::Router;
+use crate::tls::CertStore;
 
 pub struct AdminApp {
     pub metrics: Arc<Metrics>,
     pub router: Arc<Router>,
+    pub certs: Option<Arc<CertStore>>,
     pub draining: Arc<AtomicBool>,
+    pub in_flight: Arc<AtomicUsize>,
 }
 
 fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -28,6 +31,33 @@ fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
         .expect("static response parts are valid")
 }
 
+impl AdminApp {
+    fn refresh_gauges(&self) {
+        let m = &self.metrics;
+        if let Some(sites) = self.router.sites() {
+            m.sites.set(sites.snapshot().items.len() as i64);
+            m.invalid_records
+                .set(sites.stats.invalid_records.load(Ordering::Relaxed) as i64);
+        }
+        if let Some(nodes) = self.router.nodes() {
+            m.nodes.set(nodes.snapshot().items.len() as i64);
+        }
+        m.snapshot_staleness_ms
+            .set(self.router.staleness_ms() as i64);
+        m.in_flight
+            .set(self.in_flight.load(Ordering::Relaxed) as i64);
+        m.suspect_nodes.set(self.router.suspect_count() as i64);
+        m.draining.set(self.draining.load(Ordering::Relaxed) as i64);
+        if let Some(certs) = &self.certs {
+            m.certificates.set(certs.count() as i64);
+            m.invalid_certificates
+                .set(certs.invalid.load(Ordering::Relaxed) as i64);
+            m.tls_no_certificate
+                .set(certs.no_cert_handshakes.load(Ordering::Relaxed) as i64);
+        }
+    }
+}
+
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
@@ -36,25 +66,27 @@ impl ServeHttp for AdminApp {
             "/readyz" => {
                 if self.draining.load(Ordering::Acquire) {
                     reply(503, "text/plain", b"not ready: draining\n".to_vec())
-                } else if !self.router.is_synced() {
-                    reply(503, "text/plain", b"not ready: waiting for the first etcd sync\n".to_vec())
+                } else if !self.router.is_synced()
+                    || self.certs.as_ref().is_some_and(|c| !c.is_synced())
+                {
+                    reply(
+                        503,
+                        "text/plain",
+                        b"not ready: waiting for the first etcd sync\n".to_vec(),
+                    )
                 } else {
                     reply(200, "text/plain", b"ready\n".to_vec())
                 }
             }
             "/metrics" => {
-                let sites = self.router.sites.snapshot();
-                self.metrics.sites.set(sites.items.len() as i64);
-                self.metrics.nodes.set(self.router.nodes.snapshot().items.len() as i64);
-                self.metrics
-                    .invalid_records
-                    .set(self.router.sites.stats.invalid_records.load(Ordering::Relaxed) as i64);
-                self.metrics
-                    .snapshot_staleness_ms
-                    .set(self.router.sites.staleness_ms() as i64);
+                self.refresh_gauges();
                 reply(200, "text/plain; version=0.0.4", self.metrics.render())
             }
-            _ => reply(404, "text/plain", b"not found: try /healthz, /readyz, /metrics\n".to_vec()),
+            _ => reply(
+                404,
+                "text/plain",
+                b"not found: try /healthz, /readyz, /metrics\n".to_vec(),
+            ),
         }
     }
 }

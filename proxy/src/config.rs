@@ -1,11 +1,14 @@
 //! The proxy's settings: command-line flags over an optional TOML file over defaults that
-//! work on one machine.
+//! work on one machine. `deploy/proxy.example.toml` shows every option.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use serde::Deserialize;
+
+use crate::forwarded::Cidr;
 
 /// roost-proxy: the edge. Routes each request by its Host to the node that serves the site.
 #[derive(Parser, Debug)]
@@ -14,9 +17,15 @@ pub struct Args {
     /// etcd endpoints, comma separated.
     #[arg(long, env = "ROOST_ETCD")]
     pub etcd: Option<String>,
-    /// Where clients (or the load balancer) connect.
+    /// Where clients (or the load balancer) connect with plain HTTP.
     #[arg(long)]
     pub listen: Option<String>,
+    /// Where clients connect with TLS (HTTP/2 or HTTP/1.1); off unless given.
+    #[arg(long)]
+    pub listen_tls: Option<String>,
+    /// A directory of `<host>.crt` + `<host>.key` pairs served by SNI, re-read while running.
+    #[arg(long)]
+    pub tls_cert_dir: Option<PathBuf>,
     /// Admin address: /metrics, /healthz, /readyz.
     #[arg(long)]
     pub admin: Option<String>,
@@ -29,9 +38,27 @@ pub struct Args {
     /// A file holding the secret presented to agents.
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
+    /// Load balancers whose X-Forwarded-For/-Proto/-Host are believed, as CIDRs, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<String>>,
     /// Request-handling threads (default: one per CPU).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Take the listening sockets over from a running roost-proxy (zero-downtime upgrade:
+    /// start this one with --upgrade, then send the old one SIGQUIT). See deploy/UPGRADE.md.
+    #[arg(short, long)]
+    pub upgrade: bool,
+    /// Run in the background, writing `pid_file` (for systemd `Type=forking` upgrades).
+    #[arg(short, long)]
+    pub daemon: bool,
+}
+
+/// Limits that can be set per site under `[sites."<host>"]`.
+#[derive(Deserialize, Default, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct SiteLimits {
+    pub max_body_bytes: Option<u64>,
+    pub max_header_bytes: Option<usize>,
 }
 
 #[derive(Deserialize, Default, Debug)]
@@ -39,26 +66,73 @@ pub struct Args {
 struct FileConfig {
     etcd: Option<String>,
     listen: Option<String>,
+    listen_tls: Option<String>,
+    tls_cert_dir: Option<PathBuf>,
+    tls_default_host: Option<String>,
+    tls_dir_poll_secs: Option<u64>,
     admin: Option<String>,
     prefix: Option<String>,
     secret_file: Option<PathBuf>,
+    trusted_proxies: Option<Vec<String>>,
     threads: Option<usize>,
     grace_period_secs: Option<u64>,
+    drain_delay_secs: Option<u64>,
     max_node_attempts: Option<usize>,
+    suspect_secs: Option<u64>,
+    connect_timeout_ms: Option<u64>,
+    upstream_idle_secs: Option<u64>,
+    upstream_pool_size: Option<usize>,
+    client_timeout_secs: Option<u64>,
+    max_header_bytes: Option<usize>,
+    max_body_bytes: Option<u64>,
+    staleness_warn_secs: Option<u64>,
+    upgrade_sock: Option<String>,
+    pid_file: Option<String>,
+    error_log: Option<String>,
+    #[serde(default)]
+    sites: HashMap<String, SiteLimits>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Config {
     pub etcd: String,
     pub listen: String,
+    pub listen_tls: Option<String>,
+    pub tls_cert_dir: Option<PathBuf>,
+    /// The certificate served to a handshake whose SNI name has none (or that sends none).
+    pub tls_default_host: Option<String>,
+    pub tls_dir_poll_secs: u64,
     pub admin: String,
     pub prefix: String,
     pub secret: Option<Vec<u8>>,
+    pub trusted_proxies: Vec<Cidr>,
     pub threads: usize,
-    /// After SIGTERM, how long to keep finishing requests in flight.
+    /// After SIGTERM (and the drain delay), at most this long to finish requests in flight.
     pub grace_period_secs: u64,
+    /// After SIGTERM, keep accepting this long while /readyz says 503, so the load balancer
+    /// takes the proxy out before it stops listening.
+    pub drain_delay_secs: u64,
     /// How many nodes of a site's ranking to try when connecting fails.
     pub max_node_attempts: usize,
+    /// How long a node that refused a connection is tried last.
+    pub suspect_secs: u64,
+    pub connect_timeout_ms: u64,
+    /// Idle keep-alive connections to agents are closed after this long; keep it below the
+    /// agent's own keep-alive timeout (60 s) so the proxy never reuses one the agent closed.
+    pub upstream_idle_secs: u64,
+    pub upstream_pool_size: usize,
+    /// How long a client may take to send the next part of a request or read the response.
+    pub client_timeout_secs: u64,
+    pub max_header_bytes: usize,
+    /// 0: unlimited.
+    pub max_body_bytes: u64,
+    pub site_limits: HashMap<String, SiteLimits>,
+    pub staleness_warn_secs: u64,
+    pub upgrade: bool,
+    pub daemon: bool,
+    pub upgrade_sock: String,
+    pub pid_file: String,
+    pub error_log: Option<String>,
 }
 
 impl Config {
@@ -76,25 +150,90 @@ impl Config {
             Some(path) => Some(read_secret(&path)?),
             None => None,
         };
+        let trusted_proxies = args
+            .trusted_proxies
+            .or(file.trusted_proxies)
+            .unwrap_or_default()
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| {
+                s.parse::<Cidr>()
+                    .map_err(|e| anyhow::anyhow!("trusted_proxies: {s:?}: {e}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut site_limits = HashMap::new();
+        for (host, limits) in file.sites {
+            let canonical = roost_proto::canonical_host(&host)
+                .map_err(|e| anyhow::anyhow!("[sites.{host:?}]: {e}"))?;
+            site_limits.insert(canonical, limits);
+        }
+        let tls_default_host = match file.tls_default_host {
+            Some(h) => Some(
+                roost_proto::canonical_host(&h)
+                    .map_err(|e| anyhow::anyhow!("tls_default_host {h:?}: {e}"))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             etcd: args
                 .etcd
                 .or(file.etcd)
                 .unwrap_or_else(|| roost_proto::etcd::DEFAULT_ENDPOINTS.into()),
-            listen: args.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:8080".into()),
-            admin: args.admin.or(file.admin).unwrap_or_else(|| "127.0.0.1:9090".into()),
+            listen: args
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| "127.0.0.1:8080".into()),
+            listen_tls: args.listen_tls.or(file.listen_tls),
+            tls_cert_dir: args.tls_cert_dir.or(file.tls_cert_dir),
+            tls_default_host,
+            tls_dir_poll_secs: file.tls_dir_poll_secs.unwrap_or(2).max(1),
+            admin: args
+                .admin
+                .or(file.admin)
+                .unwrap_or_else(|| "127.0.0.1:9090".into()),
             prefix: args
                 .prefix
                 .or(file.prefix)
                 .unwrap_or_else(|| roost_proto::keys::DEFAULT_PREFIX.into()),
             secret,
+            trusted_proxies,
             threads: args
                 .threads
                 .or(file.threads)
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-            grace_period_secs: file.grace_period_secs.unwrap_or(3),
+            grace_period_secs: file.grace_period_secs.unwrap_or(30),
+            drain_delay_secs: file.drain_delay_secs.unwrap_or(0),
             max_node_attempts: file.max_node_attempts.unwrap_or(3).max(1),
+            suspect_secs: file.suspect_secs.unwrap_or(10),
+            connect_timeout_ms: file.connect_timeout_ms.unwrap_or(2000).max(10),
+            upstream_idle_secs: file.upstream_idle_secs.unwrap_or(30).max(1),
+            upstream_pool_size: file.upstream_pool_size.unwrap_or(256),
+            client_timeout_secs: file.client_timeout_secs.unwrap_or(60).max(1),
+            max_header_bytes: file.max_header_bytes.unwrap_or(64 * 1024),
+            max_body_bytes: file.max_body_bytes.unwrap_or(100 * 1024 * 1024),
+            site_limits,
+            staleness_warn_secs: file.staleness_warn_secs.unwrap_or(10).max(1),
+            upgrade: args.upgrade,
+            daemon: args.daemon,
+            upgrade_sock: file
+                .upgrade_sock
+                .unwrap_or_else(|| "/tmp/roost-proxy-upgrade.sock".into()),
+            pid_file: file
+                .pid_file
+                .unwrap_or_else(|| "/tmp/roost-proxy.pid".into()),
+            error_log: file.error_log,
         })
+    }
+
+    /// (max header bytes, max body bytes; 0 = unlimited) for `site`.
+    pub fn limits_for(&self, site: &str) -> (usize, u64) {
+        let s = self.site_limits.get(site);
+        (
+            s.and_then(|l| l.max_header_bytes)
+                .unwrap_or(self.max_header_bytes),
+            s.and_then(|l| l.max_body_bytes)
+                .unwrap_or(self.max_body_bytes),
+        )
     }
 }
 
@@ -103,7 +242,56 @@ fn read_secret(path: &Path) -> Result<Vec<u8>> {
         .with_context(|| format!("reading secret file {}", path.display()))?;
     let secret = text.trim();
     if secret.len() < 16 {
-        anyhow::bail!("secret file {} holds {} characters; use at least 16", path.display(), secret.len());
+        anyhow::bail!(
+            "secret file {} holds {} characters; use at least 16",
+            path.display(),
+            secret.len()
+        );
     }
     Ok(secret.as_bytes().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_loads() {
+        let text = include_str!("../../deploy/examples/proxy.toml");
+        toml::from_str::<FileConfig>(text).expect("deploy/examples/proxy.toml parses");
+    }
+
+    #[test]
+    fn file_settings_and_site_limits_load() {
+        let dir = std::env::temp_dir().join(format!("roost-proxy-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("proxy.toml");
+        std::fs::write(
+            &path,
+            r#"
+listen = "127.0.0.1:1"
+trusted_proxies = ["10.0.0.0/8", "::1/128"]
+max_body_bytes = 1000
+[sites."Upload.Example"]
+max_body_bytes = 0
+"#,
+        )
+        .unwrap();
+        let args = Args::parse_from([
+            "roost-proxy",
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:2",
+        ]);
+        let cfg = Config::load(args).unwrap();
+        assert_eq!(cfg.listen, "127.0.0.1:2");
+        assert_eq!(cfg.trusted_proxies.len(), 2);
+        assert_eq!(cfg.limits_for("upload.example").1, 0);
+        assert_eq!(cfg.limits_for("other.example").1, 1000);
+        std::fs::write(&path, "no_such_option = 1\n").unwrap();
+        let args = Args::parse_from(["roost-proxy", "--config", path.to_str().unwrap()]);
+        assert!(Config::load(args).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -1,37 +1,56 @@
 //! The edge's request path, one pingora phase per step:
 //!
-//! 1. `request_filter`: canonicalise `Host`, find the site, rank its nodes (400/404/503 here).
-//! 2. `upstream_peer`: the next node of the ranking.
-//! 3. `fail_to_connect`: a node that can't be reached → retry on the next one (bounded).
-//! 4. `upstream_request_filter`: drop every client-sent internal header, add ours.
-//! 5. `fail_to_proxy`: Roost's short error pages instead of pingora's.
-//! 6. `logging`: one line and the metrics per request.
+//! 1. `request_filter`: canonicalise `Host`, find the site, check limits, rank its nodes
+//!    (400/404/413/421/431/503 here).
+//! 2. `request_body_filter`: count body bytes against the site's limit while streaming.
+//! 3. `upstream_peer`: the next node of the ranking.
+//! 4. `fail_to_connect`: a node that can't be reached is marked suspect and the request
+//!    goes to the next one (bounded). Nothing reached that agent, so nothing runs twice.
+//! 5. `upstream_request_filter`: drop every client-sent internal header, add ours and the
+//!    forwarded headers.
+//! 6. `fail_to_proxy`: Roost's short error pages instead of pingora's.
+//! 7. `logging`: one line and the metrics per request.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
+use pingora_core::protocols::Digest;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::{FailToProxy, ProxyHttp, Session};
-use roost_proto::headers::{self, is_internal, valid_request_id};
+use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use roost_proto::canonical_host;
+use roost_proto::headers::{self, is_internal, valid_request_id};
 use tracing::{info, warn};
 
+use crate::config::Config;
+use crate::forwarded::forwarded;
 use crate::metrics::{status_class, Metrics};
 use crate::respond::respond;
 use crate::routes::Router;
+use crate::tls::TlsInfo;
 
 pub struct EdgeHttp {
     pub router: Arc<Router>,
-    pub secret: Option<Vec<u8>>,
+    pub cfg: Arc<Config>,
     pub metrics: Arc<Metrics>,
-    pub max_node_attempts: usize,
+    /// Requests between `new_ctx` and the end of `logging`: what a drain waits for.
+    pub in_flight: Arc<AtomicUsize>,
 }
 
-#[derive(Default)]
+/// Counts a request in flight for as long as its context lives.
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 pub struct RequestCtx {
     request_id: String,
     host: String,
@@ -42,15 +61,69 @@ pub struct RequestCtx {
     nodes: Vec<(String, String)>,
     /// Index into `nodes` of the node being tried.
     attempt: usize,
-    started: Option<Instant>,
+    started: Instant,
+    /// 0: unlimited.
+    max_body: u64,
+    body_bytes: u64,
+    /// Why the proxy refused the request part-way (shown on the error page).
+    refusal: Option<String>,
+    client: String,
+    _in_flight: InFlight,
+}
+
+fn tls_info(digest: Option<&Digest>) -> Option<(bool, Option<TlsInfo>)> {
+    let ssl = digest?.ssl_digest.as_ref()?;
+    Some((true, ssl.extension.get::<TlsInfo>().cloned()))
 }
 
 impl EdgeHttp {
-    async fn refuse(&self, session: &mut Session, status: u16, why: &'static str, reason: &str) -> Result<bool> {
+    async fn refuse(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+        status: u16,
+        why: &'static str,
+        reason: &str,
+    ) -> Result<bool> {
         self.metrics.rejected.with_label_values(&[why]).inc();
-        respond(session, status, reason, (status == 503).then_some(2)).await?;
+        let has_body = !session.downstream_session.is_body_empty();
+        respond(
+            session,
+            status,
+            reason,
+            (status == 503).then_some(2),
+            Some(&ctx.request_id),
+        )
+        .await?;
+        if has_body {
+            linger(session).await;
+        }
         Ok(true)
     }
+}
+
+/// How long to keep reading (and discarding) a body the proxy refused before closing.
+const LINGER: Duration = Duration::from_secs(5);
+
+/// Lingering close, after answering a request whose body was not (all) read: read what the
+/// client is still sending for up to [`LINGER`], then close. Closing with unread data makes
+/// the kernel reset the connection, and a client still writing would see the reset instead
+/// of the answer.
+async fn linger(session: &mut Session) {
+    session.set_keepalive(None);
+    // A client that asked `Expect: 100-continue` sends no body after a final answer.
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue || session.downstream_session.is_body_done() {
+        return;
+    }
+    session
+        .downstream_session
+        .set_total_drain_timeout(Some(LINGER));
+    let _ = session.downstream_session.drain_request_body().await;
 }
 
 /// The host a client asked for: the `Host` header, or the authority of an absolute URI
@@ -74,18 +147,43 @@ fn requested_host(req: &RequestHeader) -> std::result::Result<String, &'static s
     }
 }
 
+/// Bytes of the request head as a client sent it (near enough: names, values, separators).
+fn header_bytes(req: &RequestHeader) -> usize {
+    let line = req.method.as_str().len() + req.uri.to_string().len() + 12;
+    line + req
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+}
+
 #[async_trait]
 impl ProxyHttp for EdgeHttp {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> Self::CTX {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
         RequestCtx {
-            started: Some(Instant::now()),
-            ..Default::default()
+            request_id: String::new(),
+            host: String::new(),
+            site: String::new(),
+            revision: 0,
+            request_timeout: Duration::from_secs(60),
+            nodes: Vec::new(),
+            attempt: 0,
+            started: Instant::now(),
+            max_body: 0,
+            body_bytes: 0,
+            refusal: None,
+            client: String::new(),
+            _in_flight: InFlight(self.in_flight.clone()),
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        let client_timeout = Some(Duration::from_secs(self.cfg.client_timeout_secs));
+        session.downstream_session.set_read_timeout(client_timeout);
+        session.downstream_session.set_write_timeout(client_timeout);
         let req = session.req_header();
         ctx.request_id = req
             .headers
@@ -93,61 +191,212 @@ impl ProxyHttp for EdgeHttp {
             .and_then(|v| v.to_str().ok())
             .filter(|id| valid_request_id(id))
             .map(str::to_string)
-            .unwrap_or_else(|| format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>()));
+            .unwrap_or_else(|| {
+                format!(
+                    "{:016x}{:016x}",
+                    rand::random::<u64>(),
+                    rand::random::<u64>()
+                )
+            });
+        ctx.client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_canonical().to_string())
+            .unwrap_or_default();
         let raw_host = match requested_host(req) {
             Ok(h) => h,
-            Err(why) => return self.refuse(session, 400, "bad_host", why).await,
+            Err(why) => return self.refuse(session, ctx, 400, "bad_host", why).await,
         };
         let host = match canonical_host(&raw_host) {
             Ok(h) => h,
-            Err(e) => return self.refuse(session, 400, "bad_host", &format!("invalid Host: {e}")).await,
+            Err(e) => {
+                return self
+                    .refuse(session, ctx, 400, "bad_host", &format!("invalid Host: {e}"))
+                    .await
+            }
         };
         ctx.host = host.clone();
+        if let Some((_, Some(tls))) = tls_info(session.digest()) {
+            if !tls.covers(&host) {
+                let sni = tls.sni.unwrap_or_default();
+                return self
+                    .refuse(
+                        session,
+                        ctx,
+                        421,
+                        "misdirected",
+                        &format!(
+                            "this connection was set up for {sni}, not {host}; open a new one"
+                        ),
+                    )
+                    .await;
+            }
+        }
+        if !self.router.is_synced() {
+            // An empty table says nothing about whether the site exists: not 404.
+            return self
+                .refuse(
+                    session,
+                    ctx,
+                    503,
+                    "not_synced",
+                    "the proxy has not loaded the site list from etcd yet",
+                )
+                .await;
+        }
         let table = self.router.table();
         let Some(route) = table.lookup(&host) else {
             return self
-                .refuse(session, 404, "unknown_site", &format!("no site is registered for {host}"))
+                .refuse(
+                    session,
+                    ctx,
+                    404,
+                    "unknown_site",
+                    &format!("no site is registered for {host}"),
+                )
                 .await;
         };
         ctx.site = route.site.clone();
+        let (max_header, max_body) = self.cfg.limits_for(&route.site);
+        let req = session.req_header();
+        if max_header > 0 && header_bytes(req) > max_header {
+            return self
+                .refuse(
+                    session,
+                    ctx,
+                    431,
+                    "headers_too_large",
+                    &format!("the request headers are larger than {max_header} bytes"),
+                )
+                .await;
+        }
+        ctx.max_body = max_body;
+        let declared = req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if max_body > 0 && declared.is_some_and(|n| n > max_body) {
+            return self
+                .refuse(
+                    session,
+                    ctx,
+                    413,
+                    "body_too_large",
+                    &format!("the request body is larger than {max_body} bytes"),
+                )
+                .await;
+        }
         ctx.revision = table.revision;
         ctx.request_timeout = Duration::from_secs(route.spec.request_timeout);
-        ctx.nodes = table.ranked_addrs(route);
+        ctx.nodes = self.router.ranked(&table, route);
         if ctx.nodes.is_empty() {
             return self
-                .refuse(session, 503, "no_node", &format!("no node is available for site {}", route.site))
+                .refuse(
+                    session,
+                    ctx,
+                    503,
+                    "no_node",
+                    &format!("no node is available for site {}", route.site),
+                )
                 .await;
         }
         Ok(false)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let Some(b) = body {
+            ctx.body_bytes += b.len() as u64;
+            if ctx.max_body > 0 && ctx.body_bytes > ctx.max_body {
+                let why = format!("the request body is larger than {} bytes", ctx.max_body);
+                ctx.refusal = Some(why.clone());
+                self.metrics
+                    .rejected
+                    .with_label_values(&["body_too_large"])
+                    .inc();
+                return Error::e_explain(ErrorType::HTTPStatus(413), why);
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
         let Some((node, addr)) = ctx.nodes.get(ctx.attempt) else {
-            return Error::e_explain(ErrorType::ConnectError, "every node of the site's ranking failed");
+            return Error::e_explain(
+                ErrorType::ConnectError,
+                "every node of the site's ranking failed",
+            );
         };
-        let sockaddr: SocketAddr = addr
-            .parse()
-            .or_else(|_| Error::e_explain(ErrorType::ConnectError, format!("node {node} has a bad address")))?;
+        let sockaddr: SocketAddr = addr.parse().or_else(|_| {
+            Error::e_explain(
+                ErrorType::ConnectError,
+                format!("node {node} has a bad address"),
+            )
+        })?;
         let mut peer = HttpPeer::new(sockaddr, false, String::new());
-        peer.options.connection_timeout = Some(Duration::from_secs(2));
+        peer.options.connection_timeout = Some(Duration::from_millis(self.cfg.connect_timeout_ms));
         // The agent answers 504 at the site's own timeout; wait a little longer for that.
         peer.options.read_timeout = Some(ctx.request_timeout + Duration::from_secs(5));
         peer.options.write_timeout = Some(ctx.request_timeout + Duration::from_secs(5));
-        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        peer.options.idle_timeout = Some(Duration::from_secs(self.cfg.upstream_idle_secs));
         Ok(Box::new(peer))
     }
 
-    fn fail_to_connect(&self, _session: &mut Session, _peer: &HttpPeer, ctx: &mut Self::CTX, mut e: Box<Error>) -> Box<Error> {
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Self::CTX,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let node = ctx
+            .nodes
+            .get(ctx.attempt)
+            .map(|n| n.0.clone())
+            .unwrap_or_default();
+        if self.router.mark_suspect(&node) {
+            warn!(node = %node, error = %e, suspect_secs = self.cfg.suspect_secs,
+                "node refused a connection; trying it last for a while");
+        }
         // Nothing reached the agent, so trying the next node cannot run the request twice.
         let next = ctx.attempt + 1;
-        if next < ctx.nodes.len() && next < self.max_node_attempts {
-            warn!(request_id = %ctx.request_id, site = %ctx.site, node = %ctx.nodes[ctx.attempt].0,
-                error = %e, "node unreachable; trying the next node");
+        if next < ctx.nodes.len() && next < self.cfg.max_node_attempts {
+            warn!(request_id = %ctx.request_id, site = %ctx.site, node = %node,
+                next = %ctx.nodes[next].0, error = %e, "node unreachable; trying the next node");
             self.metrics.node_retries.inc();
             ctx.attempt = next;
             e.set_retry(true);
+        } else {
+            e.set_retry(false);
         }
         e
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        _fd: std::os::unix::io::RawFd,
+        _digest: Option<&Digest>,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if !reused {
+            if let Some((node, _)) = ctx.nodes.get(ctx.attempt) {
+                self.router.clear_suspect(node);
+            }
+        }
+        Ok(())
     }
 
     async fn upstream_request_filter(
@@ -169,61 +418,140 @@ impl ProxyHttp for EdgeHttp {
         upstream.insert_header(headers::SITE, &ctx.site)?;
         upstream.insert_header(headers::REVISION, ctx.revision.to_string())?;
         upstream.insert_header(headers::REQUEST_ID, &ctx.request_id)?;
-        if let Some(secret) = &self.secret {
+        if let Some(secret) = &self.cfg.secret {
             upstream.insert_header(headers::AUTH, secret.as_slice())?;
         }
-        // No load balancer is trusted yet, so whatever the client claims is replaced.
-        let client_ip = session
+        let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string())
-            .unwrap_or_default();
-        upstream.insert_header("x-forwarded-for", client_ip)?;
-        upstream.insert_header("x-forwarded-proto", "http")?;
-        upstream.insert_header("x-forwarded-host", &ctx.host)?;
+            .map(|a| a.ip());
+        let tls = tls_info(session.digest()).is_some();
+        let raw_host = requested_host(session.req_header()).unwrap_or_else(|_| ctx.host.clone());
+        let f = forwarded(
+            &self.cfg.trusted_proxies,
+            peer,
+            &upstream.headers,
+            tls,
+            &raw_host,
+        );
+        ctx.client = f.client;
+        for name in ["forwarded", "x-real-ip"] {
+            if !crate::forwarded::is_trusted(&self.cfg.trusted_proxies, peer) {
+                upstream.remove_header(name);
+            }
+        }
+        upstream.insert_header("x-forwarded-for", f.xff)?;
+        upstream.insert_header("x-forwarded-proto", f.proto)?;
+        upstream.insert_header("x-forwarded-host", f.host)?;
         Ok(())
     }
 
-    async fn response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Self::CTX) -> Result<()> {
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
         resp.insert_header(headers::REQUEST_ID, &ctx.request_id)?;
         Ok(())
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Self::CTX) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy {
         let site = &ctx.site;
         let (code, reason) = match (e.esource(), e.etype()) {
-            (_, ErrorType::HTTPStatus(code)) => (*code, "the request was refused".to_string()),
-            (ErrorSource::Downstream, ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed) => {
-                (0, String::new())
-            }
+            (_, ErrorType::HTTPStatus(code)) => (
+                *code,
+                ctx.refusal
+                    .clone()
+                    .unwrap_or_else(|| "the request was refused".to_string()),
+            ),
+            (
+                ErrorSource::Downstream,
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
+            ) => (0, String::new()),
+            (ErrorSource::Downstream, ErrorType::ReadTimedout | ErrorType::WriteTimedout) => (
+                408,
+                "the client did not send the request in time".to_string(),
+            ),
             (ErrorSource::Downstream, _) => (400, "the request could not be read".to_string()),
             (ErrorSource::Upstream, ErrorType::ReadTimedout | ErrorType::WriteTimedout) => {
                 (504, format!("site {site} did not answer in time"))
             }
-            (_, ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError | ErrorType::ConnectNoRoute) => {
-                (503, format!("no node serving site {site} could be reached"))
-            }
-            (ErrorSource::Upstream, _) => (502, format!("the node serving site {site} closed the connection")),
+            (
+                _,
+                ErrorType::ConnectTimedout
+                | ErrorType::ConnectRefused
+                | ErrorType::ConnectError
+                | ErrorType::ConnectNoRoute,
+            ) => (503, format!("no node serving site {site} could be reached")),
+            (ErrorSource::Upstream, _) => (
+                502,
+                format!("the node serving site {site} closed the connection"),
+            ),
             _ => (500, "internal error in the proxy".to_string()),
         };
-        if code > 0 {
-            let _ = respond(session, code, &reason, (code == 503).then_some(2)).await;
+        // Once a response has started, the only honest signal left is closing the connection.
+        let started = session.response_written().map(|r| r.status.as_u16());
+        if code > 0 && started.is_none() {
+            let _ = respond(
+                session,
+                code,
+                &reason,
+                (code == 503).then_some(2),
+                Some(&ctx.request_id),
+            )
+            .await;
+            if code == 413 {
+                linger(session).await;
+            }
         }
         FailToProxy {
-            error_code: code,
+            error_code: started.unwrap_or(code),
             can_reuse_downstream: false,
         }
+    }
+
+    /// `logging` writes one line per request with its error: pingora's own would repeat it.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Self::CTX, _error: &Error) -> bool {
+        true
+    }
+
+    /// Connect failures are logged by `fail_to_connect`, with the next node; other retries
+    /// (a pooled connection the agent had closed) keep pingora's warning.
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &Self::CTX,
+        error: &Error,
+        _context: ProxyWarnLogContext,
+    ) -> bool {
+        matches!(
+            error.etype(),
+            ErrorType::ConnectTimedout
+                | ErrorType::ConnectRefused
+                | ErrorType::ConnectError
+                | ErrorType::ConnectNoRoute
+        )
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let class = status_class(status);
-        let elapsed = ctx.started.map(|s| s.elapsed()).unwrap_or_default();
+        let elapsed = ctx.started.elapsed();
         self.metrics.requests.with_label_values(&[class]).inc();
-        self.metrics.duration.with_label_values(&[class]).observe(elapsed.as_secs_f64());
+        self.metrics
+            .duration
+            .with_label_values(&[class])
+            .observe(elapsed.as_secs_f64());
         let req = session.req_header();
         info!(
             request_id = %ctx.request_id,
+            client = %ctx.client,
             host = %ctx.host,
             site = %ctx.site,
             node = ctx.nodes.get(ctx.attempt).map(|n| n.0.as_str()).unwrap_or("-"),

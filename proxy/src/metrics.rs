@@ -1,7 +1,10 @@
 //! The proxy's Prometheus metrics (`roost_proxy_*`). Label sets are bounded: status class,
 //! outcome; never a host or a path.
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
 
 pub struct Metrics {
     registry: Registry,
@@ -13,6 +16,12 @@ pub struct Metrics {
     pub nodes: IntGauge,
     pub invalid_records: IntGauge,
     pub snapshot_staleness_ms: IntGauge,
+    pub in_flight: IntGauge,
+    pub suspect_nodes: IntGauge,
+    pub certificates: IntGauge,
+    pub invalid_certificates: IntGauge,
+    pub tls_no_certificate: IntGauge,
+    pub draining: IntGauge,
 }
 
 impl Metrics {
@@ -49,9 +58,28 @@ impl Metrics {
             .unwrap(),
             snapshot_staleness_ms: IntGauge::new(
                 "roost_proxy_snapshot_staleness_milliseconds",
-                "Time since etcd last confirmed the proxy's site snapshot",
+                "Time since etcd last confirmed the proxy's routing snapshot (sites and nodes); grows while etcd is unreachable",
             )
             .unwrap(),
+            in_flight: IntGauge::new("roost_proxy_requests_in_flight", "Requests being answered now").unwrap(),
+            suspect_nodes: IntGauge::new(
+                "roost_proxy_suspect_nodes",
+                "Nodes that refused a connection recently and are tried last",
+            )
+            .unwrap(),
+            certificates: IntGauge::new("roost_proxy_tls_certificates", "TLS certificates loaded (etcd and directory)")
+                .unwrap(),
+            invalid_certificates: IntGauge::new(
+                "roost_proxy_tls_invalid_certificates_total",
+                "Certificates refused since start (unparsable, or the key does not match)",
+            )
+            .unwrap(),
+            tls_no_certificate: IntGauge::new(
+                "roost_proxy_tls_no_certificate_total",
+                "TLS handshakes for a name with no certificate since start",
+            )
+            .unwrap(),
+            draining: IntGauge::new("roost_proxy_draining", "1 while the proxy drains after SIGTERM or SIGQUIT").unwrap(),
         };
         for c in [
             Box::new(m.requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -62,6 +90,12 @@ impl Metrics {
             Box::new(m.nodes.clone()),
             Box::new(m.invalid_records.clone()),
             Box::new(m.snapshot_staleness_ms.clone()),
+            Box::new(m.in_flight.clone()),
+            Box::new(m.suspect_nodes.clone()),
+            Box::new(m.certificates.clone()),
+            Box::new(m.invalid_certificates.clone()),
+            Box::new(m.tls_no_certificate.clone()),
+            Box::new(m.draining.clone()),
         ] {
             m.registry.register(c).expect("metric names are unique");
         }

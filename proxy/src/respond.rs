@@ -1,4 +1,5 @@
-//! Short plain-text answers that the proxy writes itself (refusals, errors).
+//! Short plain-text answers that the proxy writes itself (refusals, errors), in the one
+//! style of `roost_proto::pages`.
 
 use bytes::Bytes;
 use pingora_http::ResponseHeader;
@@ -10,16 +11,22 @@ pub async fn respond(
     status: u16,
     reason: &str,
     retry_after: Option<u64>,
+    request_id: Option<&str>,
 ) -> pingora_core::Result<()> {
     let body = roost_proto::pages::error_page(status, reason);
-    let mut resp = ResponseHeader::build(status, Some(5))?;
+    let mut resp = ResponseHeader::build(status, Some(6))?;
     resp.insert_header("content-type", "text/plain; charset=utf-8")?;
     resp.insert_header("content-length", body.len().to_string())?;
     resp.insert_header("cache-control", "no-store")?;
     resp.insert_header("x-roost-error", "proxy")?;
+    if let Some(id) = request_id.filter(|id| !id.is_empty()) {
+        resp.insert_header(roost_proto::headers::REQUEST_ID, id)?;
+    }
     if let Some(secs) = retry_after {
         resp.insert_header("retry-after", secs.to_string())?;
     }
     session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(Bytes::from(body)), true).await
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await
 }

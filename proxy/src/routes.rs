@@ -3,7 +3,9 @@
 //! reads an immutable table.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use roost_proto::{placement, Informer, NodeInfo, SiteSpec};
@@ -68,7 +70,10 @@ impl RouteTable {
             revision,
             exact,
             wildcard,
-            nodes: nodes.iter().map(|(k, v)| (k.clone(), (**v).clone())).collect(),
+            nodes: nodes
+                .iter()
+                .map(|(k, v)| (k.clone(), (**v).clone()))
+                .collect(),
         }
     }
 
@@ -97,20 +102,40 @@ impl RouteTable {
     }
 }
 
-/// Keeps a [`RouteTable`] current from the two informers.
+/// Keeps a [`RouteTable`] current from the two informers, and remembers which nodes
+/// recently refused connections.
+///
+/// The informers are attached after start-up ([`Router::attach`]): in daemon mode pingora
+/// forks before its runtimes start, so nothing that owns threads may exist before then.
 pub struct Router {
-    pub sites: Arc<Informer<SiteSpec>>,
-    pub nodes: Arc<Informer<NodeInfo>>,
+    sites: OnceLock<Arc<Informer<SiteSpec>>>,
+    nodes: OnceLock<Arc<Informer<NodeInfo>>>,
     table: ArcSwap<RouteTable>,
+    suspects: Suspects,
 }
 
 impl Router {
-    pub fn new(sites: Arc<Informer<SiteSpec>>, nodes: Arc<Informer<NodeInfo>>) -> Arc<Self> {
+    pub fn new(suspect_for: Duration) -> Arc<Self> {
         Arc::new(Self {
-            sites,
-            nodes,
+            sites: OnceLock::new(),
+            nodes: OnceLock::new(),
             table: ArcSwap::from_pointee(RouteTable::default()),
+            suspects: Suspects::new(suspect_for),
         })
+    }
+
+    /// Attach the informers (once).
+    pub fn attach(&self, sites: Arc<Informer<SiteSpec>>, nodes: Arc<Informer<NodeInfo>>) {
+        let _ = self.sites.set(sites);
+        let _ = self.nodes.set(nodes);
+    }
+
+    pub fn sites(&self) -> Option<&Arc<Informer<SiteSpec>>> {
+        self.sites.get()
+    }
+
+    pub fn nodes(&self) -> Option<&Arc<Informer<NodeInfo>>> {
+        self.nodes.get()
     }
 
     pub fn table(&self) -> Arc<RouteTable> {
@@ -119,28 +144,66 @@ impl Router {
 
     /// Ready once both prefixes have been listed at least once.
     pub fn is_synced(&self) -> bool {
-        self.sites.is_synced() && self.nodes.is_synced()
+        matches!((self.sites.get(), self.nodes.get()), (Some(s), Some(n)) if s.is_synced() && n.is_synced())
+    }
+
+    /// How long ago etcd last confirmed the routing snapshot (the older of the two prefixes);
+    /// 0 before the first answer.
+    pub fn staleness_ms(&self) -> u64 {
+        let s = self.sites.get().map_or(0, |i| i.staleness_ms());
+        let n = self.nodes.get().map_or(0, |i| i.staleness_ms());
+        s.max(n)
+    }
+
+    /// `route`'s nodes, best first, with nodes that recently refused a connection moved to
+    /// the end (kept in ranking order among themselves: if all are suspect, nothing changes).
+    pub fn ranked(&self, table: &RouteTable, route: &Route) -> Vec<(String, String)> {
+        let mut ranked = table.ranked_addrs(route);
+        self.suspects.demote(&mut ranked);
+        ranked
+    }
+
+    /// A connection to `node` failed: try it last for a while.
+    pub fn mark_suspect(&self, node: &str) -> bool {
+        self.suspects.mark(node)
+    }
+
+    /// A connection to `node` worked.
+    pub fn clear_suspect(&self, node: &str) {
+        self.suspects.clear(node)
+    }
+
+    pub fn suspect_count(&self) -> usize {
+        self.suspects.count()
     }
 
     fn rebuild(&self) {
-        let sites = self.sites.snapshot();
-        let nodes = self.nodes.snapshot();
+        let (Some(sites), Some(nodes)) = (self.sites.get(), self.nodes.get()) else {
+            return;
+        };
+        let sites = sites.snapshot();
+        let nodes = nodes.snapshot();
         let table = RouteTable::build(sites.revision, &sites.items, &nodes.items);
         self.table.store(Arc::new(table));
     }
 
-    /// Rebuild the table whenever either snapshot changes.
+    /// Rebuild the table whenever either snapshot changes. Call after [`Router::attach`].
     pub async fn run(self: Arc<Self>) {
-        let mut sites_rx = self.sites.subscribe();
-        let mut nodes_rx = self.nodes.subscribe();
-        let (mut last_sites, mut last_nodes) = (self.sites.snapshot(), self.nodes.snapshot());
+        let (Some(sites), Some(nodes)) = (self.sites.get().cloned(), self.nodes.get().cloned())
+        else {
+            warn!("router started without informers");
+            return;
+        };
+        let mut sites_rx = sites.subscribe();
+        let mut nodes_rx = nodes.subscribe();
+        let (mut last_sites, mut last_nodes) = (sites.snapshot(), nodes.snapshot());
         self.rebuild();
         loop {
             tokio::select! {
                 r = sites_rx.changed() => if r.is_err() { return },
                 r = nodes_rx.changed() => if r.is_err() { return },
             }
-            let (s, n) = (self.sites.snapshot(), self.nodes.snapshot());
+            let (s, n) = (sites.snapshot(), nodes.snapshot());
             // Most wake-ups are progress notifications: nothing to rebuild.
             if Arc::ptr_eq(&s, &last_sites) && Arc::ptr_eq(&n, &last_nodes) {
                 continue;
@@ -149,6 +212,73 @@ impl Router {
             last_nodes = n;
             self.rebuild();
         }
+    }
+}
+
+/// Nodes that refused a connection recently, each until a deadline. Read on every request,
+/// written only on failures: the common case is one relaxed atomic load.
+struct Suspects {
+    for_how_long: Duration,
+    any: AtomicBool,
+    until: Mutex<HashMap<String, Instant>>,
+}
+
+impl Suspects {
+    fn new(for_how_long: Duration) -> Self {
+        Self {
+            for_how_long,
+            any: AtomicBool::new(false),
+            until: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Returns true when the node was not suspect before.
+    fn mark(&self, node: &str) -> bool {
+        if self.for_how_long.is_zero() {
+            return false;
+        }
+        let mut until = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let was = until.get(node).is_some_and(|t| *t > now);
+        until.insert(node.to_string(), now + self.for_how_long);
+        self.any.store(true, Ordering::Release);
+        !was
+    }
+
+    fn clear(&self, node: &str) {
+        if !self.any.load(Ordering::Acquire) {
+            return;
+        }
+        let mut until = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        until.remove(node);
+        self.any.store(!until.is_empty(), Ordering::Release);
+    }
+
+    fn count(&self) -> usize {
+        if !self.any.load(Ordering::Acquire) {
+            return 0;
+        }
+        let now = Instant::now();
+        let until = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        until.values().filter(|t| **t > now).count()
+    }
+
+    fn demote(&self, ranked: &mut Vec<(String, String)>) {
+        if !self.any.load(Ordering::Acquire) || ranked.len() < 2 {
+            return;
+        }
+        let now = Instant::now();
+        let mut until = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        until.retain(|_, t| *t > now);
+        self.any.store(!until.is_empty(), Ordering::Release);
+        if until.is_empty() {
+            return;
+        }
+        let (fine, suspect): (Vec<_>, Vec<_>) = ranked
+            .drain(..)
+            .partition(|(id, _)| !until.contains_key(id));
+        ranked.extend(fine);
+        ranked.extend(suspect);
     }
 }
 
@@ -163,8 +293,10 @@ mod tests {
     }
 
     fn table(sites: &[(&str, &[&str])]) -> RouteTable {
-        let sites: BTreeMap<String, Arc<SiteSpec>> =
-            sites.iter().map(|(h, a)| (h.to_string(), spec(a))).collect();
+        let sites: BTreeMap<String, Arc<SiteSpec>> = sites
+            .iter()
+            .map(|(h, a)| (h.to_string(), spec(a)))
+            .collect();
         RouteTable::build(1, &sites, &BTreeMap::new())
     }
 
@@ -183,6 +315,43 @@ mod tests {
         assert_eq!(t.lookup("deep.x.a.example").unwrap().site, "a.example");
         assert_eq!(t.lookup("shop.a.example").unwrap().site, "shop.a.example");
         assert!(t.lookup("a.example.org").is_none());
+    }
+
+    #[test]
+    fn suspect_nodes_go_last_until_they_expire() {
+        let s = Suspects::new(Duration::from_millis(200));
+        let ranked = || {
+            vec![
+                ("a".to_string(), "1".to_string()),
+                ("b".into(), "2".into()),
+                ("c".into(), "3".into()),
+            ]
+        };
+        let order = |v: &Vec<(String, String)>| {
+            v.iter()
+                .map(|(id, _)| id.clone())
+                .collect::<Vec<_>>()
+                .join("")
+        };
+        let mut r = ranked();
+        s.demote(&mut r);
+        assert_eq!(order(&r), "abc");
+        assert!(s.mark("a"));
+        assert!(!s.mark("a"));
+        s.mark("b");
+        let mut r = ranked();
+        s.demote(&mut r);
+        assert_eq!(order(&r), "cab");
+        assert_eq!(s.count(), 2);
+        s.clear("b");
+        let mut r = ranked();
+        s.demote(&mut r);
+        assert_eq!(order(&r), "bca");
+        std::thread::sleep(Duration::from_millis(250));
+        let mut r = ranked();
+        s.demote(&mut r);
+        assert_eq!(order(&r), "abc");
+        assert_eq!(s.count(), 0);
     }
 
     #[test]
