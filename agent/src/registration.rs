@@ -49,8 +49,11 @@ impl Registration {
         Layout::new(&self.cfg.prefix).node_key(&self.cfg.node_id)
     }
 
-    /// Keep the node registered until the process ends.
+    /// Keep the node registered until the process ends. Registration waits until the
+    /// agent's port accepts connections: a node key that proxies can read before the agent
+    /// listens would send them into refused connections (and mark the node suspect).
     pub async fn run(self: Arc<Self>, metrics: Arc<Metrics>) {
+        self.wait_listening().await;
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.register_and_keep_alive().await {
@@ -68,6 +71,24 @@ impl Registration {
             }
             backoff = Duration::from_millis(100);
         }
+    }
+
+    async fn wait_listening(&self) {
+        let Ok(mut addr) = self.cfg.listen.parse::<std::net::SocketAddr>() else { return };
+        if addr.ip().is_unspecified() {
+            addr.set_ip(if addr.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
+        for _ in 0..600 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        warn!(listen = %addr, "the agent's port does not accept connections; registering anyway");
     }
 
     async fn register_and_keep_alive(&self) -> Result<(), etcd_client::Error> {
