@@ -41,6 +41,7 @@ cleanup() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   echo "stopped. logs were in $run"
+  exit 0
 }
 trap cleanup INT TERM EXIT
 
@@ -113,4 +114,5 @@ Press Ctrl-C to stop.
 MSG
 
 wait -n "${pids[@]}" || true
-echo "a Roost process exited; see $run/*.log" >&2
+echo "a Roost process exited unexpectedly; see $run/*.log" >&2
+exit 1
