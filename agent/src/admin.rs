@@ -11,6 +11,7 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use roost_proto::headers::{self, credential_matches};
 use roost_proto::{canonical_host, Informer, SiteSpec};
+use roost_runtime::admin_reply;
 
 use crate::metrics::Metrics;
 use crate::registration::Registration;
@@ -26,23 +27,13 @@ pub struct AdminApp {
     pub state_dir: std::path::PathBuf,
 }
 
-fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
-    Response::builder()
-        .status(status)
-        .header("content-type", content_type)
-        .header("content-length", body.len())
-        .header("cache-control", "no-store")
-        .body(body)
-        .expect("static response parts are valid")
-}
-
 impl AdminApp {
     fn site_log(&self, session: &ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
         if let Some(secret) = &self.secret {
             let presented = req.headers.get(headers::AUTH).map(|v| v.as_bytes());
             if !presented.is_some_and(|p| credential_matches(p, secret)) {
-                return reply(
+                return admin_reply(
                     403,
                     "text/plain",
                     b"forbidden: site logs need the cluster secret\n".to_vec(),
@@ -52,7 +43,7 @@ impl AdminApp {
         let path = req.uri.path();
         let host = &path["/sites/".len()..path.len() - "/log".len()];
         if canonical_host(host).ok().as_deref() != Some(host) {
-            return reply(
+            return admin_reply(
                 400,
                 "text/plain",
                 b"bad request: not a canonical site name\n".to_vec(),
@@ -66,13 +57,13 @@ impl AdminApp {
             .unwrap_or(100)
             .min(10_000);
         match sitelog::tail(&sitelog::path(&self.state_dir, host), lines) {
-            Ok(text) => reply(200, "text/plain; charset=utf-8", text.into_bytes()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => reply(
+            Ok(text) => admin_reply(200, "text/plain; charset=utf-8", text.into_bytes()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => admin_reply(
                 404,
                 "text/plain",
                 format!("no log for {host} on this node: its worker never ran here\n").into_bytes(),
             ),
-            Err(e) => reply(
+            Err(e) => admin_reply(
                 500,
                 "text/plain",
                 format!("cannot read the log: {e}\n").into_bytes(),
@@ -86,16 +77,16 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         match path.as_str() {
-            "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
+            "/healthz" => admin_reply(200, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {
                 let synced = self.sites.is_synced();
                 let registered = self.registration.is_registered();
                 if synced && registered {
-                    reply(200, "text/plain", b"ready\n".to_vec())
+                    admin_reply(200, "text/plain", b"ready\n".to_vec())
                 } else {
                     let why =
                         format!("not ready: sites synced={synced}, node registered={registered}\n");
-                    reply(503, "text/plain", why.into_bytes())
+                    admin_reply(503, "text/plain", why.into_bytes())
                 }
             }
             "/metrics" => {
@@ -107,14 +98,14 @@ impl ServeHttp for AdminApp {
                 self.metrics
                     .snapshot_staleness_ms
                     .set(self.sites.staleness_ms() as i64);
-                reply(200, "text/plain; version=0.0.4", self.metrics.render())
+                admin_reply(200, "text/plain; version=0.0.4", self.metrics.render())
             }
             "/sites" => {
                 let body = serde_json::to_vec_pretty(&self.supervisor.status()).unwrap_or_default();
-                reply(200, "application/json", body)
+                admin_reply(200, "application/json", body)
             }
             p if p.starts_with("/sites/") && p.ends_with("/log") => self.site_log(session),
-            _ => reply(
+            _ => admin_reply(
                 404,
                 "text/plain",
                 b"not found: try /healthz, /readyz, /metrics, /sites\n".to_vec(),

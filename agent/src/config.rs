@@ -148,7 +148,7 @@ impl Config {
             .with_context(|| format!("advertised address {advertise:?} must be ip:port"))?;
         let secret_file = args.secret_file.or(file.secret_file);
         let secret = match secret_file {
-            Some(path) => Some(read_secret(&path)?),
+            Some(path) => Some(roost_runtime::read_secret(&path)?),
             None => None,
         };
         Ok(Self {
@@ -194,21 +194,6 @@ fn read_file_config(path: &Path) -> Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
-}
-
-/// Read a shared secret: the file's content with surrounding whitespace removed.
-pub fn read_secret(path: &Path) -> Result<Vec<u8>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading secret file {}", path.display()))?;
-    let secret = text.trim();
-    if secret.len() < 16 {
-        anyhow::bail!(
-            "secret file {} holds {} characters; use at least 16",
-            path.display(),
-            secret.len()
-        );
-    }
-    Ok(secret.as_bytes().to_vec())
 }
 
 fn default_node_id() -> String {

@@ -15,12 +15,13 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
-use roost_proto::headers::{self, credential_matches, is_internal, valid_request_id};
+use roost_proto::headers::{self, credential_matches, valid_request_id};
 use roost_proto::{canonical_host, Informer, SiteSpec};
 use tracing::info;
 
+use roost_runtime::{respond, status_class, strip_internal_headers, Origin};
+
 use crate::metrics::Metrics;
-use crate::respond::respond;
 use crate::supervisor::{AcquireError, Supervisor, Ticket};
 
 /// How long an agent that is behind the proxy's snapshot waits to learn of a new site.
@@ -57,12 +58,22 @@ impl AgentHttp {
     async fn refuse(
         &self,
         session: &mut Session,
+        ctx: &RequestCtx,
         status: u16,
         why: &'static str,
         reason: &str,
     ) -> Result<bool> {
         self.metrics.rejected.with_label_values(&[why]).inc();
-        respond(session, status, reason, (status == 503).then_some(1)).await?;
+        let retry_after = (status == 503).then_some(1);
+        respond(
+            session,
+            Origin::Agent,
+            status,
+            reason,
+            retry_after,
+            Some(&ctx.request_id),
+        )
+        .await?;
         Ok(true)
     }
 }
@@ -92,6 +103,7 @@ impl ProxyHttp for AgentHttp {
                 return self
                     .refuse(
                         session,
+                        ctx,
                         403,
                         "forbidden",
                         "this port only serves Roost proxies",
@@ -107,7 +119,13 @@ impl ProxyHttp for AgentHttp {
             Some(s) if canonical_host(s).is_ok_and(|c| c == s) => s.to_string(),
             _ => {
                 return self
-                    .refuse(session, 400, "no_site", "the request names no valid site")
+                    .refuse(
+                        session,
+                        ctx,
+                        400,
+                        "no_site",
+                        "the request names no valid site",
+                    )
                     .await
             }
         };
@@ -117,6 +135,7 @@ impl ProxyHttp for AgentHttp {
             return self
                 .refuse(
                     session,
+                    ctx,
                     404,
                     "unknown_site",
                     &format!("no site {site} is registered"),
@@ -131,6 +150,7 @@ impl ProxyHttp for AgentHttp {
             Err(AcquireError::Removed) => {
                 self.refuse(
                     session,
+                    ctx,
                     404,
                     "unknown_site",
                     &format!("site {site} was removed"),
@@ -138,12 +158,19 @@ impl ProxyHttp for AgentHttp {
                 .await
             }
             Err(e @ AcquireError::CrashLoop { .. }) => {
-                self.refuse(session, 503, "crash_loop", &format!("site {site}: {e}"))
-                    .await
+                self.refuse(
+                    session,
+                    ctx,
+                    503,
+                    "crash_loop",
+                    &format!("site {site}: {e}"),
+                )
+                .await
             }
             Err(e @ AcquireError::StartQueueFull { .. }) => {
                 self.refuse(
                     session,
+                    ctx,
                     503,
                     "start_queue_full",
                     &format!("site {site} is starting: {e}"),
@@ -153,6 +180,7 @@ impl ProxyHttp for AgentHttp {
             Err(e @ AcquireError::AtCapacity) => {
                 self.refuse(
                     session,
+                    ctx,
                     503,
                     "at_capacity",
                     &format!("site {site} cannot start now: {e}"),
@@ -163,6 +191,7 @@ impl ProxyHttp for AgentHttp {
                 tracing::error!(site = %site, request_id = %ctx.request_id, error = %e, "cannot start worker");
                 self.refuse(
                     session,
+                    ctx,
                     503,
                     "start_failed",
                     &format!("site {site} cannot start: {e}"),
@@ -196,16 +225,8 @@ impl ProxyHttp for AgentHttp {
         upstream: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        let internal: Vec<String> = upstream
-            .headers
-            .keys()
-            .map(|k| k.as_str())
-            .filter(|k| is_internal(k))
-            .map(str::to_string)
-            .collect();
-        for name in internal {
-            upstream.remove_header(&name);
-        }
+        // The app never sees the proxy's credential or any other internal header.
+        strip_internal_headers(upstream);
         upstream.insert_header(headers::REQUEST_ID, &ctx.request_id)?;
         Ok(())
     }
@@ -253,7 +274,10 @@ impl ProxyHttp for AgentHttp {
             (ErrorSource::Upstream, etype) => {
                 // A worker that died (or was killed for memory) after the request was sent
                 // explains any later error: a reset, or a refused connect to its socket.
-                let died = ctx.ticket.as_ref().and_then(|t| self.supervisor.failure_reason(t));
+                let died = ctx
+                    .ticket
+                    .as_ref()
+                    .and_then(|t| self.supervisor.failure_reason(t));
                 match died {
                     // The detail goes to the agent's log, not to the world: it may name paths.
                     Some(why) => {
@@ -262,20 +286,46 @@ impl ProxyHttp for AgentHttp {
                         if why.starts_with("exceeded its memory limit") {
                             (503, format!("site {site} {why}"))
                         } else {
-                            (503, format!("site {site} failed while answering; the site's log says why"))
+                            (
+                                503,
+                                format!(
+                                    "site {site} failed while answering; the site's log says why"
+                                ),
+                            )
                         }
                     }
                     None if matches!(
                         etype,
-                        ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError
-                    ) => (503, format!("the worker of site {site} could not be reached")),
-                    None => (502, format!("the worker of site {site} closed the connection without an answer")),
+                        ErrorType::ConnectTimedout
+                            | ErrorType::ConnectRefused
+                            | ErrorType::ConnectError
+                    ) =>
+                    {
+                        (
+                            503,
+                            format!("the worker of site {site} could not be reached"),
+                        )
+                    }
+                    None => (
+                        502,
+                        format!(
+                            "the worker of site {site} closed the connection without an answer"
+                        ),
+                    ),
                 }
             }
             _ => (500, "internal error in the agent".to_string()),
         };
         if code > 0 {
-            let _ = respond(session, code, &reason, (code == 503).then_some(1)).await;
+            let _ = respond(
+                session,
+                Origin::Agent,
+                code,
+                &reason,
+                (code == 503).then_some(1),
+                Some(&ctx.request_id),
+            )
+            .await;
         }
         FailToProxy {
             error_code: code,
@@ -287,14 +337,7 @@ impl ProxyHttp for AgentHttp {
         // Give the worker back first: the idle clock starts when the response is done.
         ctx.ticket.take();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            500..=599 => "5xx",
-            _ => "none",
-        };
+        let class = status_class(status);
         self.metrics.requests.with_label_values(&[class]).inc();
         let req = session.req_header();
         info!(

@@ -7,7 +7,6 @@ mod config;
 mod http;
 mod metrics;
 mod registration;
-mod respond;
 mod sitelog;
 mod socket;
 mod supervisor;
@@ -33,7 +32,7 @@ use crate::registration::Registration;
 use crate::supervisor::Supervisor;
 
 fn main() -> Result<()> {
-    init_logging();
+    roost_runtime::init_logging();
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!(
             "roost-agent must run as root: it starts each site's worker as the site's user"
@@ -168,13 +167,3 @@ impl ShutdownSignalWatch for DrainOnSignal {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
-}

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use http::Response;
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
+use roost_runtime::admin_reply;
 
 use crate::metrics::Metrics;
 use crate::routes::Router;
@@ -19,16 +20,6 @@ pub struct AdminApp {
     pub certs: Option<Arc<CertStore>>,
     pub draining: Arc<AtomicBool>,
     pub in_flight: Arc<AtomicUsize>,
-}
-
-fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
-    Response::builder()
-        .status(status)
-        .header("content-type", content_type)
-        .header("content-length", body.len())
-        .header("cache-control", "no-store")
-        .body(body)
-        .expect("static response parts are valid")
 }
 
 impl AdminApp {
@@ -62,27 +53,27 @@ impl AdminApp {
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         match session.req_header().uri.path() {
-            "/healthz" => reply(200, "text/plain", b"ok\n".to_vec()),
+            "/healthz" => admin_reply(200, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {
                 if self.draining.load(Ordering::Acquire) {
-                    reply(503, "text/plain", b"not ready: draining\n".to_vec())
+                    admin_reply(503, "text/plain", b"not ready: draining\n".to_vec())
                 } else if !self.router.is_synced()
                     || self.certs.as_ref().is_some_and(|c| !c.is_synced())
                 {
-                    reply(
+                    admin_reply(
                         503,
                         "text/plain",
                         b"not ready: waiting for the first etcd sync\n".to_vec(),
                     )
                 } else {
-                    reply(200, "text/plain", b"ready\n".to_vec())
+                    admin_reply(200, "text/plain", b"ready\n".to_vec())
                 }
             }
             "/metrics" => {
                 self.refresh_gauges();
-                reply(200, "text/plain; version=0.0.4", self.metrics.render())
+                admin_reply(200, "text/plain; version=0.0.4", self.metrics.render())
             }
-            _ => reply(
+            _ => admin_reply(
                 404,
                 "text/plain",
                 b"not found: try /healthz, /readyz, /metrics\n".to_vec(),

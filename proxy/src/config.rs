@@ -2,7 +2,7 @@
 //! work on one machine. `deploy/proxy.example.toml` shows every option.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -147,7 +147,7 @@ impl Config {
             None => FileConfig::default(),
         };
         let secret = match args.secret_file.or(file.secret_file) {
-            Some(path) => Some(read_secret(&path)?),
+            Some(path) => Some(roost_runtime::read_secret(&path)?),
             None => None,
         };
         let trusted_proxies = args
@@ -235,20 +235,6 @@ impl Config {
                 .unwrap_or(self.max_body_bytes),
         )
     }
-}
-
-fn read_secret(path: &Path) -> Result<Vec<u8>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading secret file {}", path.display()))?;
-    let secret = text.trim();
-    if secret.len() < 16 {
-        anyhow::bail!(
-            "secret file {} holds {} characters; use at least 16",
-            path.display(),
-            secret.len()
-        );
-    }
-    Ok(secret.as_bytes().to_vec())
 }
 
 #[cfg(test)]

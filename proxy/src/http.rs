@@ -24,15 +24,15 @@ use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use roost_proto::canonical_host;
-use roost_proto::headers::{self, is_internal, valid_request_id};
+use roost_proto::headers::{self, valid_request_id};
 use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::forwarded::forwarded;
-use crate::metrics::{status_class, Metrics};
-use crate::respond::respond;
+use crate::metrics::Metrics;
 use crate::routes::Router;
 use crate::tls::TlsInfo;
+use roost_runtime::{respond, status_class, strip_internal_headers, Origin};
 
 pub struct EdgeHttp {
     pub router: Arc<Router>,
@@ -89,6 +89,7 @@ impl EdgeHttp {
         let has_body = !session.downstream_session.is_body_empty();
         respond(
             session,
+            Origin::Proxy,
             status,
             reason,
             (status == 503).then_some(2),
@@ -405,16 +406,7 @@ impl ProxyHttp for EdgeHttp {
         upstream: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        let internal: Vec<String> = upstream
-            .headers
-            .keys()
-            .map(|k| k.as_str())
-            .filter(|k| is_internal(k))
-            .map(str::to_string)
-            .collect();
-        for name in internal {
-            upstream.remove_header(&name);
-        }
+        strip_internal_headers(upstream);
         upstream.insert_header(headers::SITE, &ctx.site)?;
         upstream.insert_header(headers::REVISION, ctx.revision.to_string())?;
         upstream.insert_header(headers::REQUEST_ID, &ctx.request_id)?;
@@ -500,6 +492,7 @@ impl ProxyHttp for EdgeHttp {
         if code > 0 && started.is_none() {
             let _ = respond(
                 session,
+                Origin::Proxy,
                 code,
                 &reason,
                 (code == 503).then_some(2),

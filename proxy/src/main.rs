@@ -12,7 +12,6 @@ mod config;
 mod forwarded;
 mod http;
 mod metrics;
-mod respond;
 mod routes;
 mod tls;
 
@@ -39,7 +38,7 @@ use crate::routes::Router;
 use crate::tls::{CertStore, SniCallbacks};
 
 fn main() -> Result<()> {
-    init_logging();
+    roost_runtime::init_logging();
     let cfg = Arc::new(Config::load(Args::parse())?);
     if cfg.secret.is_none() {
         warn!("no --secret-file: agents that require a secret will refuse this proxy");
@@ -311,15 +310,4 @@ fn exit_when_drained(
         in_flight = in_flight.load(Ordering::Relaxed),
         "grace period over; cutting requests still in flight"
     );
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
 }

@@ -108,15 +108,3 @@ impl Metrics {
         buf
     }
 }
-
-/// `2xx`, `4xx`, … for a status code; `none` when nothing was sent.
-pub fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        500..=599 => "5xx",
-        _ => "none",
-    }
-}
