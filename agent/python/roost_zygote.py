@@ -7,7 +7,8 @@ The agent starts one per base interpreter, as root, with:
     fd 4  events    SOCK_SEQPACKET: the zygote reports each child's exit status
     fd 5  lifeline  the read end of a pipe whose write end only the agent holds
 
-It imports the WSGI server and the modules the operator lists, then waits. It never sees a
+It imports the WSGI server and the modules the operator lists, forks a spare (a child that
+waits, unspecialised, to be handed a request), then waits. It never sees a
 site's code, files, environment or privilege: a fork request carries one fd, a fresh
 socket whose other end the agent keeps. The child reads its site's spec (and its listening
 socket and log file) from that socket itself, after the fork, so no site's data ever
@@ -19,7 +20,7 @@ fd 0 (/dev/null), 1 and 2 (the site's log), 3 (the listening socket) and 4 (the 
 replaces its environment with the site's, enters the site's directory as the user, puts it
 and its virtualenv's site-packages on sys.path, imports the app and serves it with
 gunicorn's gthread worker on the inherited socket (no arbiter). Workers outlive the zygote;
-they stop when the agent goes away (EOF on the lifeline).
+they stop when the agent goes away (EOF on the lifeline, watched by the server's own loop).
 """
 
 import ctypes
@@ -85,6 +86,7 @@ from gunicorn.config import Config  # noqa: E402  (the WSGI server is the first 
 from gunicorn.glogging import Logger  # noqa: E402
 from gunicorn.workers import base as _gunicorn_base  # noqa: E402
 from gunicorn.workers.gthread import ThreadWorker  # noqa: E402
+import concurrent.futures.thread  # noqa: E402,F401  (gthread's pool; imported lazily otherwise, in every worker)
 import selectors  # noqa: E402
 from threading import RLock  # noqa: E402
 
@@ -105,12 +107,21 @@ class _NoHeartbeat:
         pass
 
 
+# Boot timeline of this worker (perf_counter seconds), from the zygote's fork on: logged once,
+# with the first response, so an operator (and the benchmark) sees where a cold start went.
+_T = {}
+
+
+def _mark(phase):
+    _T.setdefault(phase, time.perf_counter())
+
+
 class RoostWorker(ThreadWorker):
     """gunicorn's gthread worker without its arbiter.
 
-    Differences from the stock worker: no heartbeat file, no wake-up pipe, poll(2) instead
-    of epoll (no fd of its own), and no parent check: the parent is the zygote, and a worker
-    must outlive it; the lifeline ties the worker to the agent instead.
+    Differences from the stock worker: no heartbeat file, no wake-up pipe, and no parent
+    check: the parent is the zygote, and a worker must outlive it; the lifeline ties the
+    worker to the agent instead.
     """
 
     def notify(self):
@@ -118,6 +129,46 @@ class RoostWorker(ThreadWorker):
 
     def is_parent_alive(self):
         return True
+
+    def _lifeline_lost(self, fd):
+        """EOF on the lifeline: the agent is gone (even SIGKILLed). Stop as on SIGTERM, and
+        let SIGALRM end the process if requests in flight outlast the grace period."""
+        try:
+            if os.read(fd, 64):
+                return  # the agent never writes; ignore
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        with self._lock:
+            self.poller.unregister(fd)
+        self.log.info("[roost] the agent is gone; stopping")
+        self.alive = False
+        signal.alarm(int(self.cfg.graceful_timeout) + 1)
+
+    def accept(self, server, listener):
+        _mark("accept")
+        return super().accept(server, listener)
+
+    def handle_request(self, req, conn):
+        try:
+            return super().handle_request(req, conn)
+        finally:
+            if "response" not in _T:
+                _mark("response")
+                self._log_boot()
+
+    def _log_boot(self):
+        t0 = _T.get("fork")
+        if t0 is None:
+            return
+        phases = ("forked", "spec", "cgroup", "setup", "import", "server", "accept", "response")
+        prev, parts = t0, []
+        for p in phases:
+            t = _T.get(p, prev)
+            parts.append("%s %.2f" % (p, (t - prev) * 1000))
+            prev = t
+        self.log.info("first response %.2f ms after the fork (%s ms)", (prev - t0) * 1000, ", ".join(parts))
 
     def init_signals(self):
         for s in self.SIGNALS:
@@ -132,9 +183,14 @@ class RoostWorker(ThreadWorker):
     def serve(self, wsgi):
         self.pid = os.getpid()
         self.tpool = self.get_thread_pool()
-        self.poller = selectors.PollSelector()
+        # epoll, not poll(2): a kept-alive connection is registered by a pool thread while
+        # the main thread waits, and only epoll sees it at once (poll would wait out its
+        # 1 s timeout). Its fd is the one the worker opens itself.
+        self.poller = selectors.EpollSelector()
         self._lock = RLock()
         self.init_signals()
+        # The lifeline is watched by the same loop as the socket: no thread of its own.
+        self.poller.register(WORKER_LIFELINE_FD, selectors.EVENT_READ, self._lifeline_lost)
         self.wsgi = wsgi
         self.booted = True
         # Stopping (SIGTERM or a lost lifeline): the loop ends within a second, accepts
@@ -196,8 +252,27 @@ def _setup_path(site_dir, venv):
         for mod in list(sys.modules):
             if mod.split(".", 1)[0] in shadowed:
                 del sys.modules[mod]
+    # (No importlib.invalidate_caches(): these directories are new to this process, so no
+    # finder has cached them; it would cost a third of a millisecond of copy-on-write.)
     sys.path[:] = front + [p for p in sys.path if p not in front]
-    importlib.invalidate_caches()
+
+
+def _join_cgroup(procs):
+    """Move this process into the cgroup whose `cgroup.procs` is `procs`.
+
+    On cgroup v1, writing a pid to `cgroup.procs` takes the kernel's global threadgroup lock
+    for writing, which waits for an RCU grace period: ~7-12 ms on our machines, the largest
+    piece of a cold start. Writing "0" (the calling thread) to the group's `tasks` file
+    skips that lock; this process has a single thread (the zygote starts none), so moving
+    the thread moves the whole process, and every process it forks later starts there.
+    """
+    tasks = os.path.join(os.path.dirname(procs), "tasks")
+    if os.path.basename(procs) == "cgroup.procs" and threading.active_count() == 1 and os.path.exists(tasks):
+        path, value = tasks, "0"
+    else:
+        path, value = procs, str(os.getpid())
+    with open(path, "w") as f:
+        f.write(value)
 
 
 def _load_app(app):
@@ -210,23 +285,9 @@ def _load_app(app):
     return obj
 
 
-def _watch_lifeline(worker, grace):
-    """EOF on the lifeline: the agent is gone (even SIGKILLed). Stop like on SIGTERM, and
-    make sure the process ends after the grace period."""
-    try:
-        while os.read(WORKER_LIFELINE_FD, 64):
-            pass
-    except OSError:
-        pass
-    sys.stderr.write("[%d] [roost] the agent is gone; stopping\n" % os.getpid())
-    sys.stderr.flush()
-    worker.alive = False
-    time.sleep(grace + 1)
-    os._exit(1)
-
-
 def worker_main(chan_fd, zygote_socks):
     """Runs in the forked child; never returns."""
+    _mark("forked")
     code = 1
     try:
         code = _worker(chan_fd, zygote_socks)
@@ -257,6 +318,7 @@ def _worker(chan_fd, zygote_socks):
     if not data:
         return 0  # the agent withdrew the request
     spec = json.loads(data)
+    _mark("spec")
     if len(fds) != 2:
         raise RuntimeError("expected the listening socket and the log file, got %d fds" % len(fds))
     listen_fd, log_fd = _high(fds[0]), _high(fds[1])
@@ -264,8 +326,8 @@ def _worker(chan_fd, zygote_socks):
 
     # 1. The site's cgroups, before anything else runs or allocates.
     for path in spec["cgroup_procs"]:
-        with open(path, "w") as f:
-            f.write(str(os.getpid()))
+        _join_cgroup(path)
+    _mark("cgroup")
     # 2. A session of its own: the agent signals the worker's whole tree as -pid.
     os.setsid()
     # 3. Privileges: groups, gid, uid; then no way back.
@@ -291,10 +353,12 @@ def _worker(chan_fd, zygote_socks):
     host = spec["host"]
     set_name("roost:" + host)
     sys.argv = ["roost-worker", host]
+    _mark("setup")
     _setup_path(spec["dir"], spec.get("virtualenv"))
     gc.enable()
     # 7. The app.
     app = _load_app(spec["app"])
+    _mark("import")
     # 8. Serve.
     cfg = _CFG
     cfg.set("threads", int(spec["threads"]))
@@ -315,7 +379,7 @@ def _worker(chan_fd, zygote_socks):
     if others is None:
         worker.is_parent_alive = lambda: os.getppid() == leader
     _LOG.info("Roost worker %s serving %s (threads %d, forked from the zygote)", os.getpid(), spec["app"], int(spec["threads"]))
-    threading.Thread(target=_watch_lifeline, args=(worker, int(spec["grace"])), daemon=True).start()
+    _mark("server")
     worker.serve(app)
     for pid in others or ():
         try:
@@ -342,6 +406,66 @@ def preload(modules):
             log("preload %s: skipped (%s: %s)" % (name, type(e).__name__, e))
         else:
             log("preloaded %s" % name)
+
+
+# A spare: a child forked ahead of time that waits, still unspecialised, for a fork
+# request to hand it its channel; the request then costs a message instead of a fork (the
+# fork, ~3 ms here, is made after the handover, once the zygote has been idle a moment).
+# It holds no site data and no fd but stdio, the lifeline and its socket to the zygote.
+SPARE_AFTER_IDLE_MS = 30
+
+
+class Spare:
+    def __init__(self, pid, pidfd, sock):
+        self.pid, self.pidfd, self.sock = pid, pidfd, sock
+
+
+def make_spare(control, events):
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
+    try:
+        pid = os.fork()
+        if pid == 0:
+            ours.close()  # the child's copy: EOF reaches the spare when the zygote goes
+            spare_main(theirs, (control, events))
+        theirs.close()
+        try:
+            pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            pidfd = None
+        return Spare(pid, pidfd, ours)
+    except OSError as e:
+        log("cannot fork a spare: %s" % e)
+        ours.close()
+        theirs.close()
+        return None
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
+
+
+def spare_main(sock, zygote_socks):
+    """A spare's life until a request hands it a channel; never returns."""
+    try:
+        for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(s, signal.SIG_DFL)
+        for s in zygote_socks:
+            s.detach()
+        os.close(CONTROL_FD)
+        os.close(EVENTS_FD)
+        set_name("roost-spare")
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        msg, fds, _, _ = socket.recv_fds(sock, 4096, 1)
+        if not msg or len(fds) != 1:
+            os._exit(0)  # the zygote is gone (or never needed this spare)
+        _T.clear()
+        _T["fork"] = json.loads(msg)["t"]
+        sock.close()
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    worker_main(fds[0], ())
 
 
 def main():
@@ -374,9 +498,14 @@ def main():
     poller = select.poll()
     poller.register(CONTROL_FD, select.POLLIN)
     poller.register(LIFELINE_FD, select.POLLIN)
+    spare = make_spare(control, events)
     log("ready (python %s, pid %d)" % (sys.version.split()[0], os.getpid()))
     while True:
-        for fd, _ in poller.poll():
+        ready = poller.poll(None if spare else SPARE_AFTER_IDLE_MS)
+        if not ready:
+            spare = make_spare(control, events)
+            continue
+        for fd, _ in ready:
             if fd == LIFELINE_FD:
                 log("the agent is gone; exiting")
                 return 0
@@ -393,15 +522,39 @@ def main():
                     os.close(fd_)
                 control.send(json.dumps({"id": req.get("id"), "error": "bad request"}).encode())
                 continue
-            fork(control, events, req["id"], fds[0])
+            spare = fork(control, events, req["id"], fds[0], spare)
 
 
-def fork(control, events, req_id, chan_fd):
+def fork(control, events, req_id, chan_fd, spare):
+    """Answer a fork request: hand the channel to the spare, or fork a child for it.
+    Returns the spare that is left (None: make a new one when idle)."""
+    t = time.perf_counter()
+    if spare is not None:
+        try:
+            socket.send_fds(spare.sock, [json.dumps({"t": t}).encode()], [chan_fd])
+        except OSError:
+            handed = False  # the spare died; fork instead
+        else:
+            handed = True
+        spare.sock.close()
+        if handed:
+            os.close(chan_fd)
+            fds = [spare.pidfd] if spare.pidfd is not None else []
+            try:
+                socket.send_fds(control, [json.dumps({"id": req_id, "pid": spare.pid}).encode()], fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            return None
+        if spare.pidfd is not None:
+            os.close(spare.pidfd)
     sys.stdout.flush()
     sys.stderr.flush()
     # No reaping between fork and pidfd_open: the pid can't be recycled under the pidfd.
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
     try:
+        _T.clear()
+        _T["fork"] = t
         pid = os.fork()
         if pid == 0:
             worker_main(chan_fd, (control, events))

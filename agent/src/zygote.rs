@@ -14,6 +14,10 @@
 //! site's environment. If the agent gives up on a fork (timeout), it closes its end
 //! unsent and the child exits.
 //!
+//! The zygote keeps one *spare*: a child forked ahead of time, unspecialised, that waits for
+//! a request to hand it the channel; a fork request then costs a message, not a fork, and
+//! the next spare is forked once the zygote has been idle for a moment.
+//!
 //! Workers are not the agent's children: their exit is learnt from the pidfd (readable when
 //! the process ends, whoever its parent is) and their status from the zygote's report.
 //! Workers outlive their zygote; a zygote that dies is restarted by the manager thread,
@@ -42,7 +46,7 @@ use serde_json::json;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::Notify;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::socket::{ensure_dir, SiteSocket};
 use crate::users::SiteUser;
@@ -172,6 +176,7 @@ impl Zygotes {
         grace_secs: u64,
         cgroup_procs: &[PathBuf],
     ) -> io::Result<ForkedWorker> {
+        let t0 = Instant::now();
         let interpreter =
             trusted_interpreter(Path::new(&spec.interpreter())).map_err(io::Error::other)?;
         let zygote = self.get(&interpreter).map_err(io::Error::other)?;
@@ -181,7 +186,9 @@ impl Zygotes {
             None,
             SockFlag::SOCK_CLOEXEC,
         )?;
+        let t1 = Instant::now();
         let (pid, pidfd) = zygote.fork(theirs)?;
+        let t2 = Instant::now();
         let pidfd = match pidfd {
             Some(fd) => fd,
             None => pidfd_open(pid)?,
@@ -210,6 +217,8 @@ impl Zygotes {
             message.as_bytes(),
             &[socket.listener.as_raw_fd(), log.as_raw_fd()],
         )?;
+        debug!(site = %host, pid, lookup_us = (t1 - t0).as_micros() as u64, fork_us = (t2 - t1).as_micros() as u64,
+            send_us = t2.elapsed().as_micros() as u64, "worker forked");
         Ok(ForkedWorker {
             pid,
             pidfd,
@@ -285,16 +294,13 @@ impl ForkedWorker {
         let pid = self.pid;
         // SAFETY: the OwnedFd stays open, and the same fd, for as long as the AsyncFd lives.
         match unsafe { AsyncFd::register_with_interest(self.pidfd, Interest::READABLE) } {
-            Ok(fd) => loop {
-                match fd.readable().await {
-                    Ok(_) => break,
-                    Err(e) => {
-                        warn!(pid, error = %e, "waiting on a worker's pidfd failed; polling instead");
-                        poll_until_exit(fd.as_raw_fd()).await;
-                        break;
-                    }
+            // A pidfd turns readable once, when the process exits, and stays so.
+            Ok(fd) => {
+                if let Err(e) = fd.readable().await {
+                    warn!(pid, error = %e, "waiting on a worker's pidfd failed; polling instead");
+                    poll_until_exit(fd.as_raw_fd()).await;
                 }
-            },
+            }
             Err(e) => {
                 let (fd, _) = e.into_parts();
                 poll_until_exit(fd.as_raw_fd()).await;

@@ -1,0 +1,410 @@
+//! roost-bench: the cold-start benchmark (issue 4).
+//!
+//! Starts a real etcd, `roost-agent` and `roost-proxy` (from `--bin-dir`, by default the
+//! directory of this binary: build them in the same profile), registers `--sites` hello-world
+//! sites per mode, then times the first request to each never-started site end to end
+//! (client -> proxy -> agent -> worker start -> response, one TCP connection per request),
+//! alternating a zygote site and a direct (`"spawn": "direct"`, fresh gunicorn) site so both
+//! modes see the same machine. Then: warm requests for the path's own cost, the PSS of one
+//! warm worker of each mode, and the median boot timeline the zygote-forked workers logged.
+//!
+//! Run (as root: sites run as a real unix user): `bench/cold-start.sh [--sites N]`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use roost_tests::ports::free_addr;
+use roost_tests::process::Proc;
+use roost_tests::{ensure_user, get, site_dir, wait_until, Etcd, TempRoot};
+use serde_json::{json, Value};
+
+const HELLO: &str = "def application(environ, start_response):\n    body = b'Hello, world\\n'\n    start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))])\n    return [body]\n";
+const USER: &str = "roost-bench";
+const PREFIX: &str = "/roost";
+
+struct Args {
+    sites: usize,
+    bin_dir: PathBuf,
+    warm: usize,
+    cgroups: bool,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        sites: 50,
+        bin_dir: std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from(".")),
+        warm: 200,
+        cgroups: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || {
+            it.next()
+                .unwrap_or_else(|| die(&format!("{flag} needs a value")))
+        };
+        match flag.as_str() {
+            "--sites" => a.sites = value().parse().unwrap_or_else(|_| die("--sites N")),
+            "--bin-dir" => a.bin_dir = PathBuf::from(value()),
+            "--warm" => a.warm = value().parse().unwrap_or_else(|_| die("--warm N")),
+            "--no-cgroups" => a.cgroups = false,
+            "-h" | "--help" => {
+                println!("roost-bench [--sites N (50)] [--warm N (200)] [--no-cgroups] [--bin-dir DIR (this binary's dir)]");
+                std::process::exit(0);
+            }
+            other => die(&format!("unknown argument {other}")),
+        }
+    }
+    a.sites = a.sites.max(1);
+    a
+}
+
+fn die(msg: &str) -> ! {
+    eprintln!("roost-bench: {msg}");
+    std::process::exit(2)
+}
+
+struct Node {
+    proxy: SocketAddr,
+    agent_admin: SocketAddr,
+    state_dir: PathBuf,
+    agent_log: PathBuf,
+    _proxy: Proc,
+    _agent: Proc,
+    etcd: Etcd,
+}
+
+fn start(root: &Path, bin_dir: &Path, cgroups: bool) -> Node {
+    let etcd = Etcd::start_in(root);
+    let secret = format!(
+        "{:032x}",
+        std::process::id() as u128 * 0x9e37_79b9_7f4a_7c15
+    );
+    let secret_file = root.join("secret");
+    std::fs::write(&secret_file, secret).unwrap();
+    let state_dir = root.join("state");
+    let config = root.join("agent.toml");
+    // Long idle timeouts keep every started worker for the PSS reading; a short grace ends the run fast.
+    std::fs::write(
+        &config,
+        format!("stop_grace_secs = 2\nmax_workers = 1000\npreload = []\ncgroups = {cgroups}\n"),
+    )
+    .unwrap();
+    let (agent_addr, agent_admin, proxy, proxy_admin) =
+        (free_addr(), free_addr(), free_addr(), free_addr());
+    let mut cmd = Command::new(bin_dir.join("roost-agent"));
+    cmd.args([
+        "--etcd",
+        etcd.url(),
+        "--node-id",
+        &format!("bench-{}", std::process::id()),
+    ])
+    .arg("--listen")
+    .arg(agent_addr.to_string())
+    .arg("--admin")
+    .arg(agent_admin.to_string())
+    .arg("--state-dir")
+    .arg(&state_dir)
+    .arg("--config")
+    .arg(&config)
+    .arg("--secret-file")
+    .arg(&secret_file)
+    .env("RUST_LOG", "info,roost_agent::zygote=debug")
+    .env("NO_COLOR", "1");
+    let agent_log = root.join("agent.log");
+    let agent = Proc::spawn("agent", cmd, &agent_log, Signal::SIGTERM);
+    let mut cmd = Command::new(bin_dir.join("roost-proxy"));
+    cmd.args(["--etcd", etcd.url()])
+        .arg("--listen")
+        .arg(proxy.to_string())
+        .arg("--admin")
+        .arg(proxy_admin.to_string())
+        .arg("--secret-file")
+        .arg(&secret_file)
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1");
+    let proxy_proc = Proc::spawn("proxy", cmd, &root.join("proxy.log"), Signal::SIGTERM);
+    let ready = wait_until(Duration::from_secs(60), || {
+        [proxy_admin, agent_admin]
+            .iter()
+            .all(|a| get(*a, Some("localhost"), "/readyz", &[]).is_ok_and(|r| r.status == 200))
+    });
+    if !ready {
+        die(&format!(
+            "proxy or agent not ready; logs in {}",
+            root.display()
+        ));
+    }
+    Node {
+        proxy,
+        agent_admin,
+        state_dir,
+        agent_log,
+        _proxy: proxy_proc,
+        _agent: agent,
+        etcd,
+    }
+}
+
+/// One request on a new connection through the proxy; the time to the end of the response.
+fn timed_get(node: &Node, host: &str) -> Duration {
+    let t0 = Instant::now();
+    let r = get(node.proxy, Some(host), "/", &[]).unwrap_or_else(|e| die(&format!("{host}: {e}")));
+    let took = t0.elapsed();
+    if r.status != 200 || r.text() != "Hello, world\n" {
+        die(&format!("{host}: {} {}", r.status, r.text()));
+    }
+    took
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn summary(label: &str, samples: &mut [f64]) -> String {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    format!(
+        "{label:<28} {:>4} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+        samples.len(),
+        pct(samples, 50.0),
+        pct(samples, 90.0),
+        pct(samples, 99.0),
+        samples[0],
+        samples[samples.len() - 1]
+    )
+}
+
+fn pss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn children(parent: u32) -> Vec<u32> {
+    roost_tests::procfs::children(parent)
+}
+
+/// The pid the agent reports for `host`'s current worker.
+fn worker_pid(node: &Node, host: &str) -> u32 {
+    let r = get(node.agent_admin, Some("localhost"), "/sites", &[])
+        .unwrap_or_else(|e| die(&format!("/sites: {e}")));
+    let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+    let sites = v
+        .as_array()
+        .cloned()
+        .or_else(|| v["sites"].as_array().cloned())
+        .unwrap_or_default();
+    sites
+        .iter()
+        .find(|s| s["host"] == host)
+        .and_then(|s| s["pid"].as_u64())
+        .map(|p| p as u32)
+        .unwrap_or_else(|| die(&format!("no worker pid for {host} in /sites: {}", r.text())))
+}
+
+fn main() {
+    let a = args();
+    for b in ["roost-agent", "roost-proxy"] {
+        if !a.bin_dir.join(b).is_file() {
+            die(&format!(
+                "{} not found; build it first (bench/cold-start.sh does)",
+                a.bin_dir.join(b).display()
+            ));
+        }
+    }
+    let root = TempRoot::new("bench");
+    let user = ensure_user(USER);
+    let sites_dir = root.subdir("sites");
+    let node = start(root.path(), &a.bin_dir, a.cgroups);
+    let n = a.sites;
+    println!(
+        "roost cold-start benchmark: {n} sites per mode, cgroups {}, binaries from {}, {} CPUs, kernel {}",
+        if a.cgroups { "on" } else { "off" },
+        a.bin_dir.display(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
+    );
+
+    // Register every site (plus a warm-up site per mode, not counted), wait until the last
+    // one answers: by then proxy and agent know them all.
+    let mut hosts = Vec::new();
+    for i in 0..=n {
+        for (mode, spawn) in [("z", "zygote"), ("d", "direct")] {
+            let host = if i == n {
+                format!("warmup-{mode}.bench")
+            } else {
+                format!("{mode}{i}.bench")
+            };
+            let dir = site_dir(&sites_dir, &user, &host, HELLO);
+            let record = json!({"user": USER, "app": "app:application", "dir": dir, "idle_timeout": 86400, "spawn": spawn});
+            node.etcd
+                .put(&format!("{PREFIX}/sites/{host}"), &record.to_string());
+            hosts.push(host);
+        }
+    }
+    for host in ["warmup-z.bench", "warmup-d.bench"] {
+        let ok = wait_until(Duration::from_secs(30), || {
+            get(node.proxy, Some(host), "/", &[]).is_ok_and(|r| r.status == 200)
+        });
+        if !ok {
+            die(&format!(
+                "{host} never answered; logs in {}",
+                root.path().display()
+            ));
+        }
+    }
+
+    let (mut zygote, mut direct) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        zygote.push(ms(timed_get(&node, &format!("z{i}.bench"))));
+        std::thread::sleep(Duration::from_millis(50));
+        direct.push(ms(timed_get(&node, &format!("d{i}.bench"))));
+        // Let the fresh gunicorn finish booting in the background before the next sample.
+        std::thread::sleep(Duration::from_millis(150));
+        print!(".");
+        let _ = std::io::stdout().flush();
+    }
+    println!();
+    let mut warm_z: Vec<f64> = (0..a.warm)
+        .map(|_| ms(timed_get(&node, "z0.bench")))
+        .collect();
+    let mut warm_d: Vec<f64> = (0..a.warm)
+        .map(|_| ms(timed_get(&node, "d0.bench")))
+        .collect();
+
+    println!("\nfirst request to a never-started site, client -> proxy -> agent -> new worker -> client (ms)");
+    println!(
+        "{:<28} {:>4} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "", "n", "p50", "p90", "p99", "min", "max"
+    );
+    println!("{}", summary("zygote (forked worker)", &mut zygote));
+    println!("{}", summary("direct (fresh gunicorn)", &mut direct));
+    println!("{}", summary("warm, zygote worker", &mut warm_z));
+    println!("{}", summary("warm, direct worker", &mut warm_d));
+
+    // Where a zygote cold start goes, as the workers logged it (median per phase).
+    let mut phases: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut totals = Vec::new();
+    for i in 0..n {
+        let log =
+            std::fs::read_to_string(node.state_dir.join("logs").join(format!("z{i}.bench.log")))
+                .unwrap_or_default();
+        let Some(line) = log.lines().find(|l| l.contains("first response")) else {
+            continue;
+        };
+        if let Some(total) = line
+            .split("first response ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next()?.parse::<f64>().ok())
+        {
+            totals.push(total);
+        }
+        let Some(inner) = line
+            .rsplit_once('(')
+            .map(|(_, r)| r.trim_end_matches(" ms)"))
+        else {
+            continue;
+        };
+        for part in inner.split(", ") {
+            if let Some((name, v)) = part.rsplit_once(' ') {
+                if let Ok(v) = v.parse::<f64>() {
+                    match phases.iter_mut().find(|(n, _)| n == name) {
+                        Some((_, vs)) => vs.push(v),
+                        None => phases.push((name.to_string(), vec![v])),
+                    }
+                }
+            }
+        }
+    }
+    if !totals.is_empty() {
+        totals.sort_by(|a, b| a.total_cmp(b));
+        let mut line = format!(
+            "\nzygote worker boot, as logged by the workers (median ms): fork -> first response {:.2} =",
+            pct(&totals, 50.0)
+        );
+        for (name, vs) in phases.iter_mut() {
+            vs.sort_by(|a, b| a.total_cmp(b));
+            line += &format!(" {name} {:.2}", pct(vs, 50.0));
+        }
+        println!("{line}");
+    }
+
+    // The agent's part of a zygote start, from its debug lines (median µs).
+    let agent_log = std::fs::read_to_string(&node.agent_log).unwrap_or_default();
+    let mut agent_phases: Vec<(&str, &str, Vec<f64>)> = vec![
+        ("lookup_us", "interpreter check and zygote lookup", vec![]),
+        ("fork_us", "fork request and the zygote's answer", vec![]),
+        ("send_us", "spec and fds sent to the child", vec![]),
+    ];
+    for line in agent_log
+        .lines()
+        .filter(|l| l.contains("worker forked") && !l.contains("warmup"))
+    {
+        for (name, _, vs) in agent_phases.iter_mut() {
+            if let Some(v) = line
+                .split(&format!("{name}="))
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            {
+                vs.push(v);
+            }
+        }
+    }
+    if !agent_phases[1].2.is_empty() {
+        let mut parts = Vec::new();
+        for (_, label, vs) in agent_phases.iter_mut() {
+            vs.sort_by(|a, b| a.total_cmp(b));
+            parts.push(format!("{label} {:.0}", pct(vs, 50.0)));
+        }
+        println!(
+            "agent side of a zygote start (median µs): {}",
+            parts.join(", ")
+        );
+    }
+
+    // PSS of one warm hello-world worker per mode (all sites' workers still running).
+    let zpid = worker_pid(&node, "z0.bench");
+    let dpid = worker_pid(&node, "d0.bench");
+    let z_pss = pss_kb(zpid) + children(zpid).iter().map(|p| pss_kb(*p)).sum::<u64>();
+    let d_kids = children(dpid);
+    let d_worker: u64 = d_kids.iter().map(|p| pss_kb(*p)).sum();
+    let d_pss = pss_kb(dpid) + d_worker;
+    let zygote_pss: u64 = roost_tests::procfs::all_pids()
+        .into_iter()
+        .filter(|p| {
+            roost_tests::procfs::comm(*p) == "roost-zygote"
+                && roost_tests::procfs::ppid(*p)
+                    .is_some_and(|pp| roost_tests::procfs::comm(pp) == "roost-agent")
+        })
+        .filter(|p| roost_tests::procfs::children(*p).contains(&zpid))
+        .map(pss_kb)
+        .sum();
+    println!(
+        "\nPSS of one warm hello-world site's worker processes, {} workers of each mode running (kB):",
+        n + 1
+    );
+    println!("  zygote: forked worker {z_pss} kB (pid {zpid}; its zygote {zygote_pss} kB, shared by all forks)");
+    println!(
+        "  direct: gunicorn arbiter + worker {d_pss} kB (pid {dpid}: arbiter {} kB, worker {d_worker} kB)",
+        pss_kb(dpid)
+    );
+    if d_pss > 0 {
+        println!("  ratio zygote/direct: {:.2}", z_pss as f64 / d_pss as f64);
+    }
+    let _ = std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755));
+}

@@ -1,0 +1,592 @@
+//! Issue 4, "What it must show": workers forked from a preloaded zygote are exactly their
+//! site's user and hold nothing of the agent's; virtualenvs, `command` sites and the direct
+//! opt-out work; a zygote's death spares running sites; an agent's death ends its workers.
+//! Real etcd, real binaries, real users, real Python.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use roost_tests::cluster::PREFIX;
+use roost_tests::process::{pid_alive, pid_exists};
+use roost_tests::procfs::{
+    agent_pid, cmdline, environ, fds, inode_of, ppid, status_field, status_ids, unix_sockets,
+    zygote_pids,
+};
+use roost_tests::{ensure_user, site_dir, wait_for, wait_until, Cluster, Response, User};
+use serde_json::{json, Value};
+
+const ALICE: &str = "roost-t-alice";
+const BOB: &str = "roost-t-bob";
+/// Deadline for a new site to answer (includes etcd propagation and a zygote's start).
+const FIRST_ANSWER: Duration = Duration::from_secs(15);
+/// Deadline for a process to go away once it should.
+const EXIT: Duration = Duration::from_secs(20);
+
+/// The variables a worker's environment may hold (`worker_env`), besides the site's own.
+const WORKER_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "PYTHONUNBUFFERED",
+    "ROOST_SITE",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "VIRTUAL_ENV",
+];
+
+fn put_site(c: &Cluster, host: &str, record: Value) {
+    c.etcd
+        .put(&format!("{PREFIX}/sites/{host}"), &record.to_string());
+}
+
+fn echo_record(user: &User, dir: &Path) -> Value {
+    json!({"user": user.name, "app": "app:application", "dir": dir, "idle_timeout": 600})
+}
+
+fn first_answer(c: &Cluster, host: &str) -> Response {
+    c.wait_for_status(host, 200, FIRST_ANSWER)
+        .unwrap_or_else(|last| {
+            panic!(
+                "{host} never answered 200; last: {last}\n{}",
+                c.diagnostics()
+            )
+        })
+}
+
+fn report_pid(v: &Value) -> u32 {
+    v["pid"].as_u64().expect("pid in the echo report") as u32
+}
+
+/// The agent's pid and its one live zygote (waiting for it to be up).
+fn agent_and_zygote(c: &Cluster) -> (u32, u32) {
+    let agent =
+        agent_pid(c).unwrap_or_else(|| panic!("agent process not found\n{}", c.diagnostics()));
+    let zygote = wait_for(EXIT, || zygote_pids(agent).first().copied()).unwrap_or_else(|| {
+        panic!(
+            "no roost-zygote child of agent {agent}\n{}",
+            c.diagnostics()
+        )
+    });
+    (agent, zygote)
+}
+
+fn sorted(mut v: Vec<u32>) -> Vec<u32> {
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// The groups `id -G` gives the user (what the worker must have, root's group aside).
+fn user_groups(user: &User) -> Vec<u32> {
+    let out = Command::new("id")
+        .arg("-G")
+        .arg(&user.name)
+        .output()
+        .expect("run id -G");
+    let groups = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|g| g.parse().ok())
+        .filter(|g| *g != 0)
+        .collect();
+    sorted(groups)
+}
+
+#[test]
+fn a_forked_worker_is_exactly_its_site_user_and_holds_nothing_of_the_agent() {
+    let c = Cluster::start();
+    let alice = ensure_user(ALICE);
+    let host = "forked.example";
+    let dir = c.echo_site_dir(&alice, host);
+    let mut record = echo_record(&alice, &dir);
+    record["env"] = json!({"SITE_MARK": "m1"});
+    put_site(&c, host, record);
+    let v = first_answer(&c, host).json();
+    let pid = report_pid(&v);
+    let (agent, zygote) = agent_and_zygote(&c);
+    assert_eq!(
+        ppid(pid),
+        Some(zygote),
+        "worker {pid} was not forked by the zygote {zygote}\n{}",
+        c.diagnostics()
+    );
+
+    // The zygote runs the script the agent installed from its own binary, root's alone.
+    let script = c.state_dir.join("zygote/roost_zygote.py");
+    let meta = std::fs::metadata(&script).expect("the zygote's script in the state dir");
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o7777),
+        (0, 0o644),
+        "{}",
+        script.display()
+    );
+    assert!(
+        cmdline(zygote).iter().any(|a| Path::new(a) == script),
+        "{:?}",
+        cmdline(zygote)
+    );
+
+    // Exactly the site's ids, groups and flags.
+    assert_eq!(
+        status_ids(pid, "Uid"),
+        vec![alice.uid; 4],
+        "real, effective, saved, fs uid"
+    );
+    assert_eq!(
+        status_ids(pid, "Gid"),
+        vec![alice.gid; 4],
+        "real, effective, saved, fs gid"
+    );
+    assert_eq!(
+        sorted(status_ids(pid, "Groups")),
+        user_groups(&alice),
+        "supplementary groups"
+    );
+    assert_eq!(status_field(pid, "NoNewPrivs").as_deref(), Some("1"));
+    assert_eq!(status_field(pid, "Umask").as_deref(), Some("0027"));
+    assert_eq!(
+        status_field(pid, "CapEff").as_deref(),
+        Some("0000000000000000")
+    );
+    assert_eq!(v["cwd"], dir.to_str().unwrap());
+    // Its own session: the agent stops the worker's whole tree as -pid.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    assert_eq!(
+        fields[3],
+        pid.to_string(),
+        "the worker leads its session: {stat}"
+    );
+
+    // fds: 0 /dev/null, 1-2 the site's log, 3 the site's listening socket, 4 the lifeline
+    // (the pipe the zygote got from the agent); beyond those only what the server opened
+    // itself after the drop: its one epoll instance and connections accepted on 3.
+    let held = fds(pid);
+    let log = c.state_dir.join("logs").join(format!("{host}.log"));
+    assert_eq!(
+        held.get(&0).map(String::as_str),
+        Some("/dev/null"),
+        "{held:?}"
+    );
+    for fd in [1, 2] {
+        assert_eq!(
+            held.get(&fd).map(Path::new),
+            Some(log.as_path()),
+            "fd {fd}: {held:?}"
+        );
+    }
+    let socks = unix_sockets();
+    let sock_path = c.site_state_dir(host).join("sock");
+    let listen = held
+        .get(&3)
+        .and_then(|t| inode_of(t))
+        .and_then(|i| socks.get(&i))
+        .cloned();
+    assert_eq!(
+        listen.as_ref().map(|s| s.state),
+        Some(1),
+        "fd 3 must be a listening socket: {held:?}"
+    );
+    assert_eq!(
+        listen.and_then(|s| s.path),
+        Some(sock_path.clone()),
+        "fd 3 must be the site's socket"
+    );
+    let zygote_lifeline = fds(zygote).get(&5).cloned();
+    assert!(
+        held.get(&4).is_some_and(|t| t.starts_with("pipe:")),
+        "fd 4 must be the lifeline: {held:?}"
+    );
+    assert_eq!(
+        held.get(&4),
+        zygote_lifeline.as_ref(),
+        "fd 4 is the agent's lifeline pipe"
+    );
+    let epolls = held
+        .values()
+        .filter(|t| *t == "anon_inode:[eventpoll]")
+        .count();
+    assert!(epolls <= 1, "more than the server's own epoll fd: {held:?}");
+    for (fd, target) in held
+        .iter()
+        .filter(|(fd, t)| **fd > 4 && *t != "anon_inode:[eventpoll]")
+    {
+        let accepted = inode_of(target)
+            .and_then(|i| socks.get(&i))
+            .is_some_and(|s| s.state == 3 && s.path.as_deref() == Some(sock_path.as_path()));
+        assert!(accepted, "fd {fd} ({target}) is neither stdio, the socket, the lifeline nor a connection on it: {held:?}");
+    }
+
+    // No variable of the agent's environment: not in the exec-time block, not in Python's.
+    let agent_env = environ(agent);
+    assert!(
+        agent_env.contains_key("RUST_LOG"),
+        "the harness gives the agent RUST_LOG"
+    );
+    let os_environ: BTreeSet<String> = v["os_environ"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    for name in &os_environ {
+        assert!(
+            WORKER_ENV.contains(&name.as_str()) || name == "SITE_MARK",
+            "worker environment has {name}, which Roost does not set: {os_environ:?}"
+        );
+    }
+    assert_eq!(v["os_environ"]["SITE_MARK"], "m1");
+    assert_eq!(v["os_environ"]["LISTEN_PID"], pid.to_string());
+    assert_eq!(v["os_environ"]["ROOST_SITE"], host);
+    for name in environ(pid).keys() {
+        assert!(
+            !agent_env.contains_key(name) || WORKER_ENV.contains(&name.as_str()),
+            "exec-time environment of the worker holds the agent's {name}"
+        );
+    }
+
+    // The site's cgroup (issue 3), where the node has them.
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let kind = c
+        .agent_log()
+        .lines()
+        .find(|l| l.contains("per-site limits"))
+        .unwrap_or_default()
+        .to_string();
+    let controller = if kind.contains("V1") {
+        Some(":memory:")
+    } else if kind.contains("V2") {
+        Some("0::")
+    } else {
+        None
+    };
+    if let Some(controller) = controller {
+        let line = cgroup
+            .lines()
+            .find(|l| l.contains(controller))
+            .unwrap_or_default();
+        assert!(
+            line.ends_with(&format!("/{host}")),
+            "worker {pid} is not in the site's cgroup ({kind}):\n{cgroup}"
+        );
+    }
+    c.assert_running();
+}
+
+#[test]
+fn a_site_with_two_workers_gets_two_forked_processes_that_stop_together() {
+    let c = Cluster::start();
+    let alice = ensure_user(ALICE);
+    let host = "two.example";
+    let mut record = echo_record(&alice, &c.echo_site_dir(&alice, host));
+    record["workers"] = json!(2);
+    put_site(&c, host, record);
+    let answered = report_pid(&first_answer(&c, host).json());
+    let (_, zygote) = agent_and_zygote(&c);
+    // The leader is the zygote's child; the second process is the leader's.
+    let leader = if ppid(answered) == Some(zygote) {
+        answered
+    } else {
+        ppid(answered).unwrap()
+    };
+    assert_eq!(
+        ppid(leader),
+        Some(zygote),
+        "the site's leader was not forked by the zygote"
+    );
+    let others = roost_tests::procfs::children(leader);
+    assert_eq!(
+        others.len(),
+        1,
+        "workers=2: one more process under the leader: {others:?}"
+    );
+    let other = others[0];
+    assert_eq!(status_ids(other, "Uid"), vec![alice.uid; 4]);
+    assert_eq!(status_field(other, "NoNewPrivs").as_deref(), Some("1"));
+    assert_eq!(
+        fds(other).get(&3),
+        fds(leader).get(&3),
+        "both serve the site's socket"
+    );
+    c.etcd.etcdctl(&["del", &format!("{PREFIX}/sites/{host}")]);
+    for pid in [leader, other] {
+        assert!(
+            wait_until(EXIT, || !pid_exists(pid)),
+            "worker process {pid} outlived its removed site\n{}",
+            c.diagnostics()
+        );
+    }
+    c.assert_running();
+}
+
+#[test]
+fn a_virtualenv_site_imports_a_package_that_only_its_virtualenv_has() {
+    let c = Cluster::start();
+    let bob = ensure_user(BOB);
+    let host = "venv.example";
+    let app = "import roost_venv_only\n\ndef application(environ, start_response):\n    body = roost_venv_only.MARK.encode()\n    start_response('200 OK', [('Content-Length', str(len(body)))])\n    return [body]\n";
+    let dir = site_dir(&c.root().join("sites"), &bob, host, app);
+    let venv = dir.join("venv");
+    let out = Command::new("/usr/bin/python3")
+        .args(["-m", "venv", "--without-pip"])
+        .arg(&venv)
+        .output()
+        .expect("python3 -m venv");
+    assert!(
+        out.status.success(),
+        "venv: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let version = Command::new("/usr/bin/python3")
+        .args(["-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
+        .output()
+        .expect("python3 version");
+    let version = String::from_utf8_lossy(&version.stdout).trim().to_string();
+    let pkg = venv.join(format!("lib/python{version}/site-packages/roost_venv_only"));
+    std::fs::create_dir_all(&pkg).unwrap();
+    std::fs::write(pkg.join("__init__.py"), "MARK = 'only-in-the-venv'\n").unwrap();
+    let system = Command::new("/usr/bin/python3")
+        .args(["-c", "import roost_venv_only"])
+        .output()
+        .unwrap();
+    assert!(
+        !system.status.success(),
+        "the package must not exist outside the virtualenv"
+    );
+
+    let mut record =
+        json!({"user": bob.name, "app": "app:application", "dir": dir, "idle_timeout": 600});
+    record["virtualenv"] = json!(venv);
+    put_site(&c, host, record);
+    let resp = first_answer(&c, host);
+    assert_eq!(resp.text(), "only-in-the-venv");
+    // Forked from the system interpreter's zygote (the virtualenv's python is a link to it).
+    let (_, zygote) = agent_and_zygote(&c);
+    let worker = c.agent_log();
+    let pid = worker
+        .lines()
+        .rev()
+        .find(|l| l.contains("worker started") && l.contains(host))
+        .and_then(|l| l.split("pid=").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("no 'worker started' line for {host}\n{}", c.diagnostics()));
+    assert_eq!(
+        ppid(pid),
+        Some(zygote),
+        "the virtualenv site's worker was not forked by the zygote"
+    );
+    c.assert_running();
+}
+
+/// A `command` site's program: serves HTTP on the socket passed as fd 3 (LISTEN_FDS).
+const COMMAND_SERVER: &str = r#"
+import os, socket
+assert os.environ["LISTEN_FDS"] == "1", os.environ
+assert int(os.environ["LISTEN_PID"]) == os.getpid()
+s = socket.socket(fileno=3)
+while True:
+    conn, _ = s.accept()
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    body = ("command site pid %d uid %d" % (os.getpid(), os.getuid())).encode()
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    conn.close()
+"#;
+
+#[test]
+fn a_command_site_and_a_direct_site_answer_without_the_zygote() {
+    let c = Cluster::start();
+    let alice = ensure_user(ALICE);
+    let host = "command.example";
+    let dir = site_dir(&c.root().join("sites"), &alice, host, COMMAND_SERVER);
+    put_site(
+        &c,
+        host,
+        json!({"user": alice.name, "command": ["/usr/bin/python3", "app.py"], "dir": dir}),
+    );
+    let resp = first_answer(&c, host);
+    let text = resp.text();
+    assert!(text.starts_with("command site pid "), "{text}");
+    assert!(text.ends_with(&format!("uid {}", alice.uid)), "{text}");
+    let (agent, _) = agent_and_zygote(&c);
+    let pid: u32 = text.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert_eq!(
+        ppid(pid),
+        Some(agent),
+        "a command site is the agent's own child"
+    );
+
+    let direct = "direct.example";
+    let mut record = echo_record(&alice, &c.echo_site_dir(&alice, direct));
+    record["spawn"] = json!("direct");
+    put_site(&c, direct, record);
+    let v = first_answer(&c, direct).json();
+    // gunicorn's arbiter is the agent's child; the worker that answered is its child.
+    let arbiter = ppid(report_pid(&v)).unwrap();
+    assert_eq!(
+        ppid(arbiter),
+        Some(agent),
+        "an opted-out site runs a fresh gunicorn under the agent"
+    );
+    assert!(
+        cmdline(arbiter).iter().any(|a| a == "gunicorn"),
+        "{:?}",
+        cmdline(arbiter)
+    );
+    c.assert_running();
+}
+
+#[test]
+fn killing_the_zygote_spares_running_workers_and_the_next_cold_start_works() {
+    let c = Cluster::start();
+    let alice = ensure_user(ALICE);
+    let first = "before.example";
+    put_site(
+        &c,
+        first,
+        echo_record(&alice, &c.echo_site_dir(&alice, first)),
+    );
+    let pid = report_pid(&first_answer(&c, first).json());
+    let (agent, zygote) = agent_and_zygote(&c);
+    assert_eq!(ppid(pid), Some(zygote));
+
+    kill(Pid::from_raw(zygote as i32), Signal::SIGKILL).unwrap();
+    assert!(
+        wait_until(EXIT, || !pid_alive(zygote)),
+        "zygote {zygote} survived SIGKILL"
+    );
+    // The running worker does not notice: same process, still answering.
+    for _ in 0..5 {
+        let v = c
+            .get(first, "/")
+            .expect("request after the zygote died")
+            .json();
+        assert_eq!(
+            report_pid(&v),
+            pid,
+            "the worker was replaced after its zygote died"
+        );
+    }
+    assert!(pid_alive(pid));
+    // A new zygote comes up, and the next cold start is forked from it.
+    let new_zygote = wait_for(EXIT, || {
+        zygote_pids(agent).into_iter().find(|z| *z != zygote)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no new zygote after the first was killed\n{}",
+            c.diagnostics()
+        )
+    });
+    let second = "after.example";
+    put_site(
+        &c,
+        second,
+        echo_record(&alice, &c.echo_site_dir(&alice, second)),
+    );
+    let pid2 = report_pid(&first_answer(&c, second).json());
+    assert_eq!(
+        ppid(pid2),
+        Some(new_zygote),
+        "the next cold start was not forked by the new zygote"
+    );
+    // The orphaned worker still stops cleanly when its site goes (the agent watches its pidfd).
+    c.etcd.etcdctl(&["del", &format!("{PREFIX}/sites/{first}")]);
+    assert!(
+        wait_until(EXIT, || !pid_exists(pid)),
+        "orphaned worker {pid} did not stop when its site was removed\n{}",
+        c.diagnostics()
+    );
+    assert!(
+        wait_until(EXIT, || c.agent_log().lines().any(|l| l
+            .contains("worker stopped")
+            && l.contains(&format!("pid={pid}")))),
+        "the agent never saw worker {pid} exit\n{}",
+        c.diagnostics()
+    );
+    c.assert_running();
+}
+
+#[test]
+fn workers_exit_when_the_agent_is_sigkilled() {
+    let c = Cluster::start();
+    let alice = ensure_user(ALICE);
+    let host = "orphan.example";
+    put_site(
+        &c,
+        host,
+        echo_record(&alice, &c.echo_site_dir(&alice, host)),
+    );
+    let pid = report_pid(&first_answer(&c, host).json());
+    let (agent, zygote) = agent_and_zygote(&c);
+    assert_eq!(ppid(pid), Some(zygote));
+    kill(Pid::from_raw(agent as i32), Signal::SIGKILL).unwrap();
+    assert!(
+        wait_until(EXIT, || !pid_alive(pid)),
+        "worker {pid} outlived the SIGKILLed agent\n{}",
+        c.diagnostics()
+    );
+    assert!(
+        wait_until(EXIT, || !pid_alive(zygote)),
+        "zygote {zygote} outlived the SIGKILLed agent"
+    );
+    assert!(
+        c.worker_log(host).contains("the agent is gone"),
+        "the worker did not stop through its lifeline:\n{}",
+        c.worker_log(host)
+    );
+}
+
+#[test]
+fn the_cold_start_benchmark_runs() {
+    let bench = roost_tests::bins::target_dir()
+        .join("debug")
+        .join("roost-bench");
+    if !bench.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args([
+                "build",
+                "-p",
+                "roost-bench",
+                "-p",
+                "roost-agent",
+                "-p",
+                "roost-proxy",
+            ])
+            .current_dir(roost_tests::bins::workspace_root())
+            .status()
+            .expect("cargo build -p roost-bench");
+        assert!(st.success(), "building roost-bench failed");
+    }
+    let bin_dir = roost_tests::bins::target_dir().join("debug");
+    let out = Command::new(&bench)
+        .args(["--sites", "3", "--bin-dir"])
+        .arg(&bin_dir)
+        .output()
+        .expect("run roost-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "roost-bench failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in ["zygote", "direct", "p50", "p99", "PSS"] {
+        assert!(
+            stdout.contains(needle),
+            "no {needle:?} in the benchmark's report:\n{stdout}"
+        );
+    }
+}
