@@ -243,6 +243,30 @@ impl ProxyHttp for AgentHttp {
         Ok(())
     }
 
+    /// pingora retries an idempotent request that failed on a reused connection (a worker
+    /// may close an idle keep-alive connection at any time). Not when the worker itself died:
+    /// the request may be what killed it, and would kill the next one too.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Self::CTX,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let worker_gone = ctx.ticket.as_ref().is_some_and(|t| !self.supervisor.worker_alive(t));
+        if worker_gone
+            || !session.req_header().method.is_idempotent()
+            || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,

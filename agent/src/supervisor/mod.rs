@@ -419,6 +419,23 @@ impl Supervisor {
         ticket.failure_since_issued()
     }
 
+    /// Is the worker this ticket was issued for still the current one, and alive? A request
+    /// that failed on a worker that is gone must not be retried: the retry could be what
+    /// kills the next worker too (a request that crashes its worker).
+    pub fn worker_alive(&self, ticket: &Ticket) -> bool {
+        let st = ticket.slot.lock();
+        match &st.current {
+            Some(c) if c.generation == ticket.generation => {
+                // Gone from /proc, or a zombie/dead task: not alive.
+                std::fs::read_to_string(format!("/proc/{}/stat", c.pid))
+                    .ok()
+                    .and_then(|s| s.rfind(')').and_then(|i| s[i + 1..].trim_start().chars().next()))
+                    .is_some_and(|state| state != 'Z' && state != 'X')
+            }
+            _ => false,
+        }
+    }
+
     /// Move the current worker to `stopping` and ask it to finish (SIGTERM), with SIGKILL
     /// of its whole process group after the grace period.
     fn stop_current(&self, slot: &Arc<Slot>, st: &mut SlotState, reason: StopReason) {
