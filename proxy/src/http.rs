@@ -34,6 +34,9 @@ use crate::routes::Router;
 use crate::tls::TlsInfo;
 use roost_runtime::{respond, status_class, strip_internal_headers, Origin};
 
+/// How long a request that arrives before the first etcd sync waits for it.
+const STARTUP_WAIT: Duration = Duration::from_secs(5);
+
 pub struct EdgeHttp {
     pub router: Arc<Router>,
     pub cfg: Arc<Config>,
@@ -233,7 +236,7 @@ impl ProxyHttp for EdgeHttp {
                     .await;
             }
         }
-        if !self.router.is_synced() {
+        if !self.router.is_synced() && !self.router.wait_synced(STARTUP_WAIT).await {
             // An empty table says nothing about whether the site exists: not 404.
             return self
                 .refuse(

@@ -22,6 +22,9 @@ pub struct Route {
 /// One immutable view of every route and every live node.
 #[derive(Debug, Default)]
 pub struct RouteTable {
+    /// Built from both prefixes after their first full list: until then an absent site may
+    /// exist, so the table can't answer 404.
+    pub synced: bool,
     /// The revision of the site snapshot this table was built from, passed to agents so one
     /// that has not yet seen a new site waits for it instead of answering 404.
     pub revision: i64,
@@ -67,6 +70,7 @@ impl RouteTable {
             }
         }
         Self {
+            synced: false,
             revision,
             exact,
             wildcard,
@@ -111,6 +115,8 @@ pub struct Router {
     sites: OnceLock<Arc<Informer<SiteSpec>>>,
     nodes: OnceLock<Arc<Informer<NodeInfo>>>,
     table: ArcSwap<RouteTable>,
+    /// Becomes true once a synced table is published.
+    synced: tokio::sync::watch::Sender<bool>,
     suspects: Suspects,
 }
 
@@ -120,6 +126,7 @@ impl Router {
             sites: OnceLock::new(),
             nodes: OnceLock::new(),
             table: ArcSwap::from_pointee(RouteTable::default()),
+            synced: tokio::sync::watch::channel(false).0,
             suspects: Suspects::new(suspect_for),
         })
     }
@@ -142,9 +149,20 @@ impl Router {
         self.table.load_full()
     }
 
-    /// Ready once both prefixes have been listed at least once.
+    /// Ready once a table built from both prefixes' first full list is published.
     pub fn is_synced(&self) -> bool {
-        matches!((self.sites.get(), self.nodes.get()), (Some(s), Some(n)) if s.is_synced() && n.is_synced())
+        *self.synced.borrow()
+    }
+
+    /// Wait (at most `timeout`) for the first synced table. A proxy that has just taken over
+    /// the listening sockets in a binary upgrade, or just started behind a load balancer that
+    /// does not check `/readyz`, holds requests for the few milliseconds of its first etcd
+    /// list instead of refusing them.
+    pub async fn wait_synced(&self, timeout: Duration) -> bool {
+        let mut rx = self.synced.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|s| *s))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// How long ago etcd last confirmed the routing snapshot (the older of the two prefixes);
@@ -181,10 +199,17 @@ impl Router {
         let (Some(sites), Some(nodes)) = (self.sites.get(), self.nodes.get()) else {
             return;
         };
+        // Read the flags before the snapshots: a snapshot read after `is_synced` is at least
+        // the first full list.
+        let synced = sites.is_synced() && nodes.is_synced();
         let sites = sites.snapshot();
         let nodes = nodes.snapshot();
-        let table = RouteTable::build(sites.revision, &sites.items, &nodes.items);
+        let mut table = RouteTable::build(sites.revision, &sites.items, &nodes.items);
+        table.synced = synced;
         self.table.store(Arc::new(table));
+        if synced {
+            self.synced.send_if_modified(|s| !std::mem::replace(s, true));
+        }
     }
 
     /// Rebuild the table whenever either snapshot changes. Call after [`Router::attach`].

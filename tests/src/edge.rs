@@ -616,12 +616,16 @@ impl Edge {
     }
 
     /// Which agent logged request id `id` (the node that served it).
+    /// The node whose agent logged request `id`. The agent writes its log line once the
+    /// response is sent, so the client may see the response first: poll for a moment.
     pub fn served_by(&self, id: &str) -> Option<String> {
         let needle = format!("request_id={id}");
-        self.agents
-            .iter()
-            .find(|a| a.log().contains(&needle))
-            .map(|a| a.id.clone())
+        crate::wait::wait_for(Duration::from_secs(3), || {
+            self.agents
+                .iter()
+                .find(|a| a.log().contains(&needle))
+                .map(|a| a.id.clone())
+        })
     }
 
     pub fn diagnostics(&self) -> String {
