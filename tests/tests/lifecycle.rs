@@ -579,3 +579,59 @@ fn a_killed_agents_workers_do_not_live_on() {
         proc_state(worker as u32)
     );
 }
+
+#[test]
+fn a_sites_output_is_readable_with_roostctl_and_only_with_the_secret() {
+    let c = Cluster::start();
+    let carol = ensure_user(CAROL);
+    let dir = site_dir(
+        &c.root().join("sites"),
+        &carol,
+        "chatty",
+        "import sys\nprint('chatty site importing', flush=True)\n\
+         print('chatty warning on stderr', file=sys.stderr, flush=True)\n\
+         def application(environ, start_response):\n\
+         \x20   start_response('200 OK', [('Content-Length', '2')])\n\
+         \x20   return [b'ok']\n",
+    );
+    c.add_site("chatty.example", &carol, &dir, &[]);
+    c.wait_for_status("chatty.example", 200, Duration::from_secs(10))
+        .unwrap();
+    let secret = c.root().join("secret");
+    let secret = secret.to_str().unwrap();
+    let out = c.roostctl_ok(&[
+        "site",
+        "logs",
+        "chatty.example",
+        "--lines",
+        "50",
+        "--secret-file",
+        secret,
+    ]);
+    assert!(out.contains("chatty site importing"), "{out}");
+    assert!(out.contains("chatty warning on stderr"), "{out}");
+
+    // Without the cluster secret the agent refuses: a site's log is its owner's business.
+    let wrong = c.root().join("wrong-secret");
+    std::fs::write(&wrong, "0123456789abcdef-not-the-secret").unwrap();
+    let out = c.roostctl(&[
+        "site",
+        "logs",
+        "chatty.example",
+        "--secret-file",
+        wrong.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{out:?}"
+    );
+    let direct = get(
+        c.agent_admin,
+        Some("localhost"),
+        "/sites/chatty.example/log",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(direct.status, 403);
+}
