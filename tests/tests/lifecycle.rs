@@ -264,6 +264,23 @@ fn a_memory_hog_is_killed_and_its_neighbour_keeps_answering() {
         (64u64 << 20).to_string(),
         "cgroups {cgroup}"
     );
+    // And the process limit (the agent's default pids_max, 512), in the pids hierarchy on v1.
+    let pids_path = cgroup
+        .lines()
+        .find_map(|l| {
+            l.split_once(":pids:")
+                .map(|(_, p)| format!("/sys/fs/cgroup/pids{p}"))
+        })
+        .or_else(|| v2_path.clone().map(|p| format!("/sys/fs/cgroup{p}")))
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(format!("{pids_path}/pids.max"))
+            .unwrap()
+            .trim(),
+        "512",
+        "cgroups {cgroup}"
+    );
+    assert!(pids_path.ends_with("/hog.example"), "{pids_path}");
     assert!(
         mem_path.unwrap_or_default().ends_with("/hog.example")
             || v2_path.unwrap_or_default().ends_with("/hog.example")
