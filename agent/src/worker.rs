@@ -257,7 +257,8 @@ fn cheapest_join_file(procs: &std::path::Path) -> PathBuf {
     }
 }
 
-fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+/// A libc return code as a `Result` (negative: the thread's errno).
+pub(crate) fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc < 0 {
         Err(io::Error::last_os_error())
     } else {

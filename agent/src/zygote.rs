@@ -50,7 +50,7 @@ use tracing::{debug, info, warn};
 
 use crate::socket::{ensure_dir, SiteSocket};
 use crate::users::SiteUser;
-use crate::worker::worker_env;
+use crate::worker::{check, worker_env};
 
 /// The zygote's Python source, installed at start so the binary is self-contained.
 pub const SCRIPT: &str = include_str!("../python/roost_zygote.py");
@@ -696,14 +696,6 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     }
     // SAFETY: see above.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
 }
 
 #[cfg(test)]
