@@ -98,6 +98,7 @@ impl ServeHttp for AdminApp {
                 self.metrics
                     .snapshot_staleness_ms
                     .set(self.sites.staleness_ms() as i64);
+                self.metrics.set_site_series(&self.supervisor.status());
                 admin_reply(200, "text/plain; version=0.0.4", self.metrics.render())
             }
             "/sites" => {

@@ -255,7 +255,10 @@ impl ProxyHttp for AgentHttp {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        let worker_gone = ctx.ticket.as_ref().is_some_and(|t| !self.supervisor.worker_alive(t));
+        let worker_gone = ctx
+            .ticket
+            .as_ref()
+            .is_some_and(|t| !self.supervisor.worker_alive(t));
         if worker_gone
             || !session.req_header().method.is_idempotent()
             || session.as_ref().retry_buffer_truncated()

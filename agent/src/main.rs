@@ -166,4 +166,3 @@ impl ShutdownSignalWatch for DrainOnSignal {
         ShutdownSignal::GracefulTerminate
     }
 }
-

@@ -1,6 +1,10 @@
 //! The agent's Prometheus metrics (`roost_agent_*`), on the admin port's `/metrics`.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::supervisor::SiteStatus;
 
 pub struct Metrics {
     registry: Registry,
@@ -17,6 +21,9 @@ pub struct Metrics {
     pub start_timeouts: IntCounter,
     pub oom_kills: IntCounter,
     pub limit_failures: IntCounter,
+    /// Per-site series, only for sites with a worker (DESIGN.md: bounded label sets).
+    site_in_flight: IntGaugeVec,
+    site_memory_bytes: IntGaugeVec,
 }
 
 impl Metrics {
@@ -91,6 +98,22 @@ impl Metrics {
                 "Workers started without kernel limits because their cgroup could not be set up",
             )
             .unwrap(),
+            site_in_flight: IntGaugeVec::new(
+                Opts::new(
+                    "roost_agent_site_in_flight",
+                    "Requests in flight, per site with a worker",
+                ),
+                &["site"],
+            )
+            .unwrap(),
+            site_memory_bytes: IntGaugeVec::new(
+                Opts::new(
+                    "roost_agent_site_memory_bytes",
+                    "Memory charged to the site's cgroup, per site with a worker",
+                ),
+                &["site"],
+            )
+            .unwrap(),
             registry,
         };
         for c in [
@@ -107,10 +130,29 @@ impl Metrics {
             Box::new(m.start_timeouts.clone()),
             Box::new(m.oom_kills.clone()),
             Box::new(m.limit_failures.clone()),
+            Box::new(m.site_in_flight.clone()),
+            Box::new(m.site_memory_bytes.clone()),
         ] {
             m.registry.register(c).expect("metric names are unique");
         }
         m
+    }
+
+    /// Refill the per-site series from the supervisor's view: sites whose worker stopped
+    /// drop out, so the series count follows the workers, not every site ever seen.
+    pub fn set_site_series(&self, sites: &[SiteStatus]) {
+        self.site_in_flight.reset();
+        self.site_memory_bytes.reset();
+        for site in sites.iter().filter(|s| s.pid.is_some()) {
+            self.site_in_flight
+                .with_label_values(&[site.host.as_str()])
+                .set(site.in_flight as i64);
+            if let Some(bytes) = site.memory_bytes {
+                self.site_memory_bytes
+                    .with_label_values(&[site.host.as_str()])
+                    .set(bytes as i64);
+            }
+        }
     }
 
     /// The Prometheus text exposition of every metric.

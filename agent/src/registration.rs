@@ -74,7 +74,9 @@ impl Registration {
     }
 
     async fn wait_listening(&self) {
-        let Ok(mut addr) = self.cfg.listen.parse::<std::net::SocketAddr>() else { return };
+        let Ok(mut addr) = self.cfg.listen.parse::<std::net::SocketAddr>() else {
+            return;
+        };
         if addr.ip().is_unspecified() {
             addr.set_ip(if addr.is_ipv4() {
                 std::net::Ipv4Addr::LOCALHOST.into()

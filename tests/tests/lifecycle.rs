@@ -326,6 +326,12 @@ fn a_memory_hog_is_killed_and_its_neighbour_keeps_answering() {
         c.diagnostics()
     );
     assert!(c.agent_log().contains("exceeding the site's memory limit"));
+    // Per-site series exist for sites with a worker.
+    assert!(
+        c.agent_metric("roost_agent_site_memory_bytes{site=\"calm.example\"}") > 0.0,
+        "{}",
+        c.diagnostics()
+    );
     assert_eq!(
         neighbour_failures.load(Ordering::Relaxed),
         0,

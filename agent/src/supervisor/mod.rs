@@ -429,7 +429,10 @@ impl Supervisor {
                 // Gone from /proc, or a zombie/dead task: not alive.
                 std::fs::read_to_string(format!("/proc/{}/stat", c.pid))
                     .ok()
-                    .and_then(|s| s.rfind(')').and_then(|i| s[i + 1..].trim_start().chars().next()))
+                    .and_then(|s| {
+                        s.rfind(')')
+                            .and_then(|i| s[i + 1..].trim_start().chars().next())
+                    })
                     .is_some_and(|state| state != 'Z' && state != 'X')
             }
             _ => false,
