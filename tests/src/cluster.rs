@@ -34,6 +34,7 @@ pub struct Cluster {
     proxy: Proc,
     agent: Proc,
     pub etcd: Etcd,
+    opts: Options,
     // Declared last so it is removed after every process is gone.
     root: TempRoot,
 }
@@ -65,24 +66,15 @@ impl Cluster {
         let (agent_addr, agent_admin) = (free_addr(), free_addr());
         let (proxy_addr, proxy_admin) = (free_addr(), free_addr());
 
-        let mut cmd = Command::new(&agent_bin);
-        cmd.arg("--etcd")
-            .arg(etcd.url())
-            .args(["--node-id", NODE_ID])
-            .arg("--listen")
-            .arg(agent_addr.to_string())
-            .arg("--admin")
-            .arg(agent_admin.to_string())
-            .arg("--state-dir")
-            .arg(&state_dir)
-            .arg("--secret-file")
-            .arg(&secret_file);
-        if let Some(toml) = &opts.agent_config {
-            let path = root.path().join("agent.toml");
-            std::fs::write(&path, toml).expect("write agent config");
-            cmd.arg("--config").arg(path);
-        }
-        log_env(&mut cmd);
+        let cmd = agent_command(
+            &agent_bin,
+            etcd.url(),
+            agent_addr,
+            agent_admin,
+            &state_dir,
+            root.path(),
+            &opts,
+        );
         let mut agent = Proc::spawn(
             "agent",
             cmd,
@@ -151,6 +143,7 @@ impl Cluster {
             proxy,
             agent,
             etcd,
+            opts,
             root,
         }
     }
@@ -266,6 +259,30 @@ impl Cluster {
         get(self.agent_admin, Some("localhost"), "/sites", &[])
             .map(|r| r.json())
             .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Start the agent again on the same state directory, addresses and node id (after the
+    /// test stopped or killed it); waits until its `/readyz` is 200.
+    pub fn restart_agent(&mut self) {
+        let cmd = agent_command(
+            &bin(AGENT),
+            self.etcd.url(),
+            self.agent_addr,
+            self.agent_admin,
+            &self.state_dir,
+            self.root.path(),
+            &self.opts,
+        );
+        self.agent = Proc::spawn(
+            "agent",
+            cmd,
+            &self.root.path().join("agent-restarted.log"),
+            Signal::SIGTERM,
+        );
+        let ready = wait_until(START_TIMEOUT, || {
+            status_of(self.agent_admin, "/readyz") == Some(200)
+        });
+        assert!(ready, "restarted agent not ready\n{}", self.diagnostics());
     }
 
     /// The agent's pid (to signal it).
@@ -394,4 +411,35 @@ fn truncate(s: &str, n: usize) -> &str {
         Some((i, _)) => &s[..i],
         None => s,
     }
+}
+
+/// The agent's command line; also used to restart it on the same state.
+fn agent_command(
+    bin: &Path,
+    etcd: &str,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    state_dir: &Path,
+    root: &Path,
+    opts: &Options,
+) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--etcd")
+        .arg(etcd)
+        .args(["--node-id", NODE_ID])
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--admin")
+        .arg(admin.to_string())
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("--secret-file")
+        .arg(root.join("secret"));
+    if let Some(toml) = &opts.agent_config {
+        let path = root.join("agent.toml");
+        std::fs::write(&path, toml).expect("write agent config");
+        cmd.arg("--config").arg(path);
+    }
+    log_env(&mut cmd);
+    cmd
 }

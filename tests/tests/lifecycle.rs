@@ -658,3 +658,73 @@ fn a_sites_output_is_readable_with_roostctl_and_only_with_the_secret() {
     .unwrap();
     assert_eq!(direct.status, 403);
 }
+
+#[test]
+fn a_restarted_agent_cleans_up_what_its_predecessor_left() {
+    let mut c = Cluster::start();
+    let carol = ensure_user(CAROL);
+    misbehaving_site(&c, "messy.example", &carol, &[]);
+    c.wait_for_status("messy.example", 200, Duration::from_secs(10))
+        .unwrap();
+    // The site leaves a process behind that ignores SIGTERM in a session of its own: nothing
+    // signals it when the worker or the agent dies.
+    let (status, daemon) = json_get(&c, "messy.example", "/daemon");
+    assert_eq!(status, 200, "{daemon}");
+    let daemon = daemon["daemon"].as_u64().unwrap();
+    assert!(!dead(daemon));
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.agent_pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    c.wait_agent_exit(Duration::from_secs(5))
+        .expect("agent killed");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !dead(daemon),
+        "the leftover should have survived the agent's death"
+    );
+
+    // The new agent finds it in its cgroup and kills it, then serves the site again.
+    c.restart_agent();
+    assert!(
+        wait_until(EXIT, || dead(daemon)),
+        "leftover {daemon} survived the restarted agent\n{}",
+        c.diagnostics()
+    );
+    assert!(c
+        .agent_log()
+        .contains("killed workers left behind by a previous agent"));
+    c.wait_for_status("messy.example", 200, Duration::from_secs(10))
+        .unwrap();
+}
+
+#[test]
+fn a_node_over_its_memory_budget_evicts_an_idle_worker_to_start_another() {
+    // A budget smaller than one worker: every start must first evict the idle one.
+    let c = Cluster::start_with(Options {
+        agent_config: Some("memory_budget_mb = 1\n".into()),
+    });
+    let carol = ensure_user(CAROL);
+    misbehaving_site(&c, "first.example", &carol, &[]);
+    misbehaving_site(&c, "second.example", &carol, &[]);
+    c.wait_for_status("first.example", 200, Duration::from_secs(10))
+        .unwrap();
+    let first = worker_leader(&c, "first.example");
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            c.agent_metric("roost_agent_site_memory_bytes{site=\"first.example\"}") > 1_048_576.0
+        }),
+        "the first worker's memory is charged to its cgroup\n{}",
+        c.diagnostics()
+    );
+    c.wait_for_status("second.example", 200, Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        wait_until(EXIT, || dead(first)),
+        "the idle first worker was not evicted for memory\n{}",
+        c.diagnostics()
+    );
+    assert!(c.agent_metric("roost_agent_worker_stops_total{reason=\"evicted\"}") >= 1.0);
+}

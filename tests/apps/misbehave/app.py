@@ -4,6 +4,8 @@ GET /                 -> JSON {"pid", "ppid", "uid", "env": {ROOST_TEST_*}}
 GET /sleep?secs=N     -> sleeps N seconds, then answers
 GET /hog?mb=N         -> allocates and touches N MiB, then answers
 GET /crash            -> kills its whole worker (its process group: gunicorn's arbiter too)
+GET /daemon           -> leaves a background process behind that ignores SIGTERM, in its own
+                         session (what a careless site does); answers {"daemon": pid}
 """
 import json
 import os
@@ -21,6 +23,29 @@ def _answer(start_response, payload, status="200 OK"):
     return [body]
 
 
+def _leave_a_daemon():
+    read_end, write_end = os.pipe()
+    if os.fork() == 0:
+        os.setsid()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        pid = os.fork()
+        if pid:
+            os.write(write_end, str(pid).encode())
+            os._exit(0)
+        for fd in range(3, 256):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        while True:
+            time.sleep(60)
+    os.close(write_end)
+    pid = int(os.read(read_end, 32))
+    os.close(read_end)
+    os.wait()
+    return pid
+
+
 def application(environ, start_response):
     path = environ.get("PATH_INFO", "/")
     query = parse_qs(environ.get("QUERY_STRING", ""))
@@ -32,5 +57,7 @@ def application(environ, start_response):
             block[i] = 1
     elif path == "/crash":
         os.killpg(os.getpgrp(), signal.SIGKILL)
+    elif path == "/daemon":
+        return _answer(start_response, {"daemon": _leave_a_daemon()})
     env = {k: v for k, v in os.environ.items() if k.startswith("ROOST_TEST_")}
     return _answer(start_response, {"pid": os.getpid(), "ppid": os.getppid(), "uid": os.getuid(), "env": env})
