@@ -4,6 +4,7 @@
 mod admin;
 mod cgroup;
 mod config;
+mod fdpass;
 mod http;
 mod metrics;
 mod registration;
