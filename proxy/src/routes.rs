@@ -208,7 +208,8 @@ impl Router {
         table.synced = synced;
         self.table.store(Arc::new(table));
         if synced {
-            self.synced.send_if_modified(|s| !std::mem::replace(s, true));
+            self.synced
+                .send_if_modified(|s| !std::mem::replace(s, true));
         }
     }
 
