@@ -67,20 +67,23 @@ fn main() -> Result<()> {
     control.spawn(registration.clone().run(metrics.clone()));
     control.spawn(supervisor::run(supervisor.clone(), sites.clone()));
 
-    let mut conf = ServerConf::default();
-    conf.threads = 2;
-    conf.grace_period_seconds = Some(0);
-    conf.graceful_shutdown_timeout_seconds = Some(2);
-    conf.pid_file = cfg
-        .state_dir
-        .join("agent.pid")
-        .to_string_lossy()
-        .into_owned();
-    conf.upgrade_sock = cfg
-        .state_dir
-        .join("agent-upgrade.sock")
-        .to_string_lossy()
-        .into_owned();
+    let conf = ServerConf {
+        threads: 2,
+        // The drain is done by DrainOnSignal before pingora is told to stop.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(2),
+        pid_file: cfg
+            .state_dir
+            .join("agent.pid")
+            .to_string_lossy()
+            .into_owned(),
+        upgrade_sock: cfg
+            .state_dir
+            .join("agent-upgrade.sock")
+            .to_string_lossy()
+            .into_owned(),
+        ..ServerConf::default()
+    };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 

@@ -680,7 +680,7 @@ pub async fn run(supervisor: Arc<Supervisor>, sites: Arc<Informer<SiteSpec>>) {
             }
             _ = tick.tick() => {
                 ticks += 1;
-                supervisor.housekeeping(ticks % 5 == 0);
+                supervisor.housekeeping(ticks.is_multiple_of(5));
             }
         }
     }
