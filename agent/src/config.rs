@@ -9,7 +9,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 /// roost-agent: runs the site workers of one node, on demand, each as its site's user.
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(version, about)]
 pub struct Args {
     /// etcd endpoints, comma separated.
@@ -119,6 +119,46 @@ impl Config {
             h = h.wrapping_mul(0x0000_0100_0000_01b3);
         }
         format!("roost-{}-{:08x}", self.node_id, h as u32)
+    }
+
+    /// The settings after a SIGHUP: the file and flags read again, with what identifies
+    /// this agent (node id, addresses, state directory, etcd, prefix, secret) kept from the
+    /// running config; a change to those needs a restart, and the log says so.
+    pub fn reloaded(&self, args: Args) -> Result<Self> {
+        let mut new = Self::load(args)?;
+        let fixed = [
+            ("node_id", new.node_id != self.node_id),
+            ("listen", new.listen != self.listen),
+            ("advertise", new.advertise != self.advertise),
+            ("admin", new.admin != self.admin),
+            ("state_dir", new.state_dir != self.state_dir),
+            ("etcd", new.etcd != self.etcd),
+            ("prefix", new.prefix != self.prefix),
+            ("secret_file", new.secret != self.secret),
+            ("capacity", new.capacity != self.capacity),
+            ("cgroups", new.cgroups != self.cgroups),
+            ("preload", new.preload != self.preload),
+        ];
+        for (name, changed) in fixed {
+            if changed {
+                tracing::warn!(
+                    setting = name,
+                    "changed in the config, but applies only after a restart"
+                );
+            }
+        }
+        new.node_id = self.node_id.clone();
+        new.listen = self.listen.clone();
+        new.advertise = self.advertise.clone();
+        new.admin = self.admin.clone();
+        new.state_dir = self.state_dir.clone();
+        new.etcd = self.etcd.clone();
+        new.prefix = self.prefix.clone();
+        new.secret = self.secret.clone();
+        new.capacity = self.capacity;
+        new.cgroups = self.cgroups;
+        new.preload = self.preload.clone();
+        Ok(new)
     }
 
     pub fn load(args: Args) -> Result<Self> {

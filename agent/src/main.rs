@@ -39,7 +39,8 @@ fn main() -> Result<()> {
             "roost-agent must run as root: it starts each site's worker as the site's user"
         );
     }
-    let cfg = Arc::new(Config::load(Args::parse())?);
+    let args = Args::parse();
+    let cfg = Arc::new(Config::load(args.clone())?);
     if cfg.secret.is_none() {
         warn!("no --secret-file: this agent serves anyone who can reach {}; give proxies and agents a shared secret", cfg.listen);
     }
@@ -116,6 +117,8 @@ fn main() -> Result<()> {
     info!(node = %cfg.node_id, listen = %cfg.listen, admin = %cfg.admin, state_dir = %cfg.state_dir.display(), "roost-agent starting");
     server.run(RunArgs {
         shutdown_signal: Box::new(DrainOnSignal {
+            args,
+            running: cfg.clone(),
             registration,
             supervisor,
             control: control.handle().clone(),
@@ -130,6 +133,9 @@ fn main() -> Result<()> {
 /// let requests in flight finish, stop the workers, remove the node key, then let pingora
 /// close its listeners. SIGINT does the same (Ctrl-C in a terminal is a request to stop).
 struct DrainOnSignal {
+    /// For SIGHUP: the command line the settings are re-read with.
+    args: Args,
+    running: Arc<Config>,
     registration: Arc<Registration>,
     supervisor: Arc<Supervisor>,
     control: tokio::runtime::Handle,
@@ -149,9 +155,25 @@ impl ShutdownSignalWatch for DrainOnSignal {
                 unreachable!()
             }
         };
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM: draining the node"),
-            _ = int.recv() => info!("SIGINT: draining the node"),
+        let mut hup = signal(SignalKind::hangup()).ok();
+        let mut running = self.running.clone();
+        loop {
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM: draining the node"); break }
+                _ = int.recv() => { info!("SIGINT: draining the node"); break }
+                Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => {
+                    // SIGHUP re-reads the settings that can change under a running node
+                    // (limits, timeouts); without a handler it would kill the agent undrained.
+                    match running.reloaded(self.args.clone()) {
+                        Ok(cfg) => {
+                            let cfg = Arc::new(cfg);
+                            self.supervisor.reconfigure(cfg.clone());
+                            running = cfg;
+                        }
+                        Err(e) => warn!(error = %format!("{e:#}"), "SIGHUP: config not reloaded; keeping the running settings"),
+                    }
+                }
+            }
         }
         let registration = self.registration.clone();
         let supervisor = self.supervisor.clone();

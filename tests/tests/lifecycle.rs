@@ -728,3 +728,38 @@ fn a_node_over_its_memory_budget_evicts_an_idle_worker_to_start_another() {
     );
     assert!(c.agent_metric("roost_agent_worker_stops_total{reason=\"evicted\"}") >= 1.0);
 }
+
+#[test]
+fn sighup_reloads_the_agents_limits_without_a_restart() {
+    let c = Cluster::start_with(Options {
+        agent_config: Some("max_workers = 10\n".into()),
+    });
+    let carol = ensure_user(CAROL);
+    misbehaving_site(&c, "one.example", &carol, &[]);
+    misbehaving_site(&c, "two.example", &carol, &[]);
+    c.wait_for_status("one.example", 200, Duration::from_secs(10))
+        .unwrap();
+    let one = worker_leader(&c, "one.example");
+
+    std::fs::write(c.root().join("agent.toml"), "max_workers = 1\n").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.agent_pid() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || c
+            .agent_log()
+            .contains("settings reloaded")),
+        "{}",
+        c.diagnostics()
+    );
+    c.assert_running();
+    // The new limit holds: starting a second site stops the first.
+    c.wait_for_status("two.example", 200, Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        wait_until(EXIT, || dead(one)),
+        "max_workers = 1 was not applied"
+    );
+}

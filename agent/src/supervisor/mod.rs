@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use roost_proto::{Informer, SiteSpec};
@@ -42,7 +43,8 @@ const MIB: u64 = 1024 * 1024;
 
 /// All sites of this node.
 pub struct Supervisor {
-    cfg: Arc<Config>,
+    /// Swapped whole on SIGHUP: limits and timeouts are read per use, never cached.
+    cfg: ArcSwap<Config>,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     metrics: Arc<Metrics>,
     /// The control runtime: worker reapers and timers live here, not on request threads.
@@ -76,13 +78,25 @@ impl Supervisor {
         info!(limits = cgroups.describe(), max_workers = cfg.max_workers, memory_budget_mb = ?cfg.memory_budget_mb,
             "supervisor ready");
         Ok(Arc::new(Self {
-            cfg,
+            cfg: ArcSwap::new(cfg),
             slots: Mutex::new(HashMap::new()),
             metrics,
             runtime,
             cgroups,
             running: AtomicUsize::new(0),
         }))
+    }
+
+    fn cfg(&self) -> Arc<Config> {
+        self.cfg.load_full()
+    }
+
+    /// Apply re-read settings (SIGHUP). Node identity, addresses and the state directory
+    /// are fixed for the process's life; the caller keeps those from the running config.
+    pub fn reconfigure(&self, cfg: Arc<Config>) {
+        info!(max_workers = cfg.max_workers, memory_budget_mb = ?cfg.memory_budget_mb,
+            start_timeout = ?cfg.start_timeout, "settings reloaded");
+        self.cfg.store(cfg);
     }
 
     fn slots(&self) -> MutexGuard<'_, HashMap<String, Arc<Slot>>> {
@@ -110,7 +124,7 @@ impl Supervisor {
                 return Err(AcquireError::Removed);
             }
             if let Some(cur) = &st.current {
-                if !cur.answered && st.in_flight >= self.cfg.start_queue_limit {
+                if !cur.answered && st.in_flight >= self.cfg().start_queue_limit {
                     self.metrics
                         .rejected
                         .with_label_values(&["start_queue_full"])
@@ -156,11 +170,11 @@ impl Supervisor {
     /// other sites while the node is full; fail when none can be stopped.
     fn make_room(self: &Arc<Self>, except: &str) -> Result<(), AcquireError> {
         let mut evicted_for_memory = false;
+        let cfg = self.cfg();
         loop {
-            let full = self.running.load(Ordering::Acquire) >= self.cfg.max_workers;
+            let full = self.running.load(Ordering::Acquire) >= cfg.max_workers;
             let over_memory = !evicted_for_memory
-                && self
-                    .cfg
+                && cfg
                     .memory_budget_mb
                     .is_some_and(|budget| self.memory_in_use() >= budget * MIB);
             if !full && !over_memory {
@@ -208,17 +222,17 @@ impl Supervisor {
         let spec = st.spec.clone();
         let user = SiteUser::lookup(&spec.user)?;
         if !st.socket.as_ref().is_some_and(|s| s.uid == user.uid) {
-            let socket = SiteSocket::create(&self.cfg.state_dir, &slot.host, user.uid, user.gid)
+            let socket = SiteSocket::create(&self.cfg().state_dir, &slot.host, user.uid, user.gid)
                 .map_err(AcquireError::Socket)?;
             st.socket = Some(socket);
         }
         let procs = self.prepare_cgroup(slot, st);
         let socket = st.socket.as_ref().expect("socket was just ensured");
-        let log = sitelog::open_for_worker(&self.cfg.state_dir, &slot.host)
+        let log = sitelog::open_for_worker(&self.cfg().state_dir, &slot.host)
             .map_err(AcquireError::Spawn)?;
         // Register the child with the control runtime's reaper, whatever thread we are on.
         let _enter = self.runtime.enter();
-        let grace = self.cfg.stop_grace.as_secs().max(1);
+        let grace = self.cfg().stop_grace.as_secs().max(1);
         let proc = worker::spawn(&spec, &slot.host, &user, socket, log, grace, &procs)
             .map_err(AcquireError::Spawn)?;
         let pid = proc.pid();
@@ -243,7 +257,7 @@ impl Supervisor {
         });
         let this = self.clone();
         let watched = slot.clone();
-        let start_timeout = self.cfg.start_timeout;
+        let start_timeout = self.cfg().start_timeout;
         self.runtime.spawn(async move {
             tokio::time::sleep(start_timeout).await;
             this.check_started(&watched, generation);
@@ -268,7 +282,7 @@ impl Supervisor {
             st.oom_seen = cg.oom_kills();
         }
         let memory = st.spec.memory_limit_mb.map(|mb| mb * MIB);
-        if let Err(e) = cg.set_limits(memory, Some(self.cfg.pids_max)) {
+        if let Err(e) = cg.set_limits(memory, Some(self.cfg().pids_max)) {
             self.metrics.limit_failures.inc();
             tracing::error!(site = %slot.host, error = %e, "cannot set the site's limits; starting without kernel limits");
             return Vec::new();
@@ -290,7 +304,7 @@ impl Supervisor {
         if !stuck {
             return;
         }
-        let secs = self.cfg.start_timeout.as_secs();
+        let secs = self.cfg().start_timeout.as_secs();
         self.metrics.start_timeouts.inc();
         let pid = st.current.as_ref().map_or(0, |c| c.pid);
         warn!(site = %slot.host, pid, waiting = st.in_flight, timeout_secs = secs, "worker did not answer in time; killing it");
@@ -308,7 +322,7 @@ impl Supervisor {
         st.failures += 1;
         st.retry_at = (st.failures > 1).then(|| {
             let exp = Duration::from_secs(1 << (st.failures - 2).min(10));
-            Instant::now() + exp.min(self.cfg.max_crash_backoff)
+            Instant::now() + exp.min(self.cfg().max_crash_backoff)
         });
         st.last_failure = Some((Instant::now(), why));
         if st.in_flight > 0 {
@@ -341,7 +355,7 @@ impl Supervisor {
                 .take_current(&mut st)
                 .expect("current was just checked");
             self.metrics.worker_crashes.inc();
-            let log = sitelog::path(&self.cfg.state_dir, &slot.host);
+            let log = sitelog::path(&self.cfg().state_dir, &slot.host);
             let tail = sitelog::tail(&log, 20).unwrap_or_default();
             let why = if oom {
                 format!(
@@ -453,7 +467,7 @@ impl Supervisor {
             .inc();
         info!(site = %slot.host, pid, reason = reason.as_str(), "stopping worker");
         let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-        let grace = self.cfg.stop_grace;
+        let grace = self.cfg().stop_grace;
         let slot = slot.clone();
         self.runtime.spawn(async move {
             tokio::time::sleep(grace).await;
@@ -510,8 +524,8 @@ impl Supervisor {
             }
             if check_memory && st.current.is_some() {
                 self.refresh_oom(slot, &mut st);
-                let log = sitelog::path(&self.cfg.state_dir, &slot.host);
-                if let Ok(true) = sitelog::rotate_if_large(&log, self.cfg.log_max_bytes) {
+                let log = sitelog::path(&self.cfg().state_dir, &slot.host);
+                if let Ok(true) = sitelog::rotate_if_large(&log, self.cfg().log_max_bytes) {
                     info!(site = %slot.host, log = %log.display(), "site log rotated");
                 }
             }
@@ -597,7 +611,7 @@ impl Supervisor {
             st.removed = true;
             self.stop_current(slot, &mut st, StopReason::Shutdown);
         }
-        let deadline = Instant::now() + self.cfg.stop_grace + Duration::from_secs(1);
+        let deadline = Instant::now() + self.cfg().stop_grace + Duration::from_secs(1);
         while Instant::now() < deadline {
             if slots.iter().all(|s| s.lock().stopping.is_empty()) {
                 break;
