@@ -763,3 +763,53 @@ fn sighup_reloads_the_agents_limits_without_a_restart() {
         "max_workers = 1 was not applied"
     );
 }
+
+#[test]
+fn one_sites_worker_cannot_reach_another_sites_socket_process_or_files() {
+    let c = Cluster::start();
+    let (carol, dave) = (ensure_user(CAROL), ensure_user(DAVE));
+    misbehaving_site(&c, "carol.example", &carol, &[]);
+    misbehaving_site(&c, "dave.example", &dave, &[]);
+    c.wait_for_status("carol.example", 200, Duration::from_secs(10))
+        .unwrap();
+    c.wait_for_status("dave.example", 200, Duration::from_secs(10))
+        .unwrap();
+    let dave_pid = worker_leader(&c, "dave.example");
+    let dave_sock = c.site_state_dir("dave.example").join("sock");
+    // dave's own files: a private one in his site directory.
+    let dave_dir = c.root().join("sites").join(format!("{DAVE}-dave.example"));
+    let secret_file = dave_dir.join("private.txt");
+    std::fs::write(&secret_file, "dave's data").unwrap();
+    nix::unistd::chown(
+        &secret_file,
+        Some(nix::unistd::Uid::from_raw(dave.uid)),
+        Some(nix::unistd::Gid::from_raw(dave.gid)),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &secret_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+
+    let probe = |host: &str| {
+        let path = format!(
+            "/probe?sock={}&pid={dave_pid}&file={}",
+            dave_sock.display(),
+            secret_file.display()
+        );
+        let (status, v) = json_get(&c, host, &path);
+        assert_eq!(status, 200, "{v}");
+        v
+    };
+    // From carol's worker: nothing of dave's is reachable.
+    let from_carol = probe("carol.example");
+    assert_eq!(from_carol["sock"], "PermissionError", "{from_carol}");
+    assert_eq!(from_carol["pid"], "PermissionError", "{from_carol}");
+    assert_eq!(from_carol["file"], "PermissionError", "{from_carol}");
+    // The control: dave's own worker reaches all three, so the probe can tell.
+    let from_dave = probe("dave.example");
+    assert_eq!(from_dave["sock"], "ok", "{from_dave}");
+    assert_eq!(from_dave["pid"], "ok", "{from_dave}");
+    assert_eq!(from_dave["file"], "ok", "{from_dave}");
+}

@@ -4,6 +4,10 @@ GET /                 -> JSON {"pid", "ppid", "uid", "env": {ROOST_TEST_*}}
 GET /sleep?secs=N     -> sleeps N seconds, then answers
 GET /hog?mb=N         -> allocates and touches N MiB, then answers
 GET /crash            -> kills its whole worker (its process group: gunicorn's arbiter too)
+GET /probe?sock=P&pid=N&file=F
+                      -> tries to connect to unix socket P, signal pid N (signal 0) and
+                         read file F; answers {"sock": .., "pid": .., "file": ..} with "ok" or
+                         the error's name for each (the isolation tests)
 GET /daemon           -> leaves a background process behind that ignores SIGTERM, in its own
                          session (what a careless site does); answers {"daemon": pid}
 """
@@ -21,6 +25,35 @@ def _answer(start_response, payload, status="200 OK"):
     body = json.dumps(payload).encode()
     start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
     return [body]
+
+
+def _attempt(action):
+    try:
+        action()
+        return "ok"
+    except OSError as e:
+        return type(e).__name__
+
+
+def _probe(query):
+    import socket
+
+    def connect():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(query["sock"][0])
+        finally:
+            s.close()
+
+    def read():
+        with open(query["file"][0], "rb") as f:
+            f.read(1)
+
+    return {
+        "sock": _attempt(connect),
+        "pid": _attempt(lambda: os.kill(int(query["pid"][0]), 0)),
+        "file": _attempt(read),
+    }
 
 
 def _leave_a_daemon():
@@ -57,6 +90,8 @@ def application(environ, start_response):
             block[i] = 1
     elif path == "/crash":
         os.killpg(os.getpgrp(), signal.SIGKILL)
+    elif path == "/probe":
+        return _answer(start_response, _probe(query))
     elif path == "/daemon":
         return _answer(start_response, {"daemon": _leave_a_daemon()})
     env = {k: v for k, v in os.environ.items() if k.startswith("ROOST_TEST_")}
