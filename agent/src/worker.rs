@@ -118,21 +118,27 @@ impl WorkerProc {
     }
 }
 
-/// Start the worker of `host`: an `app` site's is forked from its interpreter's zygote
-/// (unless the site opted out with `"spawn": "direct"`); a `command` site's, or one whose
-/// zygote is unavailable, is started directly. The worker leads its own process group.
-pub fn spawn(
-    spec: &SiteSpec,
-    host: &str,
-    user: &SiteUser,
-    socket: &SiteSocket,
-    log: File,
-    grace_secs: u64,
-    cgroup_procs: &[PathBuf],
-) -> io::Result<WorkerProc> {
-    if spec.uses_zygote() {
+/// Everything one worker start needs, resolved by the supervisor beforehand (the child of a
+/// fork may not allocate or look anything up).
+pub struct Launch<'a> {
+    pub spec: &'a SiteSpec,
+    pub host: &'a str,
+    pub user: &'a SiteUser,
+    pub socket: &'a SiteSocket,
+    /// The site's log, for the worker's stdout and stderr.
+    pub log: File,
+    pub grace_secs: u64,
+    /// The `cgroup.procs` files of the site's cgroup(s); the worker joins them first.
+    pub cgroup_procs: &'a [PathBuf],
+}
+
+/// Start a worker: an `app` site's is forked from its interpreter's zygote (unless the site
+/// opted out with `"spawn": "direct"`); a `command` site's, or one whose zygote is
+/// unavailable, is started directly. The worker leads its own process group.
+pub fn spawn(launch: &Launch) -> io::Result<WorkerProc> {
+    if launch.spec.uses_zygote() {
         if let Some(zygotes) = zygote::global() {
-            match zygotes.fork_worker(spec, host, user, socket, &log, grace_secs, cgroup_procs) {
+            match zygotes.fork_worker(launch) {
                 Ok(worker) => {
                     return Ok(WorkerProc {
                         pid: worker.pid,
@@ -140,24 +146,26 @@ pub fn spawn(
                     })
                 }
                 Err(e) => {
-                    warn!(site = %host, error = %e, "cannot fork the worker from a zygote; starting it directly")
+                    warn!(site = %launch.host, error = %e, "cannot fork the worker from a zygote; starting it directly")
                 }
             }
         }
     }
-    spawn_direct(spec, host, user, socket, log, grace_secs, cgroup_procs)
+    spawn_direct(launch)
 }
 
 /// Start the worker of `host` directly (fork + exec). The worker leads its own process group.
-pub fn spawn_direct(
-    spec: &SiteSpec,
-    host: &str,
-    user: &SiteUser,
-    socket: &SiteSocket,
-    log: File,
-    grace_secs: u64,
-    cgroup_procs: &[PathBuf],
-) -> io::Result<WorkerProc> {
+pub fn spawn_direct(launch: &Launch) -> io::Result<WorkerProc> {
+    let Launch {
+        spec,
+        host,
+        user,
+        socket,
+        grace_secs,
+        cgroup_procs,
+        ..
+    } = *launch;
+    let log = launch.log.try_clone()?;
     let argv = worker_argv(spec, grace_secs);
     // The cgroup files are opened here, by the agent; the child only writes "0" (itself) to
     // them, before it drops privileges and before it can fork anything that would escape.

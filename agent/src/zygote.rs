@@ -26,7 +26,7 @@
 //! agent process dies.
 
 use std::collections::HashMap;
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -38,7 +38,6 @@ use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-use roost_proto::SiteSpec;
 use serde_json::json;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -46,9 +45,8 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::fdpass::{pidfd_open, recv_with_fds, send_with_fds, set_timeouts};
-use crate::socket::{ensure_dir, SiteSocket};
-use crate::users::SiteUser;
-use crate::worker::{check, worker_env};
+use crate::socket::ensure_dir;
+use crate::worker::{check, worker_env, Launch};
 
 /// The zygote's Python source, installed at start so the binary is self-contained.
 pub const SCRIPT: &str = include_str!("../python/roost_zygote.py");
@@ -164,16 +162,17 @@ impl Zygotes {
     /// Fork the worker of `host` from the zygote of its interpreter. An `Err` means no
     /// worker was started (the caller may start one directly).
     #[allow(clippy::too_many_arguments)]
-    pub fn fork_worker(
-        &self,
-        spec: &SiteSpec,
-        host: &str,
-        user: &SiteUser,
-        socket: &SiteSocket,
-        log: &File,
-        grace_secs: u64,
-        cgroup_procs: &[PathBuf],
-    ) -> io::Result<ForkedWorker> {
+    pub fn fork_worker(&self, launch: &Launch) -> io::Result<ForkedWorker> {
+        let Launch {
+            spec,
+            host,
+            user,
+            socket,
+            grace_secs,
+            cgroup_procs,
+            ..
+        } = *launch;
+        let log = &launch.log;
         let t0 = Instant::now();
         let interpreter =
             trusted_interpreter(Path::new(&spec.interpreter())).map_err(io::Error::other)?;

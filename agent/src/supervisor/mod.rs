@@ -233,8 +233,16 @@ impl Supervisor {
         // Register the child with the control runtime's reaper, whatever thread we are on.
         let _enter = self.runtime.enter();
         let grace = self.cfg().stop_grace.as_secs().max(1);
-        let proc = worker::spawn(&spec, &slot.host, &user, socket, log, grace, &procs)
-            .map_err(AcquireError::Spawn)?;
+        let proc = worker::spawn(&worker::Launch {
+            spec: &spec,
+            host: &slot.host,
+            user: &user,
+            socket,
+            log,
+            grace_secs: grace,
+            cgroup_procs: &procs,
+        })
+        .map_err(AcquireError::Spawn)?;
         let pid = proc.pid();
         let generation = st.next_generation;
         st.next_generation += 1;
