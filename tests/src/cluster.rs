@@ -285,6 +285,12 @@ impl Cluster {
         assert!(ready, "restarted agent not ready\n{}", self.diagnostics());
     }
 
+    /// Send `sig` to the agent.
+    pub fn signal_agent(&self, sig: Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.agent.pid() as i32), sig)
+            .unwrap_or_else(|e| panic!("signal the agent: {e}"));
+    }
+
     /// The agent's pid (to signal it).
     pub fn agent_pid(&self) -> u32 {
         self.agent.pid()

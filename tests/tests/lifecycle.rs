@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use roost_tests::process::proc_state;
 use roost_tests::{ensure_user, get, site_dir, wait_until, Cluster, Options, User, MISBEHAVE_APP};
 use serde_json::Value;
@@ -550,11 +551,7 @@ fn sigterm_drains_the_node_and_a_killed_agent_takes_its_workers_along() {
     });
     std::thread::sleep(Duration::from_millis(300));
     let node_key = "/roost/nodes/node-1";
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(c.agent_pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    c.signal_agent(Signal::SIGTERM);
     assert!(
         wait_until(Duration::from_secs(3), || c
             .etcd
@@ -588,11 +585,7 @@ fn a_killed_agents_workers_do_not_live_on() {
         worker_leader(&c, "orphan.example"),
         w["pid"].as_u64().unwrap(),
     );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(c.agent_pid() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    c.signal_agent(Signal::SIGKILL);
     c.wait_agent_exit(Duration::from_secs(5))
         .expect("agent killed");
     assert!(
@@ -673,11 +666,7 @@ fn a_restarted_agent_cleans_up_what_its_predecessor_left() {
     let daemon = daemon["daemon"].as_u64().unwrap();
     assert!(!dead(daemon));
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(c.agent_pid() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    c.signal_agent(Signal::SIGKILL);
     c.wait_agent_exit(Duration::from_secs(5))
         .expect("agent killed");
     std::thread::sleep(Duration::from_millis(500));
@@ -742,11 +731,7 @@ fn sighup_reloads_the_agents_limits_without_a_restart() {
     let one = worker_leader(&c, "one.example");
 
     std::fs::write(c.root().join("agent.toml"), "max_workers = 1\n").unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(c.agent_pid() as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
+    c.signal_agent(Signal::SIGHUP);
     assert!(
         wait_until(Duration::from_secs(5), || c
             .agent_log()
