@@ -15,7 +15,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::bins::{bin, AGENT, PROXY};
-use crate::etcd::{ETCD, ETCDCTL};
+use crate::etcd::ETCDCTL;
 use crate::http::{get, Response};
 use crate::ports::free_addr;
 use crate::process::{tail, Proc};
@@ -73,23 +73,8 @@ impl EtcdServer {
         let url = self.url();
         let peer_url = format!("http://{}", self.peer);
         let state = if self.starts == 0 { "new" } else { "existing" };
-        let mut cmd = Command::new(ETCD);
-        cmd.arg("--name")
-            .arg("edge")
-            .arg("--data-dir")
-            .arg(self.dir.join("etcd-data"))
-            .arg("--listen-client-urls")
-            .arg(&url)
-            .arg("--advertise-client-urls")
-            .arg(&url)
-            .arg("--listen-peer-urls")
-            .arg(&peer_url)
-            .arg("--initial-advertise-peer-urls")
-            .arg(&peer_url)
-            .arg("--initial-cluster")
-            .arg(format!("edge={peer_url}"))
-            .arg("--initial-cluster-state")
-            .arg(state);
+        let cmd =
+            crate::etcd::etcd_command("edge", &self.dir.join("etcd-data"), &url, &peer_url, state);
         let mut proc = Proc::spawn("etcd", cmd, &self.dir.join("etcd.log"), Signal::SIGKILL);
         self.starts += 1;
         let mut healthy = false;

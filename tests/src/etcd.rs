@@ -39,23 +39,7 @@ impl Etcd {
         let peer = free_addr();
         let url = format!("http://{client}");
         let peer_url = format!("http://{peer}");
-        let mut cmd = Command::new(ETCD);
-        cmd.arg("--name")
-            .arg("test")
-            .arg("--data-dir")
-            .arg(dir.join("etcd-data"))
-            .arg("--listen-client-urls")
-            .arg(&url)
-            .arg("--advertise-client-urls")
-            .arg(&url)
-            .arg("--listen-peer-urls")
-            .arg(&peer_url)
-            .arg("--initial-advertise-peer-urls")
-            .arg(&peer_url)
-            .arg("--initial-cluster")
-            .arg(format!("test={peer_url}"))
-            .arg("--initial-cluster-state")
-            .arg("new");
+        let cmd = etcd_command("test", &dir.join("etcd-data"), &url, &peer_url, "new");
         let mut proc = Proc::spawn("etcd", cmd, &dir.join("etcd.log"), Signal::SIGKILL);
         let mut etcd_ok = false;
         let ready = wait_until(START_TIMEOUT, || {
@@ -142,4 +126,34 @@ impl Drop for Etcd {
         );
         self.proc.stop();
     }
+}
+
+/// The command line of a one-member etcd on loopback: `name`, data in `data_dir`, clients
+/// on `url`, peers on `peer_url`; `state` is `new` for a first start, `existing` for a
+/// restart on the same data.
+pub fn etcd_command(
+    name: &str,
+    data_dir: &Path,
+    url: &str,
+    peer_url: &str,
+    state: &str,
+) -> Command {
+    let mut cmd = Command::new(ETCD);
+    cmd.arg("--name")
+        .arg(name)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--listen-client-urls")
+        .arg(url)
+        .arg("--advertise-client-urls")
+        .arg(url)
+        .arg("--listen-peer-urls")
+        .arg(peer_url)
+        .arg("--initial-advertise-peer-urls")
+        .arg(peer_url)
+        .arg("--initial-cluster")
+        .arg(format!("{name}={peer_url}"))
+        .arg("--initial-cluster-state")
+        .arg(state);
+    cmd
 }
