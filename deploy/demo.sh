@@ -24,7 +24,9 @@ ETCD_PORT=${ETCD_PORT:-23790}
 PROFILE=${ROOST_PROFILE:-debug}
 ETCD="http://127.0.0.1:${ETCD_PORT}"
 
+echo "[1/5] checking the system packages Roost needs (deploy/install-deps.sh)..."
 deploy/install-deps.sh
+echo "[2/5] building the binaries ($PROFILE; the first build compiles ~300 crates and takes several minutes)..."
 if [ "$PROFILE" = release ]; then cargo build --release --bins; else cargo build --bins; fi
 bin="$repo/target/$PROFILE"
 
@@ -54,7 +56,7 @@ wait_for() { # url, what
   exit 1
 }
 
-echo "starting etcd on $ETCD"
+echo "[3/5] starting etcd on $ETCD"
 etcd --name roost-demo --data-dir "$run/etcd" \
   --listen-client-urls "$ETCD" --advertise-client-urls "$ETCD" \
   --listen-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
@@ -67,19 +69,21 @@ wait_for "$ETCD/health" etcd
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$run/secret"
 chmod 600 "$run/secret"
 
-echo "starting roost-agent (node demo-1) on 127.0.0.1:$AGENT_PORT"
+echo "[4/5] starting roost-agent (node demo-1) on 127.0.0.1:$AGENT_PORT"
 "$bin/roost-agent" --etcd "$ETCD" --node-id demo-1 --listen "127.0.0.1:$AGENT_PORT" \
   --admin "127.0.0.1:$AGENT_ADMIN" --state-dir "$run/agent" --secret-file "$run/secret" \
   >"$run/agent.log" 2>&1 &
 pids+=($!)
-echo "starting roost-proxy on 127.0.0.1:$PROXY_PORT"
+echo "      starting roost-proxy on 127.0.0.1:$PROXY_PORT"
 "$bin/roost-proxy" --etcd "$ETCD" --listen "127.0.0.1:$PROXY_PORT" \
   --admin "127.0.0.1:$PROXY_ADMIN" --secret-file "$run/secret" \
   >"$run/proxy.log" 2>&1 &
 pids+=($!)
+echo "      waiting for both to finish their first etcd sync..."
 wait_for "http://127.0.0.1:$AGENT_ADMIN/readyz" roost-agent
 wait_for "http://127.0.0.1:$PROXY_ADMIN/readyz" roost-proxy
 
+echo "[5/5] creating two users with a site each, and registering the sites"
 # Two customers, each with a site in their own directory, owned by them.
 for who in alice bob; do
   user="roost-demo-$who"

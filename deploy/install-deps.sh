@@ -1,20 +1,35 @@
 #!/usr/bin/env bash
 # Install the system packages Roost needs to build, test and run, if any are missing.
 # Debian/Ubuntu, as root. Safe to run again: it installs nothing when all are present.
+#
+# This list is the one place that says what Roost takes from the system. deploy/check-deps.sh
+# (run by deploy/test.sh) traces what the build and the tests really open and fails if any of
+# it comes from a package this list does not bring, so a package installed by hand, or one that
+# arrived as a Recommends, can't hide a missing entry again.
 set -euo pipefail
 
 packages=(
+  # the build
+  ca-certificates   # cargo fetches crates over HTTPS
+  gcc               # the linker rustc calls, and cc-rs for C in -sys crates
+  libc6-dev         # crt files and headers for that linker and for C builds
+  make              # cmake's default generator
   cmake             # pingora builds zlib-ng with it
   protobuf-compiler # etcd-client compiles etcd's protobufs
+  libprotobuf-dev   # google/protobuf/*.proto, which etcd's protos import (protoc only Recommends it)
+  pkg-config        # openssl-sys finds the system OpenSSL with it
+  libssl-dev        # roost-proxy terminates TLS with pingora's openssl backend
+  # running a cluster: the demo, the tests
   etcd-server       # the cluster's store (3.4, v3 API)
   etcd-client       # etcdctl, used by the tests and handy for operators
   python3           # workers default to the system interpreter, /usr/bin/python3
   python3-gunicorn  # the WSGI server the workers run
-  curl
-  pkg-config        # openssl-sys finds the system OpenSSL with it
-  libssl-dev        # roost-proxy terminates TLS with pingora's openssl backend
-  openssl           # the tests make certificates and check handshakes with it
   passwd            # useradd, for the demo's and tests' site users
+  curl              # the demo waits for its servers with it
+  # the tests
+  openssl           # they make certificates and check handshakes with it
+  util-linux        # setpriv, to run a tenant's code as the tenant
+  fatrace           # deploy/check-deps.sh: records which system files a run opens
 )
 
 missing=()

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: install what is missing, build the binaries, run every test.
+# The test command: install what is missing, build the binaries, run every test, and check that
+# the run used no system package the installer does not bring (deploy/check-deps.sh).
 # Runs as root: tests create unix users and start workers under their uids.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,21 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 deploy/install-deps.sh
+
+# Record every file the build and the tests open, for the package check at the end.
+trace=$(mktemp /tmp/roost-deps-trace.XXXXXX)
+fatrace --filter=O --output="$trace" &
+fatrace_pid=$!
+trap 'kill "$fatrace_pid" 2>/dev/null || true; rm -f "$trace"' EXIT
+sleep 0.5 # fanotify marks are set up before anything worth recording runs
+
+echo "building the binaries (the first build compiles ~300 crates: several minutes)..."
 # Integration tests start the real binaries, so build them first.
 cargo build --workspace --bins
-cargo test --workspace --no-fail-fast "$@" -- --test-threads=2
+rc=0
+cargo test --workspace --no-fail-fast "$@" -- --test-threads=2 || rc=$?
+
+kill "$fatrace_pid"
+wait "$fatrace_pid" 2>/dev/null || true
+deploy/check-deps.sh "$trace" || rc=1
+exit "$rc"
