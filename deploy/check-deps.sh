@@ -19,6 +19,10 @@ cd "$(dirname "$0")/.."
 
 trace=${1:?usage: deploy/check-deps.sh TRACE [INSTALLER]}
 installer=${2:-deploy/install-deps.sh}
+if [ ! -s "$trace" ]; then
+  echo "check-deps: $trace is missing or empty: fatrace recorded nothing, so nothing was checked" >&2
+  exit 1
+fi
 
 # The package names between `packages=(` and `)`, comments dropped.
 listed=$(sed -n '/^packages=(/,/^)/p' "$installer" | sed 's/#.*//; s/packages=(//; s/)//' |

@@ -13,10 +13,12 @@ fi
 deploy/install-deps.sh
 
 # Record every file the build and the tests open, for the package check at the end.
-trace=$(mktemp /tmp/roost-deps-trace.XXXXXX)
+# fatrace refuses an output file that exists, so it gets a fresh name in a new directory.
+trace_dir=$(mktemp -d /tmp/roost-deps-trace.XXXXXX)
+trace="$trace_dir/opened"
 fatrace --filter=O --output="$trace" &
 fatrace_pid=$!
-trap 'kill "$fatrace_pid" 2>/dev/null || true; rm -f "$trace"' EXIT
+trap 'kill -INT "$fatrace_pid" 2>/dev/null || true; rm -rf "$trace_dir"' EXIT
 sleep 0.5 # fanotify marks are set up before anything worth recording runs
 
 echo "building the binaries (the first build compiles ~300 crates: several minutes)..."
@@ -25,7 +27,7 @@ cargo build --workspace --bins
 rc=0
 cargo test --workspace --no-fail-fast "$@" -- --test-threads=2 || rc=$?
 
-kill "$fatrace_pid"
-wait "$fatrace_pid" 2>/dev/null || true
+kill -INT "$fatrace_pid" # SIGINT: fatrace flushes what it has and exits
+wait "$fatrace_pid" || true
 deploy/check-deps.sh "$trace" || rc=1
 exit "$rc"
