@@ -28,12 +28,12 @@ fi
 listed=$(sed -n '/^packages=(/,/^)/p' "$installer" | sed 's/#.*//; s/packages=(//; s/)//' |
   tr -s ' \t' '\n' | grep -v '^$')
 
-# What a fresh machine has whatever the installer says.
+# What a fresh machine has whatever the installer says: the Essential and required packages.
 base=$(dpkg-query -W -f='${Package} ${Essential} ${Priority}\n' | awk '$2 == "yes" || $3 == "required" { print $1 }')
-# What the installer brings: its packages and everything they depend on.
+# Those and the installer's packages, with everything they depend on.
 # shellcheck disable=SC2086
 closure=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
-  --no-replaces --no-enhances $listed 2>/dev/null | grep -v '^ ' | sed 's/:.*//')
+  --no-replaces --no-enhances $listed $base 2>/dev/null | grep -v '^ ' | sed 's/:.*//')
 allowed=$(printf '%s\n%s\n%s\n' "$listed" "$base" "$closure" | sort -u)
 if [ -z "$closure" ]; then
   echo "check-deps: apt-cache knows none of the installer's packages; run apt-get update" >&2
@@ -66,6 +66,8 @@ report=$(awk -v allowed="$allowed" -v owners="$owners" "
     if (path ~ /^\/etc\/locale\.alias$|^\/usr\/lib\/locale\/|^\/usr\/share\/locale\//) next
     \$0 = path; $usr_form; path = p
     if (!(path in owner)) next
+    # A directory (/etc/apt/apt.conf.d) belongs to many packages; only files say who is needed.
+    if (system(\"test -d '\" path \"'\") == 0) next
     pkg = owner[path]
     if (pkg in ok || pkg in seen) next
     seen[pkg] = 1
