@@ -62,8 +62,9 @@ report=$(awk -v allowed="$allowed" -v owners="$owners" "
     comm = substr(\$0, 1, i - 1); sub(/\([0-9]+$/, \"\", comm)
     rest = substr(\$0, i + 3); j = index(rest, \" \"); path = substr(rest, j); sub(/^ +/, \"\", path)
     if (path !~ /^\/(usr|etc|lib|lib64|bin|sbin)\//) next
-    # glibc reads locale data and message catalogs when they are there and does fine without.
-    if (path ~ /^\/etc\/locale\.alias$|^\/usr\/lib\/locale\/|^\/usr\/share\/locale\//) next
+    # glibc reads locale data and message catalogs, and backtraces read /usr/lib/debug, when
+    # they are there, and do fine without.
+    if (path ~ /^\/etc\/locale\.alias$|^\/usr\/lib\/locale\/|^\/usr\/share\/locale\/|^\/usr\/lib\/debug\//) next
     \$0 = path; $usr_form; path = p
     if (!(path in owner)) next
     # A directory (/etc/apt/apt.conf.d) belongs to many packages; only files say who is needed.
