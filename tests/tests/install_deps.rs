@@ -41,7 +41,11 @@ fn trace_protoc(dir: &Path) -> PathBuf {
             .arg(&proto)
             .output()
             .expect("run protoc");
-        assert!(out.status.success(), "protoc failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "protoc failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         // SIGINT: fatrace flushes what it recorded and exits.
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(fatrace.id() as i32),
@@ -84,12 +88,18 @@ fn the_package_check_passes_with_the_installer_and_fails_without_libprotobuf_dev
         .filter(|l| !l.trim_start().starts_with("libprotobuf-dev"))
         .map(|l| format!("{l}\n"))
         .collect();
-    assert_ne!(dropped, text, "the installer has no libprotobuf-dev line to drop");
+    assert_ne!(
+        dropped, text,
+        "the installer has no libprotobuf-dev line to drop"
+    );
     let without = root.path().join("install-deps-without-libprotobuf-dev.sh");
     std::fs::write(&without, dropped).unwrap();
     let out = check(&trace, &without);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "check passed without libprotobuf-dev: {stderr}");
+    assert!(
+        !out.status.success(),
+        "check passed without libprotobuf-dev: {stderr}"
+    );
     assert!(
         stderr.contains("libprotobuf-dev")
             && stderr.contains("/usr/include/google/protobuf/descriptor.proto"),
