@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Fail if a run used a system package that deploy/install-deps.sh does not bring.
 #
-#   deploy/check-deps.sh TRACE [INSTALLER]
+#   deploy/check-deps.sh TRACE [INSTALLER] [IMAGE_PACKAGES]
 #
 # TRACE is what `fatrace -f O` recorded while the build and the tests ran (deploy/test.sh
 # records it). Every file opened under /usr, /etc, /lib or /bin is mapped to the package that
 # owns it (from dpkg's own file lists), and that package must be one a fresh machine has:
-# Essential or Priority required (what even a minimal Debian holds), or in the dependency
+# Essential or Priority required (what even a minimal Debian holds), one the machine image
+# ships (deploy/image-packages.txt: a new machine of our image has them before any install),
+# or in the dependency
 # closure of the installer's list, Depends and Pre-Depends only, since the installer passes
 # --no-install-recommends. A package installed by hand, or one that came in as a Recommends,
 # is on this machine but not on a fresh one; this is how such a package gets caught.
@@ -19,6 +21,7 @@ cd "$(dirname "$0")/.."
 
 trace=${1:?usage: deploy/check-deps.sh TRACE [INSTALLER]}
 installer=${2:-deploy/install-deps.sh}
+image_list=${3:-deploy/image-packages.txt}
 if [ ! -s "$trace" ]; then
   echo "check-deps: $trace is missing or empty: fatrace recorded nothing, so nothing was checked" >&2
   exit 1
@@ -30,11 +33,13 @@ listed=$(sed -n '/^packages=(/,/^)/p' "$installer" | sed 's/#.*//; s/packages=(/
 
 # What a fresh machine has whatever the installer says: the Essential and required packages.
 base=$(dpkg-query -W -f='${Package} ${Essential} ${Priority}\n' | awk '$2 == "yes" || $3 == "required" { print $1 }')
+# What the machine image ships before anything is installed.
+image=$(grep -v '^#' "$image_list")
 # Those and the installer's packages, with everything they depend on.
 # shellcheck disable=SC2086
 closure=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
   --no-replaces --no-enhances $listed $base 2>/dev/null | grep -v '^ ' | sed 's/:.*//')
-allowed=$(printf '%s\n%s\n%s\n' "$listed" "$base" "$closure" | sort -u)
+allowed=$(printf '%s\n%s\n%s\n%s\n' "$listed" "$base" "$image" "$closure" | sort -u)
 if [ -z "$closure" ]; then
   echo "check-deps: apt-cache knows none of the installer's packages; run apt-get update" >&2
   exit 1
@@ -65,6 +70,9 @@ report=$(awk -v allowed="$allowed" -v owners="$owners" "
     # glibc reads locale data and message catalogs, and backtraces read /usr/lib/debug, when
     # they are there, and do fine without.
     if (path ~ /^\/etc\/locale\.alias$|^\/usr\/lib\/locale\/|^\/usr\/share\/locale\/|^\/usr\/lib\/debug\//) next
+    # Enumerations, not needs: Python's importlib.metadata reads every installed distribution's
+    # metadata, apt every file in its conf directories, binutils every linker plugin.
+    if (path ~ /\.(egg|dist)-info\/|^\/etc\/apt\/|^\/usr\/lib\/bfd-plugins\//) next
     \$0 = path; $usr_form; path = p
     if (!(path in owner)) next
     # A directory (/etc/apt/apt.conf.d) belongs to many packages; only files say who is needed.
