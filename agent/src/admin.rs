@@ -15,20 +15,20 @@ use roost_runtime::admin_reply;
 
 use crate::metrics::Metrics;
 use crate::registration::Registration;
+use crate::site::Sites;
 use crate::sitelog;
-use crate::supervisor::Supervisor;
 
 pub struct AdminApp {
     pub metrics: Arc<Metrics>,
     pub sites: Arc<Informer<SiteSpec>>,
     pub registration: Arc<Registration>,
-    pub supervisor: Arc<Supervisor>,
+    pub sites_here: Arc<Sites>,
     pub secret: Option<Vec<u8>>,
     pub state_dir: std::path::PathBuf,
 }
 
 impl AdminApp {
-    fn site_log(&self, session: &ServerSession) -> Response<Vec<u8>> {
+    async fn site_log(&self, session: &ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
         if let Some(secret) = &self.secret {
             let presented = req.headers.get(headers::AUTH).map(|v| v.as_bytes());
@@ -41,8 +41,12 @@ impl AdminApp {
             }
         }
         let path = req.uri.path();
-        let host = &path["/sites/".len()..path.len() - "/log".len()];
-        if canonical_host(host).ok().as_deref() != Some(host) {
+        // `/sites/log` matches both ends with nothing between: no host, not a panic.
+        let host = path
+            .strip_prefix("/sites/")
+            .and_then(|rest| rest.strip_suffix("/log"))
+            .unwrap_or_default();
+        if host.is_empty() || canonical_host(host).ok().as_deref() != Some(host) {
             return admin_reply(
                 400,
                 "text/plain",
@@ -56,7 +60,11 @@ impl AdminApp {
             .and_then(|n| n.parse::<usize>().ok())
             .unwrap_or(100)
             .min(10_000);
-        match sitelog::tail(&sitelog::path(&self.state_dir, host), lines) {
+        let file = sitelog::path(&self.state_dir, host);
+        let read = tokio::task::spawn_blocking(move || sitelog::tail(&file, lines))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        match read {
             Ok(text) => admin_reply(200, "text/plain; charset=utf-8", text.into_bytes()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => admin_reply(
                 404,
@@ -92,20 +100,25 @@ impl ServeHttp for AdminApp {
             "/metrics" => {
                 let snap = self.sites.snapshot();
                 self.metrics.sites_known.set(snap.items.len() as i64);
-                self.metrics
-                    .invalid_records
-                    .set(self.sites.stats.invalid_records.load(Ordering::Relaxed) as i64);
+                // A counter: add what the informer counted since the last scrape.
+                let seen = self.sites.stats.invalid_records.load(Ordering::Relaxed);
+                let exported = self.metrics.invalid_records.get();
+                if seen > exported {
+                    self.metrics.invalid_records.inc_by(seen - exported);
+                }
                 self.metrics
                     .snapshot_staleness_ms
                     .set(self.sites.staleness_ms() as i64);
-                self.metrics.set_site_series(&self.supervisor.status());
+                self.metrics
+                    .set_site_series(&self.sites_here.status().await);
                 admin_reply(200, "text/plain; version=0.0.4", self.metrics.render())
             }
             "/sites" => {
-                let body = serde_json::to_vec_pretty(&self.supervisor.status()).unwrap_or_default();
+                let body =
+                    serde_json::to_vec_pretty(&self.sites_here.status().await).unwrap_or_default();
                 admin_reply(200, "application/json", body)
             }
-            p if p.starts_with("/sites/") && p.ends_with("/log") => self.site_log(session),
+            p if p.starts_with("/sites/") && p.ends_with("/log") => self.site_log(session).await,
             _ => admin_reply(
                 404,
                 "text/plain",

@@ -68,6 +68,7 @@ struct FileConfig {
     max_crash_backoff_secs: Option<u64>,
     log_max_bytes: Option<u64>,
     preload: Option<Vec<String>>,
+    request_threads: Option<usize>,
 }
 
 /// Settings in force.
@@ -105,6 +106,8 @@ pub struct Config {
     /// Python modules every zygote imports before forking workers (e.g. `["flask"]`), on
     /// top of the WSGI server. A module that fails to import is logged and skipped.
     pub preload: Vec<String>,
+    /// Threads serving requests (pingora's runtime); defaults to the CPU count.
+    pub request_threads: usize,
 }
 
 impl Config {
@@ -138,6 +141,10 @@ impl Config {
             ("capacity", new.capacity != self.capacity),
             ("cgroups", new.cgroups != self.cgroups),
             ("preload", new.preload != self.preload),
+            (
+                "request_threads",
+                new.request_threads != self.request_threads,
+            ),
         ];
         for (name, changed) in fixed {
             if changed {
@@ -158,6 +165,7 @@ impl Config {
         new.capacity = self.capacity;
         new.cgroups = self.cgroups;
         new.preload = self.preload.clone();
+        new.request_threads = self.request_threads;
         Ok(new)
     }
 
@@ -226,6 +234,10 @@ impl Config {
             ),
             log_max_bytes: file.log_max_bytes.unwrap_or(8 << 20).max(4096),
             preload: file.preload.unwrap_or_default(),
+            request_threads: file
+                .request_threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+                .max(1),
         })
     }
 }

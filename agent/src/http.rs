@@ -22,13 +22,13 @@ use tracing::info;
 use roost_runtime::{respond, status_class, strip_internal_headers, Origin};
 
 use crate::metrics::Metrics;
-use crate::supervisor::{AcquireError, Supervisor, Ticket};
+use crate::site::{AcquireError, Sites, Ticket};
 
 /// How long an agent that is behind the proxy's snapshot waits to learn of a new site.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
 
 pub struct AgentHttp {
-    pub supervisor: Arc<Supervisor>,
+    pub supervisor: Arc<Sites>,
     pub sites: Arc<Informer<SiteSpec>>,
     pub secret: Option<Vec<u8>>,
     pub metrics: Arc<Metrics>,
@@ -142,7 +142,7 @@ impl ProxyHttp for AgentHttp {
                 )
                 .await;
         };
-        match self.supervisor.acquire(&site, &spec) {
+        match self.supervisor.acquire(&site, &spec).await {
             Ok(ticket) => {
                 ctx.ticket = Some(ticket);
                 Ok(false)
@@ -154,6 +154,17 @@ impl ProxyHttp for AgentHttp {
                     404,
                     "unknown_site",
                     &format!("site {site} was removed"),
+                )
+                .await
+            }
+            Err(e @ AcquireError::ShuttingDown) => {
+                // Not 404: the site exists; another node (or this one, restarted) serves it.
+                self.refuse(
+                    session,
+                    ctx,
+                    503,
+                    "shutting_down",
+                    &format!("site {site} cannot be served here now: {e}"),
                 )
                 .await
             }
@@ -255,10 +266,7 @@ impl ProxyHttp for AgentHttp {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        let worker_gone = ctx
-            .ticket
-            .as_ref()
-            .is_some_and(|t| !self.supervisor.worker_alive(t));
+        let worker_gone = ctx.ticket.as_ref().is_some_and(|t| !t.worker_alive());
         if worker_gone
             || !session.req_header().method.is_idempotent()
             || session.as_ref().retry_buffer_truncated()
@@ -291,7 +299,7 @@ impl ProxyHttp for AgentHttp {
             (ErrorSource::Downstream, _) => (400, "the request could not be read".to_string()),
             (ErrorSource::Upstream, ErrorType::ReadTimedout | ErrorType::WriteTimedout) => {
                 if let Some(ticket) = &ctx.ticket {
-                    self.supervisor.recycle(ticket);
+                    ticket.recycle();
                 }
                 (
                     504,
@@ -301,10 +309,10 @@ impl ProxyHttp for AgentHttp {
             (ErrorSource::Upstream, etype) => {
                 // A worker that died (or was killed for memory) after the request was sent
                 // explains any later error: a reset, or a refused connect to its socket.
-                let died = ctx
-                    .ticket
-                    .as_ref()
-                    .and_then(|t| self.supervisor.failure_reason(t));
+                let died = match &ctx.ticket {
+                    Some(t) => t.failure_reason().await,
+                    None => None,
+                };
                 match died {
                     // The detail goes to the agent's log, not to the world: it may name paths.
                     Some(why) => {

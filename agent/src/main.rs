@@ -6,11 +6,12 @@ mod cgroup;
 mod config;
 mod fdpass;
 mod http;
+mod launch;
 mod metrics;
 mod registration;
+mod site;
 mod sitelog;
 mod socket;
-mod supervisor;
 mod users;
 mod worker;
 mod zygote;
@@ -29,8 +30,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
 use crate::config::{Args, Config};
+use crate::launch::system::SystemLauncher;
 use crate::registration::Registration;
-use crate::supervisor::Supervisor;
+use crate::site::Sites;
 
 fn main() -> Result<()> {
     roost_runtime::init_logging();
@@ -57,8 +59,17 @@ fn main() -> Result<()> {
     let layout = Layout::new(&cfg.prefix);
     let sites =
         control.block_on(async { Informer::<SiteSpec>::start(&cfg.etcd, &layout.sites_prefix()) });
-    let supervisor = Supervisor::new(cfg.clone(), metrics.clone(), control.handle().clone())
+    let settings = Arc::new(arc_swap::ArcSwap::new(cfg.clone()));
+    let launcher = SystemLauncher::new(settings.clone(), metrics.clone(), control.handle().clone())
         .with_context(|| format!("preparing state directory {}", cfg.state_dir.display()))?;
+    let rss_watchdog = !launcher.uses_cgroups();
+    let supervisor = Sites::new(
+        settings,
+        metrics.clone(),
+        launcher,
+        rss_watchdog,
+        control.handle().clone(),
+    );
     // Zygotes before any request thread exists: the manager thread that forks them lives
     // as long as the agent (their parent-death signal follows it).
     if let Err(e) = zygote::init(&cfg.state_dir, &cfg.preload) {
@@ -66,10 +77,10 @@ fn main() -> Result<()> {
     }
     let registration = Registration::new(cfg.clone());
     control.spawn(registration.clone().run(metrics.clone()));
-    control.spawn(supervisor::run(supervisor.clone(), sites.clone()));
+    control.spawn(site::run(supervisor.clone(), sites.clone()));
 
     let conf = ServerConf {
-        threads: 2,
+        threads: cfg.request_threads,
         // The drain is done by DrainOnSignal before pingora is told to stop.
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(2),
@@ -105,7 +116,7 @@ fn main() -> Result<()> {
             metrics,
             sites,
             registration: registration.clone(),
-            supervisor: supervisor.clone(),
+            sites_here: supervisor.clone(),
             secret: cfg.secret.clone(),
             state_dir: cfg.state_dir.clone(),
         },
@@ -137,7 +148,7 @@ struct DrainOnSignal {
     args: Args,
     running: Arc<Config>,
     registration: Arc<Registration>,
-    supervisor: Arc<Supervisor>,
+    supervisor: Arc<Sites>,
     control: tokio::runtime::Handle,
 }
 

@@ -4,7 +4,7 @@ use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::supervisor::SiteStatus;
+use crate::site::SiteStatus;
 
 pub struct Metrics {
     registry: Registry,
@@ -14,7 +14,8 @@ pub struct Metrics {
     pub worker_crashes: IntCounter,
     pub workers: IntGauge,
     pub rejected: IntCounterVec,
-    pub invalid_records: IntGauge,
+    pub invalid_records: IntCounter,
+    pub spec_change_failures: IntCounter,
     pub snapshot_staleness_ms: IntGauge,
     pub sites_known: IntGauge,
     pub lease_losses: IntCounter,
@@ -66,9 +67,14 @@ impl Metrics {
                 &["reason"],
             )
             .unwrap(),
-            invalid_records: IntGauge::new(
+            invalid_records: IntCounter::new(
                 "roost_agent_invalid_site_records_total",
                 "Invalid site records seen in etcd since start",
+            )
+            .unwrap(),
+            spec_change_failures: IntCounter::new(
+                "roost_agent_spec_change_failures_total",
+                "Changed site specs whose new worker failed, so the previous spec's worker kept serving",
             )
             .unwrap(),
             snapshot_staleness_ms: IntGauge::new(
@@ -124,6 +130,7 @@ impl Metrics {
             Box::new(m.workers.clone()),
             Box::new(m.rejected.clone()),
             Box::new(m.invalid_records.clone()),
+            Box::new(m.spec_change_failures.clone()),
             Box::new(m.snapshot_staleness_ms.clone()),
             Box::new(m.sites_known.clone()),
             Box::new(m.lease_losses.clone()),

@@ -18,45 +18,41 @@ use std::path::{Path, PathBuf};
 
 use nix::unistd::{chown, Gid, Uid};
 
-/// A bound, listening unix socket for one site.
-#[derive(Debug)]
-pub struct SiteSocket {
-    pub path: PathBuf,
-    pub listener: UnixListener,
-    pub uid: Uid,
+/// The file name of the socket requests go to, and of a new spec's worker's socket until
+/// that worker has answered (then it is renamed over the first).
+pub const SERVING: &str = "sock";
+pub const CANDIDATE: &str = "sock.next";
+
+/// Bind (or re-bind, after an agent restart) `<state-dir>/sites/<host>/<name>` for
+/// `uid`/`gid`; returns the listener and its path.
+pub fn bind(
+    state_dir: &Path,
+    host: &str,
+    name: &str,
+    uid: Uid,
+    gid: Gid,
+) -> io::Result<(UnixListener, PathBuf)> {
+    let sites = state_dir.join("sites");
+    ensure_dir(&sites, 0o711)?;
+    let dir = sites.join(host);
+    ensure_dir(&dir, 0o700)?;
+    chown(&dir, Some(uid), Some(gid)).map_err(io::Error::from)?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
+    let path = dir.join(name);
+    match fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(&path)?;
+    chown(&path, Some(uid), Some(gid)).map_err(io::Error::from)?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+    Ok((listener, path))
 }
 
-impl SiteSocket {
-    /// Create (or re-create, after an agent restart) the socket of `host` for `uid`/`gid`.
-    pub fn create(state_dir: &Path, host: &str, uid: Uid, gid: Gid) -> io::Result<Self> {
-        let sites = state_dir.join("sites");
-        ensure_dir(&sites, 0o711)?;
-        let dir = sites.join(host);
-        ensure_dir(&dir, 0o700)?;
-        chown(&dir, Some(uid), Some(gid)).map_err(io::Error::from)?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
-        let path = dir.join("sock");
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        let listener = UnixListener::bind(&path)?;
-        chown(&path, Some(uid), Some(gid)).map_err(io::Error::from)?;
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
-        Ok(Self {
-            path,
-            listener,
-            uid,
-        })
-    }
-
-    /// Remove the socket and its directory (the site is gone from this node).
-    pub fn remove(self) {
-        if let Some(dir) = self.path.parent() {
-            let _ = fs::remove_dir_all(dir);
-        }
-    }
+/// Remove the site's socket directory (the site is gone from this node).
+pub fn remove(state_dir: &Path, host: &str) {
+    let _ = fs::remove_dir_all(state_dir.join("sites").join(host));
 }
 
 /// Create `dir` (and parents) if missing and set its mode.

@@ -24,7 +24,6 @@ use roost_proto::SiteSpec;
 use tokio::process::{Child, Command};
 use tracing::warn;
 
-use crate::socket::SiteSocket;
 use crate::users::SiteUser;
 use crate::zygote::{self, ForkedWorker};
 
@@ -124,7 +123,8 @@ pub struct Launch<'a> {
     pub spec: &'a SiteSpec,
     pub host: &'a str,
     pub user: &'a SiteUser,
-    pub socket: &'a SiteSocket,
+    /// The site's listening socket, which becomes the worker's fd 3.
+    pub listener: &'a std::os::unix::net::UnixListener,
     /// The site's log, for the worker's stdout and stderr.
     pub log: File,
     pub grace_secs: u64,
@@ -160,7 +160,7 @@ pub fn spawn_direct(launch: &Launch) -> io::Result<WorkerProc> {
         spec,
         host,
         user,
-        socket,
+        listener,
         grace_secs,
         cgroup_procs,
         ..
@@ -178,7 +178,7 @@ pub fn spawn_direct(launch: &Launch) -> io::Result<WorkerProc> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "site dir contains NUL"))?;
     let groups: Vec<libc::gid_t> = user.groups.iter().map(|g| g.as_raw()).collect();
     let (uid, gid) = (user.uid.as_raw(), user.gid.as_raw());
-    let listen_fd = socket.listener.as_raw_fd();
+    let listen_fd = listener.as_raw_fd();
     let parent = std::process::id() as libc::pid_t;
     let log_err = log.try_clone()?;
 

@@ -167,7 +167,7 @@ impl Zygotes {
             spec,
             host,
             user,
-            socket,
+            listener,
             grace_secs,
             cgroup_procs,
             ..
@@ -212,7 +212,7 @@ impl Zygotes {
         send_with_fds(
             ours.as_raw_fd(),
             message.as_bytes(),
-            &[socket.listener.as_raw_fd(), log.as_raw_fd()],
+            &[listener.as_raw_fd(), log.as_raw_fd()],
         )?;
         debug!(site = %host, pid, lookup_us = (t1 - t0).as_micros() as u64, fork_us = (t2 - t1).as_micros() as u64,
             send_us = t2.elapsed().as_micros() as u64, "worker forked");

@@ -1,0 +1,110 @@
+//! Starting, probing and stopping workers: everything the per-site actors (`site/`) need
+//! from the operating system, behind one trait, so the actors' state machine can be tested
+//! with a fake and the real work (NSS lookups, mkdir/bind, cgroup writes, log files, zygote
+//! round trips, forks) never runs on a request thread.
+//!
+//! - [`Launcher`]: the trait.
+//! - [`system::SystemLauncher`]: the real one: a worker forked from a zygote or started
+//!   directly (`worker.rs`, `zygote.rs`), on dedicated launcher threads.
+
+pub mod system;
+pub mod watchdog;
+
+use std::future::Future;
+use std::io;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use roost_proto::SiteSpec;
+
+pub type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A listening socket the agent owns for a site's workers, and where it can be reached.
+pub struct Listener {
+    pub socket: UnixListener,
+    pub path: PathBuf,
+}
+
+/// Which of a site's sockets: the one requests go to, or a fresh one for a worker of a new
+/// spec that must answer before it takes any request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketRole {
+    Serving,
+    Candidate,
+}
+
+/// A running worker process (the leader of its process group).
+pub trait Worker: Send + Sync {
+    fn pid(&self) -> i32;
+    /// Ask it to finish what it accepted and exit (SIGTERM to the leader).
+    fn terminate(&self);
+    /// End the whole worker tree now (SIGKILL to its process group).
+    fn kill(&self);
+}
+
+/// How a worker ended.
+#[derive(Clone, Debug)]
+pub struct Exit {
+    /// "exit status: 3", "signal: 9".
+    pub status: String,
+    /// The most telling line of its output (a Python exception, else the last line).
+    pub last_line: String,
+}
+
+pub struct Started {
+    pub worker: Arc<dyn Worker>,
+    /// Resolves once the worker and everything in its process group are gone.
+    pub exited: BoxFut<Exit>,
+}
+
+/// Why a start could not happen (a message for the log and the 503 page).
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LaunchError(pub String);
+
+impl From<io::Error> for LaunchError {
+    fn from(e: io::Error) -> Self {
+        LaunchError(e.to_string())
+    }
+}
+
+pub trait Launcher: Send + Sync + 'static {
+    /// Create (or re-create) a listening socket for `host`'s workers.
+    fn socket(
+        &self,
+        host: &str,
+        spec: &Arc<SiteSpec>,
+        role: SocketRole,
+    ) -> BoxFut<Result<Arc<Listener>, LaunchError>>;
+
+    /// Start a worker for `spec` serving on `listener`.
+    fn start(
+        &self,
+        host: &str,
+        spec: &Arc<SiteSpec>,
+        listener: &Arc<Listener>,
+    ) -> BoxFut<Result<Started, LaunchError>>;
+
+    /// Send one request to whatever serves `listener`; `Ok` once it answered anything.
+    fn probe(&self, host: &str, listener: &Arc<Listener>) -> BoxFut<Result<(), String>>;
+
+    /// Make a candidate's socket the site's serving one; returns the path it has now.
+    fn promote(&self, host: &str, listener: &Arc<Listener>) -> BoxFut<Result<PathBuf, String>>;
+
+    /// The site is gone from this node: remove its socket directory and cgroup.
+    fn forget(&self, host: &str) -> BoxFut<()>;
+
+    /// The kernel's count of processes of `host` killed for memory (0 without cgroups).
+    fn oom_kills(&self, host: &str) -> BoxFut<u64>;
+
+    /// Memory charged to `host`'s cgroup now.
+    fn memory_bytes(&self, host: &str) -> BoxFut<Option<u64>>;
+
+    /// Periodic work for a site with a worker (its log's size cap).
+    fn housekeeping(&self, host: &str) -> BoxFut<()>;
+
+    /// The agent stops: remove what it created for limits.
+    fn shutdown(&self) -> BoxFut<()>;
+}

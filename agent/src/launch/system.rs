@@ -1,0 +1,393 @@
+//! The real [`Launcher`]: sockets under the state directory, the site's cgroup and log, and
+//! a worker forked from its interpreter's zygote or started directly.
+//!
+//! Starts run on a few dedicated launcher threads that live as long as the agent: a direct
+//! worker's parent-death signal follows the *thread* that forked it, so it must never be a
+//! pooled thread that exits when idle; and a zygote round trip (up to seconds while a zygote
+//! starts) must never hold a request thread.
+
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use roost_proto::SiteSpec;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use super::{BoxFut, Exit, LaunchError, Launcher, Listener, SocketRole, Started, Worker};
+use crate::cgroup::{Cgroups, SiteCgroup};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::sitelog;
+use crate::socket;
+use crate::users::SiteUser;
+use crate::worker;
+
+const MIB: u64 = 1024 * 1024;
+/// Launcher threads: starts of different sites proceed side by side, a slow zygote start
+/// holds one of them, never a request thread.
+const LAUNCH_THREADS: usize = 4;
+/// How long a worker's leftover processes may take to vanish after SIGKILL.
+const GROUP_GONE_WAIT: Duration = Duration::from_secs(2);
+
+type Job = Box<dyn FnOnce() + Send>;
+
+pub struct SystemLauncher {
+    cfg: Arc<ArcSwap<Config>>,
+    cgroups: Cgroups,
+    /// Each site's cgroup, once a worker of it started.
+    site_cgroups: Arc<DashMap<String, SiteCgroup>>,
+    jobs: Mutex<mpsc::Sender<Job>>,
+    metrics: Arc<Metrics>,
+}
+
+impl SystemLauncher {
+    /// Prepare cgroups (killing what a previous agent left) and start the launcher threads.
+    /// `runtime` is where workers' exits are watched.
+    pub fn new(
+        cfg: Arc<ArcSwap<Config>>,
+        metrics: Arc<Metrics>,
+        runtime: Handle,
+    ) -> std::io::Result<Arc<Self>> {
+        let c = cfg.load_full();
+        socket::ensure_dir(&c.state_dir, 0o755)?;
+        socket::ensure_dir(&c.state_dir.join("sites"), 0o711)?;
+        socket::ensure_dir(&c.state_dir.join("logs"), 0o750)?;
+        let cgroups = if c.cgroups {
+            Cgroups::detect(&c.cgroup_name())
+        } else {
+            Cgroups::Unavailable
+        };
+        let leftovers = cgroups.clean_leftovers();
+        if leftovers > 0 {
+            warn!(
+                killed = leftovers,
+                "killed workers left behind by a previous agent"
+            );
+        }
+        info!(limits = cgroups.describe(), max_workers = c.max_workers, memory_budget_mb = ?c.memory_budget_mb,
+            "launcher ready");
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..LAUNCH_THREADS {
+            let rx = rx.clone();
+            let runtime = runtime.clone();
+            std::thread::Builder::new()
+                .name(format!("roost-launch-{i}"))
+                .spawn(move || {
+                    // tokio's child reaper must be registered with the control runtime.
+                    let _enter = runtime.enter();
+                    loop {
+                        let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                            Ok(job) => job,
+                            Err(_) => return,
+                        };
+                        job();
+                    }
+                })?;
+        }
+        Ok(Arc::new(Self {
+            cfg,
+            cgroups,
+            site_cgroups: Arc::new(DashMap::new()),
+            jobs: Mutex::new(tx),
+            metrics,
+        }))
+    }
+
+    pub fn uses_cgroups(&self) -> bool {
+        !matches!(self.cgroups, Cgroups::Unavailable)
+    }
+
+    /// Run `f` on a launcher thread; its result comes back as a future.
+    fn on_launcher<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, LaunchError> + Send + 'static,
+    ) -> BoxFut<Result<T, LaunchError>> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }));
+        Box::pin(async move {
+            if sent.is_err() {
+                return Err(LaunchError("the launcher threads are gone".into()));
+            }
+            rx.await
+                .unwrap_or_else(|_| Err(LaunchError("the launcher thread panicked".into())))
+        })
+    }
+
+    fn cgroup(&self, host: &str) -> Option<SiteCgroup> {
+        self.site_cgroups.get(host).map(|c| c.clone())
+    }
+}
+
+/// What a start needs to set up the site's cgroup, movable to a launcher thread.
+#[derive(Clone)]
+struct CgroupSetup {
+    cgroups: Cgroups,
+    site_cgroups: Arc<DashMap<String, SiteCgroup>>,
+    metrics: Arc<Metrics>,
+}
+
+impl CgroupSetup {
+    /// The site's cgroup with the spec's limits applied; the files a new worker joins.
+    /// A cgroup that can't be set up is logged and the worker runs without it.
+    fn prepare(&self, host: &str, spec: &SiteSpec, cfg: &Config) -> Vec<std::path::PathBuf> {
+        // Created (again) at every start: cheap, and it heals a group someone removed.
+        let cg = match self.cgroups.site(host) {
+            Ok(Some(cg)) => cg,
+            Ok(None) => return Vec::new(),
+            Err(e) => {
+                self.metrics.limit_failures.inc();
+                tracing::error!(site = %host, error = %e, "cannot create the site's cgroup; starting without kernel limits");
+                return Vec::new();
+            }
+        };
+        let memory = spec.memory_limit_mb.map(|mb| mb * MIB);
+        if let Err(e) = cg.set_limits(memory, Some(cfg.pids_max)) {
+            self.metrics.limit_failures.inc();
+            tracing::error!(site = %host, error = %e, "cannot set the site's limits; starting without kernel limits");
+            return Vec::new();
+        }
+        let files = cg.procs_files();
+        self.site_cgroups.insert(host.to_string(), cg);
+        files
+    }
+}
+
+struct SystemWorker {
+    pid: i32,
+}
+
+impl Worker for SystemWorker {
+    fn pid(&self) -> i32 {
+        self.pid
+    }
+    fn terminate(&self) {
+        let _ = kill(Pid::from_raw(self.pid), Signal::SIGTERM);
+    }
+    fn kill(&self) {
+        let _ = kill(Pid::from_raw(-self.pid), Signal::SIGKILL);
+    }
+}
+
+/// Whether any process of group `pgid` is left (signal 0 reaches none once it is empty).
+fn group_alive(pgid: i32) -> bool {
+    kill(Pid::from_raw(-pgid), None).is_ok()
+}
+
+impl Launcher for SystemLauncher {
+    fn socket(
+        &self,
+        host: &str,
+        spec: &Arc<SiteSpec>,
+        role: SocketRole,
+    ) -> BoxFut<Result<Arc<Listener>, LaunchError>> {
+        let state_dir = self.cfg.load().state_dir.clone();
+        let (host, user) = (host.to_string(), spec.user.clone());
+        self.on_launcher(move || {
+            let user = SiteUser::lookup(&user).map_err(|e| LaunchError(e.to_string()))?;
+            let name = match role {
+                SocketRole::Serving => socket::SERVING,
+                SocketRole::Candidate => socket::CANDIDATE,
+            };
+            let (socket, path) = socket::bind(&state_dir, &host, name, user.uid, user.gid)
+                .map_err(|e| LaunchError(format!("cannot create the site's socket: {e}")))?;
+            Ok(Arc::new(Listener { socket, path }))
+        })
+    }
+
+    fn start(
+        &self,
+        host: &str,
+        spec: &Arc<SiteSpec>,
+        listener: &Arc<Listener>,
+    ) -> BoxFut<Result<Started, LaunchError>> {
+        let (host, spec, listener) = (host.to_string(), spec.clone(), listener.clone());
+        let setup = CgroupSetup {
+            cgroups: self.cgroups.clone(),
+            site_cgroups: self.site_cgroups.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let cfg = self.cfg.load_full();
+        let starting = {
+            let host = host.clone();
+            self.on_launcher(move || {
+                let user = SiteUser::lookup(&spec.user).map_err(|e| LaunchError(e.to_string()))?;
+                let procs = setup.prepare(&host, &spec, &cfg);
+                let log = sitelog::open_for_worker(&cfg.state_dir, &host).map_err(|e| {
+                    LaunchError(format!("cannot open the site's log: {e}"))
+                })?;
+                let proc = worker::spawn(&worker::Launch {
+                    spec: &spec,
+                    host: &host,
+                    user: &user,
+                    listener: &listener.socket,
+                    log,
+                    grace_secs: cfg.stop_grace.as_secs().max(1),
+                    cgroup_procs: &procs,
+                })
+                .map_err(|e| LaunchError(format!("cannot start the site's worker: {e}")))?;
+                info!(site = %host, pid = proc.pid(), user = %user.name, uid = user.uid.as_raw(), "worker started");
+                Ok((proc, cfg.state_dir.clone()))
+            })
+        };
+        Box::pin(async move {
+            let (proc, state_dir) = starting.await?;
+            let pid = proc.pid();
+            let exited: BoxFut<Exit> = Box::pin(async move {
+                let status = proc.wait().await;
+                // Reap whatever the worker left in its process group (gunicorn's children).
+                let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+                let deadline = tokio::time::Instant::now() + GROUP_GONE_WAIT;
+                while group_alive(pid) && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let log = sitelog::path(&state_dir, &host);
+                let last_line = tokio::task::spawn_blocking(move || {
+                    let tail = sitelog::tail(&log, 20).unwrap_or_default();
+                    // The Python exception says more than gunicorn's closing "failed to boot".
+                    tail.lines()
+                        .rev()
+                        .find(|l| l.contains("Error:") || l.contains("Exception:"))
+                        .or_else(|| tail.lines().last())
+                        .unwrap_or("no output")
+                        .trim()
+                        .to_string()
+                })
+                .await
+                .unwrap_or_default();
+                Exit { status, last_line }
+            });
+            Ok(Started {
+                worker: Arc::new(SystemWorker { pid }) as Arc<dyn Worker>,
+                exited,
+            })
+        })
+    }
+
+    fn probe(&self, host: &str, listener: &Arc<Listener>) -> BoxFut<Result<(), String>> {
+        let request = format!(
+            "GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: roost-agent-probe\r\nConnection: close\r\n\r\n"
+        );
+        let path = listener.path.clone();
+        Box::pin(async move {
+            let mut stream = tokio::net::UnixStream::connect(&path)
+                .await
+                .map_err(|e| format!("cannot connect to the new worker: {e}"))?;
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .map_err(|e| format!("cannot send the new worker a request: {e}"))?;
+            let mut head = [0u8; 16];
+            let mut got = 0;
+            while got < 12 {
+                let n = stream
+                    .read(&mut head[got..])
+                    .await
+                    .map_err(|e| format!("the new worker failed its first request: {e}"))?;
+                if n == 0 {
+                    return Err("the new worker closed its first request without an answer".into());
+                }
+                got += n;
+            }
+            if head.starts_with(b"HTTP/1.") {
+                Ok(())
+            } else {
+                Err("the new worker's first answer is not HTTP".into())
+            }
+        })
+    }
+
+    fn promote(
+        &self,
+        host: &str,
+        listener: &Arc<Listener>,
+    ) -> BoxFut<Result<std::path::PathBuf, String>> {
+        let from = listener.path.clone();
+        let state_dir = self.cfg.load().state_dir.clone();
+        let to = state_dir.join("sites").join(host).join(socket::SERVING);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                // Atomic: a connect sees the old listener or the new one, never no socket.
+                std::fs::rename(&from, &to)
+                    .map(|_| to)
+                    .map_err(|e| format!("cannot move the new worker's socket into place: {e}"))
+            })
+            .await
+            .map_err(|e| e.to_string())?
+        })
+    }
+
+    fn forget(&self, host: &str) -> BoxFut<()> {
+        let state_dir = self.cfg.load().state_dir.clone();
+        let cgroup = self.site_cgroups.remove(host).map(|(_, c)| c);
+        let host = host.to_string();
+        Box::pin(async move {
+            let _ = tokio::task::spawn_blocking(move || {
+                socket::remove(&state_dir, &host);
+                if let Some(cg) = cgroup {
+                    cg.remove();
+                }
+            })
+            .await;
+        })
+    }
+
+    fn oom_kills(&self, host: &str) -> BoxFut<u64> {
+        let cg = self.cgroup(host);
+        Box::pin(async move {
+            match cg {
+                Some(cg) => tokio::task::spawn_blocking(move || cg.oom_kills())
+                    .await
+                    .unwrap_or(0),
+                None => 0,
+            }
+        })
+    }
+
+    fn memory_bytes(&self, host: &str) -> BoxFut<Option<u64>> {
+        let cg = self.cgroup(host);
+        Box::pin(async move {
+            match cg {
+                Some(cg) => tokio::task::spawn_blocking(move || cg.memory_bytes())
+                    .await
+                    .ok()
+                    .flatten(),
+                None => None,
+            }
+        })
+    }
+
+    fn housekeeping(&self, host: &str) -> BoxFut<()> {
+        let cfg = self.cfg.load_full();
+        let log = sitelog::path(&cfg.state_dir, host);
+        let host = host.to_string();
+        Box::pin(async move {
+            let rotated = tokio::task::spawn_blocking(move || {
+                sitelog::rotate_if_large(&log, cfg.log_max_bytes)
+            })
+            .await;
+            if let Ok(Ok(true)) = rotated {
+                info!(site = %host, "site log rotated");
+            }
+        })
+    }
+
+    fn shutdown(&self) -> BoxFut<()> {
+        let cgroups = self.cgroups.clone();
+        Box::pin(async move {
+            let _ = tokio::task::spawn_blocking(move || cgroups.remove_all()).await;
+        })
+    }
+}

@@ -1,0 +1,961 @@
+//! One site's actor: a task that owns the site's state and changes it only in answer to a
+//! message, so no lock guards it and every transition can be driven by a test.
+//!
+//! ```text
+//! idle ──acquire──▶ starting ──first answer──▶ ready ──idle_timeout──▶ draining ──exit──▶ idle
+//!                      │ exits / no answer in start_timeout    └─ crash ─▶ idle (restart if requests wait)
+//!                      └──────▶ failed: waiting requests get 503 at once, backoff
+//!
+//! ready ──spec changed──▶ ready + candidate (own socket) ──probe answered──▶ ready (new),
+//!                                 │                                         old drains
+//!                                 └─ exits / no answer ─▶ ready (old spec), "serving the previous spec"
+//! ```
+//!
+//! Slow work (reserving a slot of the node, binding sockets, starting workers, probing) runs
+//! in tasks the actor spawns; they report back with a message. Timers (idle stop, start
+//! deadline, stop grace) are the actor's own.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use roost_proto::SiteSpec;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::capacity::{Capacity, Reservation, Running};
+use super::ticket::{AcquireError, SiteShared, SiteStatus, StopReason, Ticket};
+use super::Ctx;
+use crate::launch::{BoxFut, Exit, Listener, SocketRole, Started, Worker};
+
+pub enum Msg {
+    /// A request wants a worker.
+    Acquire {
+        reply: oneshot::Sender<Result<Ticket, AcquireError>>,
+    },
+    /// A request ended.
+    Release {
+        generation: u64,
+    },
+    /// A worker answered a request.
+    Answered {
+        generation: u64,
+    },
+    /// A request timed out on this worker: replace it.
+    Recycle {
+        generation: u64,
+    },
+    SpecChanged(Arc<SiteSpec>),
+    Removed,
+    /// The node is full: stop the worker if it is idle; the answer says whether it did.
+    Evict {
+        reply: oneshot::Sender<bool>,
+    },
+    /// The RSS watchdog found this worker over the site's memory limit.
+    MemoryLimit {
+        pid: i32,
+    },
+    /// Periodic housekeeping (log size, OOM counter).
+    Tick,
+    Status {
+        reply: oneshot::Sender<SiteStatus>,
+    },
+    /// Stop everything; `done` is dropped once every worker has exited.
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
+    // Reports of the actor's own tasks and timers.
+    Launched {
+        generation: u64,
+        role: Role,
+        result: Result<Launch, AcquireError>,
+    },
+    Exited {
+        generation: u64,
+        exit: Exit,
+        oom: bool,
+    },
+    StartDeadline {
+        generation: u64,
+    },
+    Probed {
+        generation: u64,
+        result: Result<PathBuf, String>,
+    },
+    GraceOver {
+        generation: u64,
+    },
+}
+
+/// Which worker a start is for: the one requests go to, or a changed spec's candidate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Serving,
+    Candidate,
+}
+
+pub struct Launch {
+    reservation: Reservation,
+    listener: Arc<Listener>,
+    started: Started,
+    spec: Arc<SiteSpec>,
+}
+
+/// A live worker process.
+struct Proc {
+    generation: u64,
+    worker: Arc<dyn Worker>,
+    /// Its slot of the node's worker limit, given back when the process tree is gone.
+    _reservation: Reservation,
+    listener: Arc<Listener>,
+    spec: Arc<SiteSpec>,
+    started: Instant,
+    answered: bool,
+    /// Requests holding a ticket for this worker.
+    in_flight: u32,
+    /// Asked to stop (SIGTERM sent), and why.
+    stopping: Option<StopReason>,
+    /// Stop once its requests are done (a replaced worker finishing what it accepted).
+    drain_then_stop: Option<StopReason>,
+}
+
+pub struct Actor {
+    host: String,
+    ctx: Arc<Ctx>,
+    shared: Arc<SiteShared>,
+    tx: UnboundedSender<Msg>,
+    /// The spec the serving worker runs, and the next start uses.
+    spec: Arc<SiteSpec>,
+    /// The socket requests go to, and its path.
+    serving: Option<(Arc<Listener>, PathBuf)>,
+    current: Option<Proc>,
+    candidate: Option<Proc>,
+    retiring: Vec<Proc>,
+    /// The generation of a serving / candidate start in progress.
+    starting: Option<u64>,
+    candidate_starting: Option<u64>,
+    /// Requests waiting for a start in progress.
+    pending: Vec<oneshot::Sender<Result<Ticket, AcquireError>>>,
+    in_flight: u32,
+    last_active: Instant,
+    next_generation: u64,
+    /// Workers in a row that died before answering anything.
+    failures: u32,
+    /// No new worker before this instant (crash-loop backoff).
+    retry_at: Option<Instant>,
+    /// A changed spec being tried, or that failed.
+    new_spec: Option<Arc<SiteSpec>>,
+    /// Why the changed spec's worker failed, while the previous spec's serves.
+    spec_failure: Option<String>,
+    removed: bool,
+    shutting_down: bool,
+    done: Vec<oneshot::Sender<()>>,
+}
+
+impl Actor {
+    pub fn new(
+        host: &str,
+        spec: Arc<SiteSpec>,
+        ctx: Arc<Ctx>,
+        shared: Arc<SiteShared>,
+        tx: UnboundedSender<Msg>,
+    ) -> Self {
+        Self {
+            host: host.to_string(),
+            ctx,
+            shared,
+            tx,
+            spec,
+            serving: None,
+            current: None,
+            candidate: None,
+            retiring: Vec::new(),
+            starting: None,
+            candidate_starting: None,
+            pending: Vec::new(),
+            in_flight: 0,
+            last_active: Instant::now(),
+            next_generation: 1,
+            failures: 0,
+            retry_at: None,
+            new_spec: None,
+            spec_failure: None,
+            removed: false,
+            shutting_down: false,
+            done: Vec::new(),
+        }
+    }
+
+    pub async fn run(mut self, mut rx: UnboundedReceiver<Msg>) {
+        loop {
+            let idle_at = self.idle_deadline();
+            let msg = tokio::select! {
+                msg = rx.recv() => msg,
+                _ = sleep_until(idle_at) => {
+                    self.stop_current(StopReason::Idle);
+                    continue;
+                }
+            };
+            let Some(msg) = msg else { break };
+            self.handle(msg);
+            if self.finished() {
+                break;
+            }
+        }
+        // Whatever arrives from now on finds the channel closed.
+        rx.close();
+        while let Ok(msg) = rx.try_recv() {
+            if let Msg::Acquire { reply } = msg {
+                let _ = reply.send(Err(self.gone()));
+            }
+        }
+        self.ctx
+            .actors
+            .remove_if(&self.host, |_, h| h.tx.same_channel(&self.tx));
+        if self.removed {
+            self.ctx.launcher.forget(&self.host).await;
+            info!(site = %self.host, "site removed from this node");
+        }
+        drop(self.done);
+    }
+
+    fn gone(&self) -> AcquireError {
+        if self.shutting_down {
+            AcquireError::ShuttingDown
+        } else {
+            AcquireError::Removed
+        }
+    }
+
+    fn finished(&self) -> bool {
+        (self.removed || self.shutting_down)
+            && self.current.is_none()
+            && self.candidate.is_none()
+            && self.retiring.is_empty()
+            && self.starting.is_none()
+            && self.candidate_starting.is_none()
+    }
+
+    /// When the current worker stops for being idle: no request for `idle_timeout`.
+    fn idle_deadline(&self) -> Option<Instant> {
+        let cur = self.current.as_ref()?;
+        if self.in_flight > 0 || self.candidate.is_some() || cur.stopping.is_some() {
+            return None;
+        }
+        Some(self.last_active + Duration::from_secs(self.spec.idle_timeout))
+    }
+
+    pub fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Acquire { reply } => self.acquire(reply),
+            Msg::Release { generation } => self.release(generation),
+            Msg::Answered { generation } => self.answered(generation),
+            Msg::Recycle { generation } => self.recycle(generation),
+            Msg::SpecChanged(spec) => self.spec_changed(spec),
+            Msg::Removed => self.stop_all(StopReason::Removed),
+            Msg::Evict { reply } => {
+                let idle = self.in_flight == 0
+                    && self.candidate.is_none()
+                    && self.candidate_starting.is_none()
+                    && self.current.as_ref().is_some_and(|c| c.stopping.is_none());
+                if idle {
+                    self.stop_current(StopReason::Evicted);
+                }
+                let _ = reply.send(idle);
+            }
+            Msg::MemoryLimit { pid } => {
+                if self.current.as_ref().is_some_and(|c| c.worker.pid() == pid) {
+                    warn!(site = %self.host, pid, limit_mb = ?self.spec.memory_limit_mb,
+                        "worker exceeds its memory limit (RSS watchdog); killing it");
+                    self.ctx.metrics.oom_kills.inc();
+                    self.shared.failures().last_oom = Some(std::time::Instant::now());
+                    self.stop_current(StopReason::MemoryLimit);
+                    if let Some(p) = self.retiring.last() {
+                        p.worker.kill();
+                    }
+                }
+            }
+            Msg::Tick => self.housekeeping(),
+            Msg::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Msg::Shutdown { done } => {
+                self.done.push(done);
+                self.stop_all(StopReason::Shutdown);
+            }
+            Msg::Launched {
+                generation,
+                role: Role::Serving,
+                result,
+            } => self.launched(generation, result),
+            Msg::Launched {
+                generation,
+                role: Role::Candidate,
+                result,
+            } => self.candidate_launched(generation, result),
+            Msg::Exited {
+                generation,
+                exit,
+                oom,
+            } => self.exited(generation, exit, oom),
+            Msg::StartDeadline { generation } => self.start_deadline(generation),
+            Msg::Probed { generation, result } => self.probed(generation, result),
+            Msg::GraceOver { generation } => {
+                if let Some(p) = self.retiring.iter().find(|p| p.generation == generation) {
+                    warn!(site = %self.host, pid = p.worker.pid(), "worker did not stop within the grace period; killing it");
+                    p.worker.kill();
+                }
+            }
+        }
+    }
+
+    fn acquire(&mut self, reply: oneshot::Sender<Result<Ticket, AcquireError>>) {
+        if self.removed || self.shutting_down {
+            let _ = reply.send(Err(self.gone()));
+            return;
+        }
+        let limit = self.ctx.cfg().start_queue_limit;
+        if let Some(cur) = &self.current {
+            let result = if !cur.answered && self.in_flight >= limit {
+                Err(AcquireError::StartQueueFull {
+                    waiting: self.in_flight,
+                })
+            } else {
+                Ok(self.ticket())
+            };
+            let _ = reply.send(result);
+            return;
+        }
+        if self.starting.is_some() {
+            if self.pending.len() as u32 >= limit {
+                let _ = reply.send(Err(AcquireError::StartQueueFull {
+                    waiting: self.pending.len() as u32,
+                }));
+            } else {
+                self.pending.push(reply);
+            }
+            return;
+        }
+        if let Some(at) = self.retry_at.filter(|at| *at > Instant::now()) {
+            let _ = reply.send(Err(AcquireError::CrashLoop {
+                retry_in_secs: at
+                    .saturating_duration_since(Instant::now())
+                    .as_secs()
+                    .max(1),
+            }));
+            return;
+        }
+        self.pending.push(reply);
+        self.begin_start();
+    }
+
+    /// A ticket for the current worker.
+    fn ticket(&mut self) -> Ticket {
+        let cur = self.current.as_mut().expect("a current worker");
+        cur.in_flight += 1;
+        self.in_flight += 1;
+        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.ctx.in_flight.fetch_add(1, Ordering::AcqRel);
+        Ticket {
+            shared: self.shared.clone(),
+            tx: self.tx.clone(),
+            ctx: self.ctx.clone(),
+            socket_path: self
+                .serving
+                .as_ref()
+                .map(|(_, p)| p.clone())
+                .unwrap_or_default(),
+            generation: cur.generation,
+            request_timeout: Duration::from_secs(self.spec.request_timeout),
+            memory_limit_mb: self.spec.memory_limit_mb,
+            issued: std::time::Instant::now(),
+        }
+    }
+
+    fn release(&mut self, generation: u64) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.last_active = Instant::now();
+        if let Some(p) = self.proc_mut(generation) {
+            p.in_flight = p.in_flight.saturating_sub(1);
+        }
+        self.stop_drained();
+    }
+
+    /// Stop replaced workers that have finished their last request.
+    fn stop_drained(&mut self) {
+        let mut to_stop = Vec::new();
+        for (i, p) in self.retiring.iter().enumerate() {
+            if p.in_flight == 0 && p.stopping.is_none() && p.drain_then_stop.is_some() {
+                to_stop.push(i);
+            }
+        }
+        for i in to_stop {
+            let reason = self.retiring[i]
+                .drain_then_stop
+                .unwrap_or(StopReason::Replaced);
+            self.stop_retiring(i, reason);
+        }
+    }
+
+    fn proc_mut(&mut self, generation: u64) -> Option<&mut Proc> {
+        self.current
+            .iter_mut()
+            .chain(self.candidate.iter_mut())
+            .chain(self.retiring.iter_mut())
+            .find(|p| p.generation == generation)
+    }
+
+    fn answered(&mut self, generation: u64) {
+        if let Some(cur) = self.current.as_mut().filter(|c| c.generation == generation) {
+            if !cur.answered {
+                cur.answered = true;
+                self.failures = 0;
+                self.retry_at = None;
+                self.shared
+                    .answered_generation
+                    .store(generation, Ordering::Release);
+            }
+        }
+    }
+
+    fn recycle(&mut self, generation: u64) {
+        let stuck = self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.generation == generation && c.answered);
+        if stuck && !self.removed && !self.shutting_down {
+            warn!(site = %self.host, "a request timed out; recycling the worker");
+            self.stop_current(StopReason::Recycled);
+            // Requests waiting in the shared socket's backlog go to the new worker.
+            if self.starting.is_none() {
+                self.begin_start();
+            }
+        }
+    }
+
+    fn next_generation(&mut self) -> u64 {
+        let g = self.next_generation;
+        self.next_generation += 1;
+        g
+    }
+
+    /// Start a worker for the current spec on the serving socket (bound first if needed).
+    fn begin_start(&mut self) {
+        let generation = self.next_generation();
+        self.starting = Some(generation);
+        let (ctx, host, spec, tx) = (
+            self.ctx.clone(),
+            self.host.clone(),
+            self.spec.clone(),
+            self.tx.clone(),
+        );
+        let listener = self.serving.as_ref().map(|(l, _)| l.clone());
+        tokio::spawn(async move {
+            let result = launch(&ctx, &host, spec, listener, SocketRole::Serving).await;
+            report_launch(&tx, generation, Role::Serving, result);
+        });
+    }
+
+    fn launched(&mut self, generation: u64, result: Result<Launch, AcquireError>) {
+        if self.starting == Some(generation) {
+            self.starting = None;
+        }
+        let launch = match result {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(site = %self.host, error = %e, "cannot start worker");
+                for reply in self.pending.drain(..) {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                return;
+            }
+        };
+        if self.serving.is_none() {
+            self.serving = Some((launch.listener.clone(), launch.listener.path.clone()));
+        }
+        let stale = *launch.spec != *self.spec;
+        let proc = self.adopt(generation, launch);
+        self.current = Some(proc);
+        self.publish_current();
+        if self.removed || self.shutting_down {
+            let why = self.gone();
+            for reply in self.pending.drain(..) {
+                let _ = reply.send(Err(why.clone()));
+            }
+            let reason = if self.removed {
+                StopReason::Removed
+            } else {
+                StopReason::Shutdown
+            };
+            self.stop_current(reason);
+            return;
+        }
+        if stale {
+            // The spec changed while this worker was starting: start one for the new spec;
+            // waiting requests stay in the socket's backlog for it.
+            self.stop_current(StopReason::Replaced);
+            self.begin_start();
+            return;
+        }
+        let timeout = self.ctx.cfg().start_timeout;
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let _ = tx.send(Msg::StartDeadline { generation });
+        });
+        for reply in std::mem::take(&mut self.pending) {
+            let ticket = self.ticket();
+            let _ = reply.send(Ok(ticket));
+        }
+    }
+
+    /// A started worker becomes a `Proc` whose exit is watched.
+    fn adopt(&mut self, generation: u64, launch: Launch) -> Proc {
+        let Launch {
+            reservation,
+            listener,
+            started,
+            spec,
+        } = launch;
+        let Started { worker, exited } = started;
+        self.ctx.metrics.worker_starts.inc();
+        self.ctx.metrics.workers.inc();
+        self.ctx.capacity.add_running(
+            &self.host,
+            Running {
+                shared: self.shared.clone(),
+                tx: self.tx.clone(),
+            },
+        );
+        self.watch_exit(generation, exited, spec.memory_limit_mb);
+        info!(site = %self.host, pid = worker.pid(), generation, "worker running");
+        Proc {
+            generation,
+            worker,
+            _reservation: reservation,
+            listener,
+            spec,
+            started: Instant::now(),
+            answered: false,
+            in_flight: 0,
+            stopping: None,
+            drain_then_stop: None,
+        }
+    }
+
+    fn watch_exit(&self, generation: u64, exited: BoxFut<Exit>, memory_limit_mb: Option<u64>) {
+        let (ctx, shared, tx) = (self.ctx.clone(), self.shared.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let exit = exited.await;
+            let kills = ctx.launcher.oom_kills(&shared.host).await;
+            let oom = shared.note_oom_kills(kills, &ctx, memory_limit_mb);
+            let _ = tx.send(Msg::Exited {
+                generation,
+                exit,
+                oom,
+            });
+        });
+    }
+
+    /// Tell readers outside the actor which worker is current.
+    fn publish_current(&self) {
+        let (generation, pid, answered) = match &self.current {
+            Some(c) => (c.generation, c.worker.pid(), c.answered),
+            None => (0, 0, false),
+        };
+        self.shared
+            .current_generation
+            .store(generation, Ordering::Release);
+        self.shared.current_pid.store(pid, Ordering::Release);
+        if answered {
+            self.shared
+                .answered_generation
+                .store(generation, Ordering::Release);
+        }
+    }
+
+    fn start_deadline(&mut self, generation: u64) {
+        let stuck = self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.generation == generation && !c.answered && c.stopping.is_none())
+            && self.in_flight > 0;
+        if !stuck {
+            return;
+        }
+        let secs = self.ctx.cfg().start_timeout.as_secs();
+        self.ctx.metrics.start_timeouts.inc();
+        let pid = self.current.as_ref().map_or(0, |c| c.worker.pid());
+        warn!(site = %self.host, pid, waiting = self.in_flight, timeout_secs = secs, "worker did not answer in time; killing it");
+        self.fail_start(format!(
+            "the worker did not answer within {secs} s of starting"
+        ));
+        self.stop_current(StopReason::StartTimeout);
+        if let Some(p) = self.retiring.last() {
+            p.worker.kill();
+        }
+    }
+
+    /// Record a failed start: back off, and reset the requests waiting in the socket backlog
+    /// (closing the agent's end of the socket) so they answer 503 now, not at their timeout.
+    fn fail_start(&mut self, why: String) {
+        self.failures += 1;
+        let max = self.ctx.cfg().max_crash_backoff;
+        self.retry_at = (self.failures > 1).then(|| {
+            let exp = Duration::from_secs(1 << (self.failures - 2).min(10));
+            Instant::now() + exp.min(max)
+        });
+        self.shared.failures().last_failure = Some((std::time::Instant::now(), why));
+        if self.in_flight > 0 {
+            self.serving = None;
+        }
+    }
+
+    fn exited(&mut self, generation: u64, exit: Exit, oom: bool) {
+        self.ctx.metrics.workers.dec();
+        let why = if oom {
+            format!(
+                "killed for exceeding its memory limit of {} MiB",
+                self.spec.memory_limit_mb.unwrap_or(0)
+            )
+        } else {
+            format!("worker exited ({}): {}", exit.status, exit.last_line)
+        };
+        if let Some(cur) = self.current.take_if(|c| c.generation == generation) {
+            self.publish_current();
+            if cur.stopping.is_some() {
+                info!(site = %self.host, pid = cur.worker.pid(), status = %exit.status, "worker stopped");
+            } else {
+                self.crashed(cur, why);
+            }
+        } else if let Some(cand) = self.candidate.take_if(|c| c.generation == generation) {
+            if cand.stopping.is_none() {
+                self.spec_failed(why);
+            }
+            drop(cand);
+        } else if let Some(i) = self
+            .retiring
+            .iter()
+            .position(|p| p.generation == generation)
+        {
+            let p = self.retiring.remove(i);
+            info!(site = %self.host, pid = p.worker.pid(), status = %exit.status, "worker stopped");
+        }
+        if self.current.is_none() && self.candidate.is_none() && self.retiring.is_empty() {
+            self.ctx.capacity.remove_running(&self.host);
+        }
+    }
+
+    fn crashed(&mut self, cur: Proc, why: String) {
+        self.ctx.metrics.worker_crashes.inc();
+        warn!(site = %self.host, pid = cur.worker.pid(), lived_ms = cur.started.elapsed().as_millis() as u64,
+            answered = cur.answered, in_flight = self.in_flight, reason = %why, "worker exited unexpectedly");
+        if cur.answered {
+            // A worker that served requests and then died is not a start failure. The
+            // requests it had accepted are lost with it; those still waiting in the
+            // socket's backlog are served by a new worker, started now.
+            self.shared.failures().last_failure = Some((std::time::Instant::now(), why));
+            drop(cur);
+            if self.in_flight > 0 && !self.removed && !self.shutting_down && self.starting.is_none()
+            {
+                self.begin_start();
+            }
+        } else {
+            drop(cur);
+            self.fail_start(why);
+        }
+    }
+
+    /// Move the current worker to the retiring ones and ask it to stop.
+    fn stop_current(&mut self, reason: StopReason) {
+        if let Some(cur) = self.current.take() {
+            self.publish_current();
+            self.retiring.push(cur);
+            let i = self.retiring.len() - 1;
+            self.stop_retiring(i, reason);
+        }
+    }
+
+    fn stop_retiring(&mut self, i: usize, reason: StopReason) {
+        let p = &mut self.retiring[i];
+        if p.stopping.is_some() {
+            return;
+        }
+        p.stopping = Some(reason);
+        self.ctx
+            .metrics
+            .worker_stops
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        info!(site = %self.host, pid = p.worker.pid(), reason = reason.as_str(), "stopping worker");
+        p.worker.terminate();
+        let (generation, grace, tx) = (p.generation, self.ctx.cfg().stop_grace, self.tx.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let _ = tx.send(Msg::GraceOver { generation });
+        });
+    }
+
+    fn stop_candidate(&mut self, reason: StopReason) {
+        self.candidate_starting = None;
+        if let Some(c) = self.candidate.take() {
+            self.retiring.push(c);
+            let i = self.retiring.len() - 1;
+            self.stop_retiring(i, reason);
+        }
+    }
+
+    /// Removal or shutdown: stop every worker; the actor ends once they are gone.
+    fn stop_all(&mut self, reason: StopReason) {
+        match reason {
+            StopReason::Removed => self.removed = true,
+            _ => self.shutting_down = true,
+        }
+        let why = self.gone();
+        for reply in self.pending.drain(..) {
+            let _ = reply.send(Err(why.clone()));
+        }
+        self.stop_current(reason);
+        self.stop_candidate(reason);
+        for i in 0..self.retiring.len() {
+            self.stop_retiring(i, reason);
+        }
+    }
+
+    fn spec_changed(&mut self, spec: Arc<SiteSpec>) {
+        if *spec == *self.spec {
+            // Back to the serving spec: forget the change that was tried.
+            if self.new_spec.take().is_some() {
+                self.stop_candidate(StopReason::Replaced);
+                self.spec_failure = None;
+                info!(site = %self.host, "site spec changed back to the one serving");
+            }
+            return;
+        }
+        if self.new_spec.as_ref().is_some_and(|n| **n == *spec) {
+            return; // already being tried, or already failed
+        }
+        info!(site = %self.host, "site spec changed");
+        self.stop_candidate(StopReason::Replaced);
+        self.spec_failure = None;
+        let serving = self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.answered && c.stopping.is_none());
+        if !serving {
+            // No worker has proven itself: the new spec applies at once. A start in
+            // progress sees the change when it reports, and starts again.
+            self.new_spec = None;
+            self.spec = spec;
+            self.failures = 0;
+            self.retry_at = None;
+            if self.current.is_some() {
+                self.stop_current(StopReason::Replaced);
+                if self.in_flight > 0 && self.starting.is_none() {
+                    self.begin_start();
+                }
+            }
+            return;
+        }
+        // A worker serves: the new one gets its own socket and must answer a request before
+        // any client request goes to it.
+        self.new_spec = Some(spec.clone());
+        let generation = self.next_generation();
+        self.candidate_starting = Some(generation);
+        let (ctx, host, tx) = (self.ctx.clone(), self.host.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let result = launch(&ctx, &host, spec, None, SocketRole::Candidate).await;
+            report_launch(&tx, generation, Role::Candidate, result);
+        });
+    }
+
+    fn candidate_launched(&mut self, generation: u64, result: Result<Launch, AcquireError>) {
+        if self.candidate_starting != Some(generation) {
+            // Superseded while starting: stop what started.
+            if let Ok(launch) = result {
+                let p = self.adopt(generation, launch);
+                self.retiring.push(p);
+                let i = self.retiring.len() - 1;
+                self.stop_retiring(i, StopReason::Replaced);
+            }
+            return;
+        }
+        self.candidate_starting = None;
+        let launch = match result {
+            Ok(l) => l,
+            Err(e) => {
+                self.spec_failed(e.to_string());
+                return;
+            }
+        };
+        let proc = self.adopt(generation, launch);
+        let (ctx, host, tx, listener) = (
+            self.ctx.clone(),
+            self.host.clone(),
+            self.tx.clone(),
+            proc.listener.clone(),
+        );
+        let timeout = self.ctx.cfg().start_timeout;
+        self.candidate = Some(proc);
+        tokio::spawn(async move {
+            let result =
+                match tokio::time::timeout(timeout, ctx.launcher.probe(&host, &listener)).await {
+                    Ok(Ok(())) => ctx.launcher.promote(&host, &listener).await,
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(format!(
+                        "the new worker did not answer within {} s",
+                        timeout.as_secs()
+                    )),
+                };
+            let _ = tx.send(Msg::Probed { generation, result });
+        });
+    }
+
+    fn probed(&mut self, generation: u64, result: Result<PathBuf, String>) {
+        if !self
+            .candidate
+            .as_ref()
+            .is_some_and(|c| c.generation == generation && c.stopping.is_none())
+        {
+            return;
+        }
+        let path = match result {
+            Ok(path) => path,
+            Err(why) => {
+                self.spec_failed(why);
+                return;
+            }
+        };
+        let mut new = self.candidate.take().expect("candidate was just checked");
+        new.answered = true;
+        // The old worker finishes the requests it has (and those in its socket's backlog,
+        // which only its tickets can have reached), then stops.
+        if let Some(mut old) = self.current.take() {
+            old.drain_then_stop = Some(StopReason::Replaced);
+            self.retiring.push(old);
+        }
+        self.serving = Some((new.listener.clone(), path));
+        self.spec = new.spec.clone();
+        self.new_spec = None;
+        self.spec_failure = None;
+        self.failures = 0;
+        self.retry_at = None;
+        info!(site = %self.host, pid = new.worker.pid(), generation, "the new spec's worker answered; it serves from now on");
+        self.current = Some(new);
+        self.publish_current();
+        self.stop_drained();
+    }
+
+    /// The changed spec's worker failed: the previous one keeps serving.
+    fn spec_failed(&mut self, why: String) {
+        self.ctx.metrics.spec_change_failures.inc();
+        warn!(site = %self.host, reason = %why, "the changed spec's worker failed; the previous spec's worker keeps serving");
+        self.spec_failure = Some(why);
+        if let Some(c) = self.candidate.as_ref() {
+            c.worker.kill();
+        }
+        self.stop_candidate(StopReason::SpecFailed);
+    }
+
+    fn housekeeping(&self) {
+        if self.current.is_none() && self.candidate.is_none() {
+            return;
+        }
+        let (ctx, shared, limit) = (
+            self.ctx.clone(),
+            self.shared.clone(),
+            self.spec.memory_limit_mb,
+        );
+        tokio::spawn(async move {
+            ctx.launcher.housekeeping(&shared.host).await;
+            let kills = ctx.launcher.oom_kills(&shared.host).await;
+            shared.note_oom_kills(kills, &ctx, limit);
+        });
+    }
+
+    fn status(&self) -> SiteStatus {
+        let state = match (&self.current, self.starting, self.retiring.is_empty()) {
+            (Some(c), _, _) if c.answered => "ready",
+            (Some(_), _, _) | (None, Some(_), _) => "starting",
+            (None, None, false) => "draining",
+            (None, None, true) => "idle",
+        };
+        SiteStatus {
+            host: self.host.clone(),
+            user: self.spec.user.clone(),
+            state,
+            pid: self.current.as_ref().map(|c| c.worker.pid()),
+            stopping: self.retiring.iter().map(|p| p.worker.pid()).collect(),
+            in_flight: self.in_flight,
+            idle_for_secs: if self.in_flight == 0 {
+                self.last_active.elapsed().as_secs()
+            } else {
+                0
+            },
+            memory_bytes: None,
+            failures: self.failures,
+            note: self
+                .spec_failure
+                .as_ref()
+                .map(|why| format!("serving the previous spec: {why}")),
+        }
+    }
+}
+
+/// Reserve a slot of the node, bind the socket if there is none, start the worker.
+async fn launch(
+    ctx: &Arc<Ctx>,
+    host: &str,
+    spec: Arc<SiteSpec>,
+    listener: Option<Arc<Listener>>,
+    role: SocketRole,
+) -> Result<Launch, AcquireError> {
+    let reservation = Capacity::reserve(ctx, host).await?;
+    let listener = match listener {
+        Some(l) => l,
+        None => ctx
+            .launcher
+            .socket(host, &spec, role)
+            .await
+            .map_err(|e| AcquireError::Start(e.0))?,
+    };
+    let started = ctx
+        .launcher
+        .start(host, &spec, &listener)
+        .await
+        .map_err(|e| AcquireError::Start(e.0))?;
+    Ok(Launch {
+        reservation,
+        listener,
+        started,
+        spec,
+    })
+}
+
+/// Hand a start's result to its actor; if the actor is gone, end the worker.
+fn report_launch(
+    tx: &UnboundedSender<Msg>,
+    generation: u64,
+    role: Role,
+    result: Result<Launch, AcquireError>,
+) {
+    if let Err(tokio::sync::mpsc::error::SendError(Msg::Launched {
+        result: Ok(launch), ..
+    })) = tx.send(Msg::Launched {
+        generation,
+        role,
+        result,
+    }) {
+        launch.started.worker.kill();
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

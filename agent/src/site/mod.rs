@@ -1,0 +1,294 @@
+//! The sites of this node (DESIGN.md, decision 7 and "Per-site worker lifecycle").
+//!
+//! Each site that received a request here has an actor ([`actor`]): a task that owns the
+//! site's state and is fed messages. The registry below only finds (or creates) a site's
+//! actor: a request sends `Acquire` and gets a [`Ticket`], whose drop sends `Release`.
+//! Nothing on the request path locks anything shared by all sites (the registry is a
+//! sharded map; the node's worker limit is an atomic, see [`capacity`]).
+//!
+//! - `actor.rs`: the per-site state machine.
+//! - `capacity.rs`: the node's worker limit and eviction.
+//! - `ticket.rs`: what a request holds; what readers outside an actor may see.
+
+mod actor;
+mod capacity;
+#[cfg(test)]
+mod tests;
+mod ticket;
+
+pub use ticket::{AcquireError, SiteStatus, Ticket};
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use roost_proto::{Informer, SiteSpec};
+use tokio::sync::mpsc::{self, UnboundedSender};
+use tokio::sync::oneshot;
+use tracing::info;
+
+use crate::config::Config;
+use crate::launch::Launcher;
+use crate::metrics::Metrics;
+use actor::{Actor, Msg};
+use capacity::Capacity;
+use ticket::SiteShared;
+
+const MIB: u64 = 1024 * 1024;
+/// How long `/sites` waits for one site's actor to describe itself.
+const STATUS_WAIT: Duration = Duration::from_secs(1);
+
+/// What every actor shares: settings, metrics, the launcher, the node's limit.
+pub struct Ctx {
+    /// Swapped whole on SIGHUP: limits and timeouts are read per use, never cached.
+    cfg: Arc<ArcSwap<Config>>,
+    pub metrics: Arc<Metrics>,
+    pub launcher: Arc<dyn Launcher>,
+    pub capacity: Capacity,
+    /// Requests holding a ticket on this node.
+    pub in_flight: AtomicU64,
+    actors: DashMap<String, Handle>,
+    started: tokio::time::Instant,
+    shutting_down: AtomicBool,
+    /// Kill workers over their memory limit from `/proc` (nodes without cgroups).
+    rss_watchdog: bool,
+    /// Where actors and their tasks run (the control runtime, never pingora's).
+    runtime: tokio::runtime::Handle,
+}
+
+impl Ctx {
+    pub fn cfg(&self) -> Arc<Config> {
+        self.cfg.load_full()
+    }
+
+    /// Milliseconds since the agent started (for least-recently-used ordering).
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+}
+
+/// How the registry reaches a site's actor.
+struct Handle {
+    tx: UnboundedSender<Msg>,
+    /// The spec last handed to the actor, to send only changes.
+    spec_seen: ArcSwap<SiteSpec>,
+}
+
+/// All sites of this node.
+pub struct Sites {
+    ctx: Arc<Ctx>,
+}
+
+impl Sites {
+    pub fn new(
+        cfg: Arc<ArcSwap<Config>>,
+        metrics: Arc<Metrics>,
+        launcher: Arc<dyn Launcher>,
+        rss_watchdog: bool,
+        runtime: tokio::runtime::Handle,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            ctx: Arc::new(Ctx {
+                cfg,
+                metrics,
+                launcher,
+                capacity: Capacity::default(),
+                in_flight: AtomicU64::new(0),
+                actors: DashMap::new(),
+                started: tokio::time::Instant::now(),
+                shutting_down: AtomicBool::new(false),
+                rss_watchdog,
+                runtime,
+            }),
+        })
+    }
+
+    /// Apply re-read settings (SIGHUP). Node identity, addresses and the state directory
+    /// are fixed for the process's life; the caller keeps those from the running config.
+    pub fn reconfigure(&self, cfg: Arc<Config>) {
+        info!(max_workers = cfg.max_workers, memory_budget_mb = ?cfg.memory_budget_mb,
+            start_timeout = ?cfg.start_timeout, "settings reloaded");
+        self.ctx.cfg.store(cfg);
+    }
+
+    /// The actor of `host`, started if this is the site's first request here.
+    fn actor(&self, host: &str, spec: &Arc<SiteSpec>) -> UnboundedSender<Msg> {
+        if let Some(h) = self.ctx.actors.get(host) {
+            return h.tx.clone();
+        }
+        self.ctx
+            .actors
+            .entry(host.to_string())
+            .or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let shared = Arc::new(SiteShared::new(host));
+                let actor = Actor::new(
+                    host,
+                    spec.clone(),
+                    self.ctx.clone(),
+                    shared.clone(),
+                    tx.clone(),
+                );
+                self.ctx.runtime.spawn(actor.run(rx));
+                Handle {
+                    tx,
+                    spec_seen: ArcSwap::new(spec.clone()),
+                }
+            })
+            .tx
+            .clone()
+    }
+
+    /// Claim a worker for one request to `host`, starting one if none is current.
+    pub async fn acquire(&self, host: &str, spec: &Arc<SiteSpec>) -> Result<Ticket, AcquireError> {
+        let gone = || {
+            if self.ctx.shutting_down.load(Ordering::Acquire) {
+                AcquireError::ShuttingDown
+            } else {
+                AcquireError::Removed
+            }
+        };
+        if self.ctx.shutting_down.load(Ordering::Acquire) {
+            return Err(AcquireError::ShuttingDown);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.actor(host, spec)
+            .send(Msg::Acquire { reply })
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    /// Requests in flight on this node.
+    pub fn in_flight(&self) -> u64 {
+        self.ctx.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Bring the actors in line with the sites in etcd: removed sites stop, changed specs
+    /// go to their actor. Visits only sites that have an actor on this node.
+    pub fn reconcile(&self, snapshot: &roost_proto::Snapshot<SiteSpec>) {
+        for h in self.ctx.actors.iter() {
+            match snapshot.items.get(h.key()) {
+                None => {
+                    let _ = h.tx.send(Msg::Removed);
+                }
+                Some(spec) if !Arc::ptr_eq(spec, &h.spec_seen.load()) => {
+                    h.spec_seen.store(spec.clone());
+                    let _ = h.tx.send(Msg::SpecChanged(spec.clone()));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Every site's state, for `/sites` and `/metrics`; cgroup reads run off the async
+    /// threads.
+    pub async fn status(&self) -> Vec<SiteStatus> {
+        let asks: Vec<_> = self
+            .ctx
+            .actors
+            .iter()
+            .filter_map(|h| {
+                let (reply, answer) = oneshot::channel();
+                h.tx.send(Msg::Status { reply }).ok().map(|_| answer)
+            })
+            .collect();
+        let mut out = Vec::with_capacity(asks.len());
+        for answer in asks {
+            if let Ok(Ok(s)) = tokio::time::timeout(STATUS_WAIT, answer).await {
+                out.push(s);
+            }
+        }
+        for s in out.iter_mut().filter(|s| s.pid.is_some()) {
+            s.memory_bytes = self.ctx.launcher.memory_bytes(&s.host).await;
+        }
+        out.sort_by(|a, b| a.host.cmp(&b.host));
+        out
+    }
+
+    /// Stop every worker (agent shutdown) and wait until they are gone or the grace ends.
+    /// Requests arriving from now on are refused with 503, never 404.
+    pub async fn shutdown(&self) {
+        self.ctx.shutting_down.store(true, Ordering::Release);
+        let dones: Vec<_> = self
+            .ctx
+            .actors
+            .iter()
+            .filter_map(|h| {
+                let (done, finished) = oneshot::channel();
+                h.tx.send(Msg::Shutdown { done }).ok().map(|_| finished)
+            })
+            .collect();
+        let deadline =
+            tokio::time::Instant::now() + self.ctx.cfg().stop_grace + Duration::from_secs(1);
+        for finished in dones {
+            let _ = tokio::time::timeout_at(deadline, finished).await;
+        }
+        self.ctx.launcher.shutdown().await;
+    }
+
+    /// Periodic work for sites with a worker (at most `max_workers` of them): log size and
+    /// OOM counters; the RSS watchdog where there are no cgroups.
+    async fn housekeeping(&self) {
+        let running = self.ctx.capacity.running_sites();
+        for (_, site) in &running {
+            let _ = site.tx.send(Msg::Tick);
+        }
+        if !self.ctx.rss_watchdog {
+            return;
+        }
+        let limited: HashMap<i32, (u64, UnboundedSender<Msg>)> = running
+            .into_iter()
+            .filter_map(|(host, site)| {
+                let limit = self
+                    .ctx
+                    .actors
+                    .get(&host)?
+                    .spec_seen
+                    .load()
+                    .memory_limit_mb?;
+                let pid = site.shared.current_pid.load(Ordering::Acquire);
+                (pid > 0).then_some((pid, (limit * MIB, site.tx)))
+            })
+            .collect();
+        if limited.is_empty() {
+            return;
+        }
+        let pids: Vec<i32> = limited.keys().copied().collect();
+        let Ok(rss) =
+            tokio::task::spawn_blocking(move || crate::launch::watchdog::group_rss(&pids)).await
+        else {
+            return;
+        };
+        for (pid, (limit, tx)) in limited {
+            if rss.get(&pid).copied().unwrap_or(0) > limit {
+                let _ = tx.send(Msg::MemoryLimit { pid });
+            }
+        }
+    }
+}
+
+/// Drive the sites from the control runtime: reconcile on every change of the site
+/// snapshot; housekeeping every second.
+pub async fn run(sites: Arc<Sites>, informer: Arc<Informer<SiteSpec>>) {
+    let mut changes = informer.subscribe();
+    let mut last_seen: Option<Arc<roost_proto::Snapshot<SiteSpec>>> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = changes.changed() => {
+                let snap = informer.snapshot();
+                if last_seen.as_ref().is_some_and(|l| Arc::ptr_eq(l, &snap)) {
+                    continue;
+                }
+                if informer.is_synced() {
+                    sites.reconcile(&snap);
+                }
+                last_seen = Some(snap);
+            }
+            _ = tick.tick() => sites.housekeeping().await,
+        }
+    }
+}

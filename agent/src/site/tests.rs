@@ -1,0 +1,606 @@
+//! The site state machine under paused time, with a fake launcher: its workers are entries in
+//! a table that exit when told to (or on their own, for an app scripted to fail), so every
+//! transition runs in microseconds and nothing depends on the machine's speed.
+//!
+//! Apps the fake knows: `ok:app` starts and answers; `broken:app` starts, never answers and
+//! exits 100 ms later as a failed import does.
+
+use std::collections::HashMap;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use clap::Parser;
+use roost_proto::SiteSpec;
+use tokio::sync::oneshot;
+
+use super::actor::Msg;
+use super::{AcquireError, Sites};
+use crate::config::{Args, Config};
+use crate::launch::{BoxFut, Exit, LaunchError, Launcher, Listener, SocketRole, Started, Worker};
+use crate::metrics::Metrics;
+
+const BROKEN_EXIT_AFTER: Duration = Duration::from_millis(100);
+
+#[derive(Default)]
+struct Table {
+    next_pid: i32,
+    /// How to end each live worker's process.
+    alive: HashMap<i32, oneshot::Sender<Exit>>,
+    /// "start <pid> <app>", "term <pid>", "kill <pid>", "probe <app>" in order.
+    events: Vec<String>,
+    /// Most workers alive at once.
+    peak: usize,
+    sockets: u32,
+    /// Which app the latest worker on each socket runs.
+    serves: HashMap<PathBuf, String>,
+}
+
+struct Fake {
+    dir: PathBuf,
+    table: Arc<Mutex<Table>>,
+}
+
+impl Fake {
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap()
+    }
+}
+
+struct FakeWorker {
+    pid: i32,
+    table: Arc<Mutex<Table>>,
+}
+
+impl FakeWorker {
+    fn end(&self, event: &str, status: &str) {
+        let mut t = self.table.lock().unwrap();
+        t.events.push(format!("{event} {}", self.pid));
+        if let Some(exit) = t.alive.remove(&self.pid) {
+            let _ = exit.send(Exit {
+                status: status.into(),
+                last_line: String::new(),
+            });
+        }
+    }
+}
+
+impl Worker for FakeWorker {
+    fn pid(&self) -> i32 {
+        self.pid
+    }
+    fn terminate(&self) {
+        self.end("term", "signal: 15");
+    }
+    fn kill(&self) {
+        self.end("kill", "signal: 9");
+    }
+}
+
+impl Launcher for Fake {
+    fn socket(
+        &self,
+        host: &str,
+        _spec: &Arc<SiteSpec>,
+        _role: SocketRole,
+    ) -> BoxFut<Result<Arc<Listener>, LaunchError>> {
+        let n = {
+            let mut t = self.table();
+            t.sockets += 1;
+            t.sockets
+        };
+        let path = self.dir.join(format!("{host}-{n}.sock"));
+        let bound = UnixListener::bind(&path).map(|socket| Arc::new(Listener { socket, path }));
+        Box::pin(async move { bound.map_err(LaunchError::from) })
+    }
+
+    fn start(
+        &self,
+        _host: &str,
+        spec: &Arc<SiteSpec>,
+        listener: &Arc<Listener>,
+    ) -> BoxFut<Result<Started, LaunchError>> {
+        let app = spec.app.clone().unwrap_or_default();
+        self.table()
+            .serves
+            .insert(listener.path.clone(), app.clone());
+        let (tx, rx) = oneshot::channel();
+        let pid = {
+            let mut t = self.table();
+            t.next_pid += 1;
+            let pid = t.next_pid;
+            t.alive.insert(pid, tx);
+            t.peak = t.peak.max(t.alive.len());
+            t.events.push(format!("start {pid} {app}"));
+            pid
+        };
+        let worker = Arc::new(FakeWorker {
+            pid,
+            table: self.table.clone(),
+        });
+        if app.starts_with("broken") {
+            let w = worker.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(BROKEN_EXIT_AFTER).await;
+                w.end("exit", "exit status: 3");
+            });
+        }
+        let exited: BoxFut<Exit> = Box::pin(async move {
+            rx.await.unwrap_or(Exit {
+                status: "gone".into(),
+                last_line: String::new(),
+            })
+        });
+        Box::pin(async move {
+            Ok(Started {
+                worker: worker as Arc<dyn Worker>,
+                exited,
+            })
+        })
+    }
+
+    fn probe(&self, _host: &str, listener: &Arc<Listener>) -> BoxFut<Result<(), String>> {
+        // The fake's worker for `broken` never answers; an `ok` one answers at once.
+        let app = self
+            .table()
+            .serves
+            .get(&listener.path)
+            .cloned()
+            .unwrap_or_default();
+        self.table().events.push(format!("probe {app}"));
+        Box::pin(async move {
+            if app.starts_with("broken") {
+                std::future::pending::<()>().await;
+            }
+            Ok(())
+        })
+    }
+
+    fn promote(&self, _host: &str, listener: &Arc<Listener>) -> BoxFut<Result<PathBuf, String>> {
+        let path = listener.path.clone();
+        Box::pin(async move { Ok(path) })
+    }
+
+    fn forget(&self, _host: &str) -> BoxFut<()> {
+        Box::pin(async {})
+    }
+
+    fn oom_kills(&self, _host: &str) -> BoxFut<u64> {
+        Box::pin(async { 0 })
+    }
+
+    fn memory_bytes(&self, _host: &str) -> BoxFut<Option<u64>> {
+        Box::pin(async { None })
+    }
+
+    fn housekeeping(&self, _host: &str) -> BoxFut<()> {
+        Box::pin(async {})
+    }
+
+    fn shutdown(&self) -> BoxFut<()> {
+        Box::pin(async {})
+    }
+}
+
+struct Node {
+    sites: Arc<Sites>,
+    fake: Arc<Fake>,
+    metrics: Arc<Metrics>,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn node(tune: impl FnOnce(&mut Config)) -> Node {
+    use std::sync::atomic::AtomicU32;
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "roost-site-tests-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg = Config::load(Args::parse_from([
+        "roost-agent",
+        "--state-dir",
+        dir.to_str().unwrap(),
+    ]))
+    .unwrap();
+    cfg.stop_grace = Duration::from_secs(5);
+    tune(&mut cfg);
+    let fake = Arc::new(Fake {
+        dir: dir.clone(),
+        table: Arc::default(),
+    });
+    let metrics = Arc::new(Metrics::new());
+    let sites = Sites::new(
+        Arc::new(ArcSwap::from_pointee(cfg)),
+        metrics.clone(),
+        fake.clone(),
+        false,
+        tokio::runtime::Handle::current(),
+    );
+    Node {
+        sites,
+        fake,
+        metrics,
+        _dir: TempDir(dir),
+    }
+}
+
+fn spec(app: &str, idle_timeout: u64) -> Arc<SiteSpec> {
+    let mut s = SiteSpec::new_app("alice", app, "/srv/a");
+    s.idle_timeout = idle_timeout;
+    Arc::new(s)
+}
+
+/// Let the actors and their tasks run; paused time moves only by `ms`.
+async fn settle(ms: u64) {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
+
+impl Node {
+    fn events(&self) -> Vec<String> {
+        self.fake.table().events.clone()
+    }
+    fn alive(&self) -> usize {
+        self.fake.table().alive.len()
+    }
+    fn send(&self, host: &str, msg: Msg) {
+        self.sites
+            .ctx
+            .actors
+            .get(host)
+            .unwrap()
+            .tx
+            .send(msg)
+            .unwrap();
+    }
+    async fn state(&self, host: &str) -> super::SiteStatus {
+        self.sites
+            .status()
+            .await
+            .into_iter()
+            .find(|s| s.host == host)
+            .expect("site has an actor")
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_start_answers_then_stops_when_idle() {
+    let n = node(|_| {});
+    let s = spec("ok:app", 10);
+    let t = n.sites.acquire("a.example", &s).await.unwrap();
+    assert_eq!(t.generation, 1);
+    assert_eq!(n.state("a.example").await.state, "starting");
+    t.mark_answered();
+    settle(1).await;
+    assert_eq!(n.state("a.example").await.state, "ready");
+    drop(t);
+    settle(9_000).await;
+    assert_eq!(n.alive(), 1, "not idle long enough yet");
+    settle(1_100).await;
+    assert_eq!(n.alive(), 0, "{:?}", n.events());
+    assert_eq!(n.events(), vec!["start 1 ok:app", "term 1"]);
+    let st = n.state("a.example").await;
+    assert_eq!((st.state, st.pid), ("idle", None));
+    assert_eq!(n.sites.ctx.capacity.live(), 0, "the slot came back");
+    assert_eq!(n.metrics.worker_stops.with_label_values(&["idle"]).get(), 1);
+    // The next request starts a new worker on the same socket.
+    let t = n.sites.acquire("a.example", &s).await.unwrap();
+    assert_eq!(t.generation, 2);
+    assert_eq!(n.fake.table().sockets, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_waiting_for_a_start_are_bounded() {
+    let n = node(|c| c.start_queue_limit = 2);
+    let s = spec("ok:app", 60);
+    let _a = n.sites.acquire("q.example", &s).await.unwrap();
+    let _b = n.sites.acquire("q.example", &s).await.unwrap();
+    let third = n.sites.acquire("q.example", &s).await;
+    assert!(
+        matches!(third, Err(AcquireError::StartQueueFull { waiting: 2 })),
+        "{third:?}"
+    );
+    _a.mark_answered();
+    settle(1).await;
+    assert!(
+        n.sites.acquire("q.example", &s).await.is_ok(),
+        "answered: no limit"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_dies_before_answering_backs_off() {
+    let n = node(|_| {});
+    let s = spec("broken:app", 60);
+    let t = n.sites.acquire("b.example", &s).await.unwrap();
+    settle(200).await;
+    drop(t);
+    // One failure: the next request tries again at once.
+    let t = n.sites.acquire("b.example", &s).await.unwrap();
+    settle(200).await;
+    drop(t);
+    settle(1).await;
+    // Two in a row: back off.
+    let r = n.sites.acquire("b.example", &s).await;
+    assert!(
+        matches!(r, Err(AcquireError::CrashLoop { retry_in_secs: 1 })),
+        "{r:?}"
+    );
+    assert_eq!(n.state("b.example").await.failures, 2);
+    settle(1_100).await;
+    assert!(
+        n.sites.acquire("b.example", &s).await.is_ok(),
+        "backoff over"
+    );
+    assert_eq!(n.metrics.worker_crashes.get(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_that_never_answers_is_killed_at_the_start_timeout() {
+    let n = node(|c| c.start_timeout = Duration::from_secs(3));
+    // `ok` answers only when a request's response says so; this one never does.
+    let s = spec("ok:app", 60);
+    let _t = n.sites.acquire("slow.example", &s).await.unwrap();
+    settle(2_900).await;
+    assert_eq!(n.metrics.start_timeouts.get(), 0);
+    settle(200).await;
+    assert_eq!(n.metrics.start_timeouts.get(), 1);
+    assert!(
+        n.events().contains(&"kill 1".to_string()),
+        "{:?}",
+        n.events()
+    );
+    assert_eq!(n.alive(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_after_answering_restarts_for_the_waiting_requests() {
+    let n = node(|_| {});
+    let s = spec("ok:app", 60);
+    let t = n.sites.acquire("c.example", &s).await.unwrap();
+    t.mark_answered();
+    settle(1).await;
+    let pid = n.state("c.example").await.pid.unwrap();
+    // The worker dies on its own with a request in flight.
+    let exit = n.fake.table().alive.remove(&pid).unwrap();
+    exit.send(Exit {
+        status: "signal: 11".into(),
+        last_line: "Segmentation fault".into(),
+    })
+    .unwrap();
+    settle(1).await;
+    assert_eq!(n.metrics.worker_crashes.get(), 1);
+    assert_eq!(
+        n.alive(),
+        1,
+        "a new worker for the backlog: {:?}",
+        n.events()
+    );
+    assert_eq!(
+        n.state("c.example").await.failures,
+        0,
+        "not a start failure"
+    );
+    assert!(t
+        .failure_reason()
+        .await
+        .unwrap()
+        .contains("Segmentation fault"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_node_evicts_the_least_recently_used_idle_worker_or_refuses() {
+    let n = node(|c| c.max_workers = 2);
+    let s = spec("ok:app", 600);
+    for host in ["a.example", "b.example"] {
+        let t = n.sites.acquire(host, &s).await.unwrap();
+        t.mark_answered();
+        settle(10).await;
+    }
+    // Full: c's start asks a (least recently used) to stop and waits for its exit.
+    let t = n.sites.acquire("c.example", &s).await.unwrap();
+    assert_eq!(n.alive(), 2);
+    let events = n.events();
+    assert!(events.contains(&"term 1".to_string()), "{events:?}");
+    assert!(!events.contains(&"term 2".to_string()), "{events:?}");
+    assert_eq!(
+        n.metrics.worker_stops.with_label_values(&["evicted"]).get(),
+        1
+    );
+    // b and c busy: nothing to evict, refused at once.
+    let b = n.sites.acquire("b.example", &s).await.unwrap();
+    let r = n.sites.acquire("a.example", &s).await;
+    assert!(matches!(r, Err(AcquireError::AtCapacity)), "{r:?}");
+    drop((t, b));
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_cold_starts_never_exceed_max_workers() {
+    let n = node(|c| c.max_workers = 3);
+    let s = spec("ok:app", 600);
+    let starts: Vec<_> = (0..20)
+        .map(|i| {
+            let (sites, s) = (n.sites.clone(), s.clone());
+            tokio::spawn(async move {
+                let host = format!("s{i}.example");
+                let t = sites.acquire(&host, &s).await;
+                if let Ok(t) = &t {
+                    t.mark_answered();
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                t.is_ok()
+            })
+        })
+        .collect();
+    let mut served = 0;
+    for s in starts {
+        served += s.await.unwrap() as usize;
+    }
+    settle(10_000).await;
+    let peak = n.fake.table().peak;
+    assert!(peak <= 3, "peak {peak} workers, limit 3");
+    assert!(served >= 3, "only {served} served");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_changed_spec_whose_worker_fails_leaves_the_old_one_serving() {
+    let n = node(|_| {});
+    let v1 = spec("ok:app", 600);
+    let t = n.sites.acquire("d.example", &v1).await.unwrap();
+    t.mark_answered();
+    settle(1).await;
+    let old_pid = n.state("d.example").await.pid.unwrap();
+
+    n.send("d.example", Msg::SpecChanged(spec("broken:app", 600)));
+    settle(1).await;
+    // While the candidate boots, requests still go to the old worker.
+    let during = n.sites.acquire("d.example", &v1).await.unwrap();
+    assert_eq!(during.generation, t.generation);
+    settle(200).await;
+    let st = n.state("d.example").await;
+    assert_eq!(st.pid, Some(old_pid));
+    assert_eq!(st.state, "ready");
+    assert!(
+        st.note.as_deref().is_some_and(
+            |n| n.starts_with("serving the previous spec: worker exited (exit status: 3)")
+        ),
+        "{st:?}"
+    );
+    assert_eq!(n.metrics.spec_change_failures.get(), 1);
+    assert!(!n.events().contains(&format!("term {old_pid}")));
+    drop(during);
+
+    // A valid spec takes over once its worker answered; the old one drains, then stops.
+    let v3 = spec("ok:v3", 600);
+    n.send("d.example", Msg::SpecChanged(v3.clone()));
+    settle(1).await;
+    let st = n.state("d.example").await;
+    assert_ne!(st.pid, Some(old_pid), "{:?}", n.events());
+    assert_eq!(st.note, None);
+    assert!(
+        !n.events().contains(&format!("term {old_pid}")),
+        "a request still holds the old worker"
+    );
+    let next = n.sites.acquire("d.example", &v3).await.unwrap();
+    assert!(next.generation > t.generation);
+    drop(t);
+    settle(1).await;
+    assert!(
+        n.events().contains(&format!("term {old_pid}")),
+        "{:?}",
+        n.events()
+    );
+    assert_eq!(
+        n.metrics
+            .worker_stops
+            .with_label_values(&["replaced"])
+            .get(),
+        1
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_changed_spec_with_no_worker_applies_at_once() {
+    let n = node(|_| {});
+    let t = n
+        .sites
+        .acquire("e.example", &spec("ok:app", 1))
+        .await
+        .unwrap();
+    t.mark_answered();
+    drop(t);
+    settle(1_500).await;
+    assert_eq!(n.alive(), 0);
+    n.send("e.example", Msg::SpecChanged(spec("ok:v2", 1)));
+    settle(1).await;
+    let _t = n
+        .sites
+        .acquire("e.example", &spec("ok:v2", 1))
+        .await
+        .unwrap();
+    assert!(
+        n.events().contains(&"start 2 ok:v2".to_string()),
+        "{:?}",
+        n.events()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_stops_every_worker_and_refuses_with_503_not_404() {
+    let n = node(|_| {});
+    let s = spec("ok:app", 600);
+    for host in ["f.example", "g.example"] {
+        let t = n.sites.acquire(host, &s).await.unwrap();
+        t.mark_answered();
+    }
+    settle(1).await;
+    assert_eq!(n.alive(), 2);
+    n.sites.shutdown().await;
+    assert_eq!(n.alive(), 0, "{:?}", n.events());
+    let r = n.sites.acquire("f.example", &s).await;
+    assert!(matches!(r, Err(AcquireError::ShuttingDown)), "{r:?}");
+    assert_eq!(
+        n.metrics
+            .worker_stops
+            .with_label_values(&["shutdown"])
+            .get(),
+        2
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_removed_site_stops_and_refuses() {
+    let n = node(|_| {});
+    let s = spec("ok:app", 600);
+    let t = n.sites.acquire("h.example", &s).await.unwrap();
+    t.mark_answered();
+    drop(t);
+    settle(1).await;
+    n.send("h.example", Msg::Removed);
+    settle(1).await;
+    assert_eq!(n.alive(), 0);
+    assert!(n.sites.ctx.actors.get("h.example").is_none(), "actor ended");
+    assert_eq!(
+        n.metrics.worker_stops.with_label_values(&["removed"]).get(),
+        1
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_ignores_sigterm_is_killed_after_the_grace() {
+    let n = node(|c| c.stop_grace = Duration::from_secs(2));
+    let s = spec("ok:app", 1);
+    let t = n.sites.acquire("i.example", &s).await.unwrap();
+    t.mark_answered();
+    drop(t);
+    // This worker ignores SIGTERM: take its exit away from `terminate`.
+    let exit = n.fake.table().alive.remove(&1).unwrap();
+    settle(1_100).await;
+    assert!(n.events().contains(&"term 1".to_string()));
+    assert!(!n.events().contains(&"kill 1".to_string()));
+    settle(2_000).await;
+    assert!(
+        n.events().contains(&"kill 1".to_string()),
+        "{:?}",
+        n.events()
+    );
+    drop(exit);
+}

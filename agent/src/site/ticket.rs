@@ -1,0 +1,229 @@
+//! What a request holds while it uses a site, what it can be refused with, and the little
+//! per-site state that readers outside the site's actor may see without asking it.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use thiserror::Error;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::actor::Msg;
+use super::Ctx;
+
+/// Why a request could not be given a worker.
+#[derive(Clone, Debug, Error)]
+pub enum AcquireError {
+    #[error("cannot start the site's worker: {0}")]
+    Start(String),
+    #[error("the site was removed")]
+    Removed,
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    #[error("the site is failing to start (next try in {retry_in_secs} s)")]
+    CrashLoop { retry_in_secs: u64 },
+    #[error("{waiting} requests are already waiting for the site to start")]
+    StartQueueFull { waiting: u32 },
+    #[error("the node is at capacity and no idle worker can be stopped")]
+    AtCapacity,
+}
+
+/// Why a worker is being stopped, for logs and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    Idle,
+    Replaced,
+    Recycled,
+    Evicted,
+    Removed,
+    Shutdown,
+    StartTimeout,
+    MemoryLimit,
+    /// A new spec's worker that failed before answering.
+    SpecFailed,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Idle => "idle",
+            StopReason::Replaced => "replaced",
+            StopReason::Recycled => "recycled",
+            StopReason::Evicted => "evicted",
+            StopReason::Removed => "removed",
+            StopReason::Shutdown => "shutdown",
+            StopReason::StartTimeout => "start_timeout",
+            StopReason::MemoryLimit => "memory_limit",
+            StopReason::SpecFailed => "spec_failed",
+        }
+    }
+}
+
+/// One site's state that others read without a round trip to its actor: the request path
+/// (is my worker alive, why did it die) and eviction (is it idle, since when).
+pub struct SiteShared {
+    pub host: String,
+    /// Requests holding a ticket.
+    pub in_flight: AtomicU32,
+    /// When the last request ended, in ms since the agent's start.
+    pub last_active_ms: AtomicU64,
+    /// The generation and pid of the worker new requests go to (0: none).
+    pub current_generation: AtomicU64,
+    pub current_pid: AtomicI32,
+    /// The first generation known to have answered (so tickets tell the actor only once).
+    pub answered_generation: AtomicU64,
+    pub failures: Mutex<Failures>,
+}
+
+#[derive(Default)]
+pub struct Failures {
+    /// When a worker last died with requests, and why.
+    pub last_failure: Option<(Instant, String)>,
+    /// The cgroup's OOM-kill counter as last seen, and when it last went up.
+    pub oom_seen: u64,
+    pub last_oom: Option<Instant>,
+}
+
+impl SiteShared {
+    pub fn new(host: &str) -> Self {
+        Self {
+            host: host.to_string(),
+            in_flight: AtomicU32::new(0),
+            last_active_ms: AtomicU64::new(0),
+            current_generation: AtomicU64::new(0),
+            current_pid: AtomicI32::new(0),
+            answered_generation: AtomicU64::new(0),
+            failures: Mutex::new(Failures::default()),
+        }
+    }
+
+    pub fn failures(&self) -> std::sync::MutexGuard<'_, Failures> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Record the cgroup's OOM-kill counter; true when it went up since last seen.
+    pub fn note_oom_kills(&self, kills: u64, ctx: &Ctx, memory_limit_mb: Option<u64>) -> bool {
+        let mut f = self.failures();
+        if kills <= f.oom_seen {
+            return false;
+        }
+        let new = kills - f.oom_seen;
+        f.oom_seen = kills;
+        f.last_oom = Some(Instant::now());
+        ctx.metrics.oom_kills.inc_by(new);
+        tracing::warn!(site = %self.host, kills = new, limit_mb = ?memory_limit_mb,
+            "the kernel killed a worker process for exceeding the site's memory limit");
+        true
+    }
+}
+
+/// A request's claim on a site's worker; dropping it ends the request.
+pub struct Ticket {
+    pub(super) shared: Arc<SiteShared>,
+    pub(super) tx: UnboundedSender<Msg>,
+    pub(super) ctx: Arc<Ctx>,
+    pub socket_path: PathBuf,
+    /// Which worker generation was current, so pooled connections never cross workers.
+    pub generation: u64,
+    pub request_timeout: Duration,
+    pub(super) memory_limit_mb: Option<u64>,
+    pub(super) issued: Instant,
+}
+
+impl Ticket {
+    /// The worker answered (a response header arrived): it has started.
+    pub fn mark_answered(&self) {
+        if self.shared.answered_generation.load(Ordering::Acquire) != self.generation {
+            let _ = self.tx.send(Msg::Answered {
+                generation: self.generation,
+            });
+        }
+    }
+
+    /// A request ran past the site's timeout: its worker may be stuck; replace it.
+    pub fn recycle(&self) {
+        let _ = self.tx.send(Msg::Recycle {
+            generation: self.generation,
+        });
+    }
+
+    /// Is the worker this ticket was issued for still the current one, and alive? A request
+    /// that failed on a worker that is gone must not be retried: the retry could be what
+    /// kills the next worker too (a request that crashes its worker).
+    pub fn worker_alive(&self) -> bool {
+        if self.shared.current_generation.load(Ordering::Acquire) != self.generation {
+            return false;
+        }
+        let pid = self.shared.current_pid.load(Ordering::Acquire);
+        // Gone from /proc, or a zombie/dead task: not alive.
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rfind(')')
+                    .and_then(|i| s[i + 1..].trim_start().chars().next())
+            })
+            .is_some_and(|state| state != 'Z' && state != 'X')
+    }
+
+    /// Why a request to this ticket's worker failed, if the agent knows: the worker died, or
+    /// a process of it was killed for memory, after the request was sent.
+    pub async fn failure_reason(&self) -> Option<String> {
+        let kills = self.ctx.launcher.oom_kills(&self.shared.host).await;
+        self.shared
+            .note_oom_kills(kills, &self.ctx, self.memory_limit_mb);
+        let f = self.shared.failures();
+        if f.last_oom.is_some_and(|at| at >= self.issued) {
+            return Some(format!(
+                "exceeded its memory limit of {} MiB",
+                self.memory_limit_mb.unwrap_or(0)
+            ));
+        }
+        match &f.last_failure {
+            Some((at, why)) if *at >= self.issued => Some(why.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket")
+            .field("site", &self.shared.host)
+            .field("generation", &self.generation)
+            .field("socket_path", &self.socket_path)
+            .finish()
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.ctx.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.shared
+            .last_active_ms
+            .store(self.ctx.now_ms(), Ordering::Release);
+        let _ = self.tx.send(Msg::Release {
+            generation: self.generation,
+        });
+    }
+}
+
+/// What `/sites` on the admin port reports per site.
+#[derive(Debug, Serialize, Clone)]
+pub struct SiteStatus {
+    pub host: String,
+    pub user: String,
+    pub state: &'static str,
+    pub pid: Option<i32>,
+    pub stopping: Vec<i32>,
+    pub in_flight: u32,
+    pub idle_for_secs: u64,
+    pub memory_bytes: Option<u64>,
+    pub failures: u32,
+    /// Set while a changed spec's worker failed and the previous spec's worker serves:
+    /// "serving the previous spec: <reason>".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
