@@ -1,24 +1,156 @@
-//! Each site's worker output: one file per site under `<state-dir>/logs/`, written by the
-//! worker through the fds the agent hands it, capped in size by copy-and-truncate (the
-//! worker keeps its fd and goes on appending), read back by `roostctl site logs`.
+//! Each site's worker output: one file per site under `<state-dir>/logs/`, read back by
+//! `roostctl site logs`.
+//!
+//! A worker never holds the file: its stdout and stderr are the write end of a pipe whose
+//! read end a small thread of the agent drains into the file ([`pump`]). That thread is the
+//! only writer (a site's workers share one [`SiteLog`]), so the size cap rotates by rename
+//! (`<host>.log` → `<host>.log.1`) at a line boundary and no line is lost or split, unlike
+//! copy-and-truncate, which drops what a worker writes between the copy and the truncate.
+//! The pipe bounds what a worker can have in flight: a worker that writes faster than the
+//! disk takes it waits, the agent's memory does not grow.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Stack of a pump thread: it only moves bytes.
+const PUMP_STACK: usize = 64 * 1024;
+const CHUNK: usize = 16 * 1024;
+/// The longest unfinished line kept back before it is written anyway.
+const MAX_PARTIAL: usize = 64 * 1024;
 
 /// Where a site's worker output goes.
 pub fn path(state_dir: &Path, host: &str) -> PathBuf {
     state_dir.join("logs").join(format!("{host}.log"))
 }
 
-/// Open the site's log for a new worker's stdout and stderr (append; root-owned, 0640).
-pub fn open_for_worker(state_dir: &Path, host: &str) -> io::Result<File> {
+/// The site's log file, capped in size by rotation.
+pub struct SiteLog {
+    path: PathBuf,
+    file: File,
+    len: u64,
+    max_bytes: u64,
+}
+
+impl SiteLog {
+    /// Open (append; root-owned, 0640) the log of `host`.
+    pub fn open(state_dir: &Path, host: &str, max_bytes: u64) -> io::Result<Self> {
+        let path = path(state_dir, host);
+        let file = open_append(&path)?;
+        let len = file.metadata()?.len();
+        Ok(Self {
+            path,
+            file,
+            len,
+            max_bytes,
+        })
+    }
+
+    /// Append whole lines. Past the cap, the lines that fit end the current file, which
+    /// becomes `<log>.1`, and the rest start a new one. A single line longer than the cap
+    /// is written whole.
+    pub fn write(&mut self, mut lines: &[u8]) -> io::Result<()> {
+        while !lines.is_empty() {
+            let room = self.max_bytes.saturating_sub(self.len) as usize;
+            if lines.len() <= room {
+                self.file.write_all(lines)?;
+                self.len += lines.len() as u64;
+                return Ok(());
+            }
+            let fits = lines[..room]
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |i| i + 1);
+            let take = if fits > 0 {
+                fits
+            } else if self.len == 0 {
+                // Nothing fits in an empty file: this line alone goes over the cap.
+                lines
+                    .iter()
+                    .position(|b| *b == b'\n')
+                    .map_or(lines.len(), |i| i + 1)
+            } else {
+                0
+            };
+            self.file.write_all(&lines[..take])?;
+            self.len += take as u64;
+            lines = &lines[take..];
+            if !lines.is_empty() {
+                self.rotate()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        let mut old = self.path.as_os_str().to_owned();
+        old.push(".1");
+        fs::rename(&self.path, &old)?;
+        self.file = open_append(&self.path)?;
+        self.len = 0;
+        tracing::info!(log = %self.path.display(), "site log rotated");
+        Ok(())
+    }
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o640)
-        .open(path(state_dir, host))
+        .open(path)
+}
+
+/// A pipe for one worker's stdout and stderr; returns the write end to give the worker.
+/// A thread copies what arrives into `log` until every holder of the write end is gone.
+pub fn pump(host: &str, log: Arc<Mutex<SiteLog>>) -> io::Result<File> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let mut read = File::from(read);
+    let host = host.to_string();
+    std::thread::Builder::new()
+        .name("roost-sitelog".into())
+        .stack_size(PUMP_STACK)
+        .spawn(move || {
+            let mut buf = vec![0u8; CHUNK];
+            // The worker's unfinished last line, kept back so lines reach the file whole
+            // (a site's workers share the file).
+            let mut partial: Vec<u8> = Vec::new();
+            loop {
+                let n = match read.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::warn!(site = %host, error = %e, "cannot read a worker's output");
+                        break;
+                    }
+                };
+                partial.extend_from_slice(&buf[..n]);
+                let whole = match partial.iter().rposition(|b| *b == b'\n') {
+                    Some(i) => i + 1,
+                    // A line without end for this long is written as it is.
+                    None if partial.len() >= MAX_PARTIAL => partial.len(),
+                    None => continue,
+                };
+                let rest = partial.split_off(whole);
+                write_lines(&host, &log, &partial);
+                partial = rest;
+            }
+            if !partial.is_empty() {
+                partial.push(b'\n');
+                write_lines(&host, &log, &partial);
+            }
+        })?;
+    Ok(File::from(write))
+}
+
+fn write_lines(host: &str, log: &Mutex<SiteLog>, lines: &[u8]) {
+    let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+    if let Err(e) = log.write(lines) {
+        tracing::warn!(site = %host, error = %e, "cannot write the site's log");
+    }
 }
 
 /// The last `n` non-empty lines of the log (reads at most the last 256 KiB).
@@ -35,48 +167,54 @@ pub fn tail(file: &Path, n: usize) -> io::Result<String> {
     Ok(out)
 }
 
-/// If the log has grown past `max_bytes`, keep its content as `<log>.1` and empty it.
-/// Returns true when it rotated.
-pub fn rotate_if_large(file: &Path, max_bytes: u64) -> io::Result<bool> {
-    let len = match fs::metadata(file) {
-        Ok(m) => m.len(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e),
-    };
-    if len <= max_bytes {
-        return Ok(false);
-    }
-    let mut old = file.as_os_str().to_owned();
-    old.push(".1");
-    fs::copy(file, &old)?;
-    OpenOptions::new().write(true).open(file)?.set_len(0)?;
-    Ok(true)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
 
     #[test]
-    fn tail_returns_the_last_lines_and_rotation_keeps_one_old_file() {
+    fn output_through_the_pipe_rotates_by_rename_and_keeps_every_line_whole() {
         let dir = std::env::temp_dir().join(format!("roost-sitelog-{}", std::process::id()));
         fs::create_dir_all(dir.join("logs")).unwrap();
-        let mut f = open_for_worker(&dir, "a.example").unwrap();
-        for i in 0..100 {
-            writeln!(f, "line {i}").unwrap();
+        let log = Arc::new(Mutex::new(SiteLog::open(&dir, "a.example", 4096).unwrap()));
+        let mut writer = pump("a.example", log.clone()).unwrap();
+        for i in 0..1000 {
+            writeln!(writer, "line {i:04} of the worker's output").unwrap();
         }
-        let log = path(&dir, "a.example");
-        assert_eq!(tail(&log, 2).unwrap(), "line 98\nline 99\n");
-        assert!(!rotate_if_large(&log, 1 << 20).unwrap());
-        assert!(rotate_if_large(&log, 100).unwrap());
-        assert_eq!(fs::metadata(&log).unwrap().len(), 0);
-        // The writer keeps appending to the emptied file.
-        writeln!(f, "after").unwrap();
-        assert_eq!(tail(&log, 5).unwrap(), "after\n");
-        assert!(tail(&dir.join("logs/a.example.log.1"), 1)
-            .unwrap()
-            .contains("line 99"));
+        drop(writer);
+        let current = path(&dir, "a.example");
+        let rotated = dir.join("logs/a.example.log.1");
+        // The pump finishes once it has seen EOF; wait for the last line.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !fs::read_to_string(&current)
+            .unwrap_or_default()
+            .contains("line 0999")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the pump never wrote the last line"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let (old, new) = (
+            fs::read_to_string(&rotated).unwrap(),
+            fs::read_to_string(&current).unwrap(),
+        );
+        assert!(new.len() <= 4096 && old.len() <= 4096, "capped");
+        // Every line in the two files is whole, and together they end with the newest lines
+        // in order, with no gap.
+        let lines: Vec<&str> = old.lines().chain(new.lines()).collect();
+        for l in &lines {
+            assert!(l.starts_with("line ") && l.ends_with("output"), "{l:?}");
+        }
+        let first: usize = lines[0][5..9].parse().unwrap();
+        for (k, l) in lines.iter().enumerate() {
+            assert_eq!(l[5..9].parse::<usize>().unwrap(), first + k, "gap at {l}");
+        }
+        assert_eq!(lines.last().unwrap()[5..9].parse::<usize>().unwrap(), 999);
+        assert_eq!(
+            tail(&current, 1).unwrap(),
+            format!("{}\n", lines.last().unwrap())
+        );
         fs::remove_dir_all(dir).unwrap();
     }
 }

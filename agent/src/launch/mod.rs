@@ -102,9 +102,6 @@ pub trait Launcher: Send + Sync + 'static {
     /// Memory charged to `host`'s cgroup now.
     fn memory_bytes(&self, host: &str) -> BoxFut<Option<u64>>;
 
-    /// Periodic work for a site with a worker (its log's size cap).
-    fn housekeeping(&self, host: &str) -> BoxFut<()>;
-
     /// The agent stops: remove what it created for limits.
     fn shutdown(&self) -> BoxFut<()>;
 }

@@ -23,7 +23,7 @@ use super::{BoxFut, Exit, LaunchError, Launcher, Listener, SocketRole, Started, 
 use crate::cgroup::{Cgroups, SiteCgroup};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::sitelog;
+use crate::sitelog::{self, SiteLog};
 use crate::socket;
 use crate::users::SiteUser;
 use crate::worker;
@@ -42,6 +42,8 @@ pub struct SystemLauncher {
     cgroups: Cgroups,
     /// Each site's cgroup, once a worker of it started.
     site_cgroups: Arc<DashMap<String, SiteCgroup>>,
+    /// Each site's log writer, shared by its workers' output pumps.
+    logs: Arc<DashMap<String, Arc<Mutex<SiteLog>>>>,
     jobs: Mutex<mpsc::Sender<Job>>,
     metrics: Arc<Metrics>,
 }
@@ -95,6 +97,7 @@ impl SystemLauncher {
             cfg,
             cgroups,
             site_cgroups: Arc::new(DashMap::new()),
+            logs: Arc::new(DashMap::new()),
             jobs: Mutex::new(tx),
             metrics,
         }))
@@ -165,6 +168,23 @@ impl CgroupSetup {
     }
 }
 
+/// The site's log writer, opened on its first worker's start.
+fn site_log(
+    logs: &DashMap<String, Arc<Mutex<SiteLog>>>,
+    cfg: &Config,
+    host: &str,
+) -> std::io::Result<Arc<Mutex<SiteLog>>> {
+    if let Some(log) = logs.get(host) {
+        return Ok(log.clone());
+    }
+    let log = Arc::new(Mutex::new(SiteLog::open(
+        &cfg.state_dir,
+        host,
+        cfg.log_max_bytes,
+    )?));
+    Ok(logs.entry(host.to_string()).or_insert(log).clone())
+}
+
 struct SystemWorker {
     pid: i32,
 }
@@ -220,14 +240,15 @@ impl Launcher for SystemLauncher {
             metrics: self.metrics.clone(),
         };
         let cfg = self.cfg.load_full();
+        let logs = self.logs.clone();
         let starting = {
             let host = host.clone();
             self.on_launcher(move || {
                 let user = SiteUser::lookup(&spec.user).map_err(|e| LaunchError(e.to_string()))?;
                 let procs = setup.prepare(&host, &spec, &cfg);
-                let log = sitelog::open_for_worker(&cfg.state_dir, &host).map_err(|e| {
-                    LaunchError(format!("cannot open the site's log: {e}"))
-                })?;
+                let log = site_log(&logs, &cfg, &host)
+                    .and_then(|log| sitelog::pump(&host, log))
+                    .map_err(|e| LaunchError(format!("cannot open the site's log: {e}")))?;
                 let proc = worker::spawn(&worker::Launch {
                     spec: &spec,
                     host: &host,
@@ -332,6 +353,7 @@ impl Launcher for SystemLauncher {
     fn forget(&self, host: &str) -> BoxFut<()> {
         let state_dir = self.cfg.load().state_dir.clone();
         let cgroup = self.site_cgroups.remove(host).map(|(_, c)| c);
+        self.logs.remove(host);
         let host = host.to_string();
         Box::pin(async move {
             let _ = tokio::task::spawn_blocking(move || {
@@ -365,21 +387,6 @@ impl Launcher for SystemLauncher {
                     .ok()
                     .flatten(),
                 None => None,
-            }
-        })
-    }
-
-    fn housekeeping(&self, host: &str) -> BoxFut<()> {
-        let cfg = self.cfg.load_full();
-        let log = sitelog::path(&cfg.state_dir, host);
-        let host = host.to_string();
-        Box::pin(async move {
-            let rotated = tokio::task::spawn_blocking(move || {
-                sitelog::rotate_if_large(&log, cfg.log_max_bytes)
-            })
-            .await;
-            if let Ok(Ok(true)) = rotated {
-                info!(site = %host, "site log rotated");
             }
         })
     }

@@ -58,7 +58,7 @@ pub enum Msg {
     MemoryLimit {
         pid: i32,
     },
-    /// Periodic housekeeping (log size, OOM counter).
+    /// Periodic housekeeping (the cgroup's OOM counter).
     Tick,
     Status {
         reply: oneshot::Sender<SiteStatus>,
@@ -870,7 +870,6 @@ impl Actor {
             self.spec.memory_limit_mb,
         );
         tokio::spawn(async move {
-            ctx.launcher.housekeeping(&shared.host).await;
             let kills = ctx.launcher.oom_kills(&shared.host).await;
             shared.note_oom_kills(kills, &ctx, limit);
         });

@@ -229,8 +229,7 @@ impl Sites {
         self.ctx.launcher.shutdown().await;
     }
 
-    /// Periodic work for sites with a worker (at most `max_workers` of them): log size and
-    /// OOM counters; the RSS watchdog where there are no cgroups.
+    /// Periodic work for sites with a worker (at most `max_workers` of them): OOM counters; the RSS watchdog where there are no cgroups.
     async fn housekeeping(&self) {
         let running = self.ctx.capacity.running_sites();
         for (_, site) in &running {

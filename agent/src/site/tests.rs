@@ -176,10 +176,6 @@ impl Launcher for Fake {
         Box::pin(async { None })
     }
 
-    fn housekeeping(&self, _host: &str) -> BoxFut<()> {
-        Box::pin(async {})
-    }
-
     fn shutdown(&self) -> BoxFut<()> {
         Box::pin(async {})
     }
