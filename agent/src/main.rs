@@ -2,19 +2,13 @@
 //! site's worker on its first request as the site's user, stops it when idle.
 
 mod admin;
-mod cgroup;
 mod config;
-mod fdpass;
 mod http;
 mod launch;
 mod metrics;
 mod registration;
 mod site;
 mod sitelog;
-mod socket;
-mod users;
-mod worker;
-mod zygote;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,7 +66,7 @@ fn main() -> Result<()> {
     );
     // Zygotes before any request thread exists: the manager thread that forks them lives
     // as long as the agent (their parent-death signal follows it).
-    if let Err(e) = zygote::init(&cfg.state_dir, &cfg.preload) {
+    if let Err(e) = launch::zygote::init(&cfg.state_dir, &cfg.preload) {
         warn!(error = %e, "cannot start zygotes; every worker will be started directly");
     }
     let registration = Registration::new(cfg.clone());

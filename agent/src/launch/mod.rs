@@ -4,11 +4,20 @@
 //! round trips, forks) never runs on a request thread.
 //!
 //! - [`Launcher`]: the trait.
-//! - [`system::SystemLauncher`]: the real one: a worker forked from a zygote or started
-//!   directly (`worker.rs`, `zygote.rs`), on dedicated launcher threads.
+//! - [`system::SystemLauncher`]: the real one, on dedicated launcher threads: the site's
+//!   socket (`socket.rs`), user (`users.rs`) and cgroup (`cgroup.rs`), then a worker forked
+//!   from its interpreter's zygote (`zygote.rs`, with `fdpass.rs`; the Python side is
+//!   `agent/python/roost_zygote.py`) or started directly (`direct.rs`).
+//! - `watchdog.rs`: the RSS fallback for nodes without cgroups.
 
+pub mod cgroup;
+pub mod direct;
+pub mod fdpass;
+pub mod socket;
 pub mod system;
+pub mod users;
 pub mod watchdog;
+pub mod zygote;
 
 use std::future::Future;
 use std::io;

@@ -19,14 +19,14 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
+use super::cgroup::{Cgroups, SiteCgroup};
+use super::direct as worker;
+use super::socket;
+use super::users::SiteUser;
 use super::{BoxFut, Exit, LaunchError, Launcher, Listener, SocketRole, Started, Worker};
-use crate::cgroup::{Cgroups, SiteCgroup};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::sitelog::{self, SiteLog};
-use crate::socket;
-use crate::users::SiteUser;
-use crate::worker;
 
 const MIB: u64 = 1024 * 1024;
 /// Launcher threads: starts of different sites proceed side by side, a slow zygote start

@@ -44,12 +44,12 @@ use tokio::io::Interest;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::fdpass::{pidfd_open, recv_with_fds, send_with_fds, set_timeouts};
-use crate::socket::ensure_dir;
-use crate::worker::{check, worker_env, Launch};
+use super::direct::{check, worker_env, Launch};
+use super::fdpass::{pidfd_open, recv_with_fds, send_with_fds, set_timeouts};
+use super::socket::ensure_dir;
 
 /// The zygote's Python source, installed at start so the binary is self-contained.
-pub const SCRIPT: &str = include_str!("../python/roost_zygote.py");
+pub const SCRIPT: &str = include_str!("../../python/roost_zygote.py");
 
 /// fds the zygote finds its channels on (see the script).
 const CONTROL_FD: RawFd = 3;

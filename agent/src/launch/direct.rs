@@ -24,8 +24,8 @@ use roost_proto::SiteSpec;
 use tokio::process::{Child, Command};
 use tracing::warn;
 
-use crate::users::SiteUser;
-use crate::zygote::{self, ForkedWorker};
+use super::users::SiteUser;
+use super::zygote::{self, ForkedWorker};
 
 /// The fd a socket-activated worker finds its listening socket on (`SD_LISTEN_FDS_START`).
 const LISTEN_FD: i32 = 3;
