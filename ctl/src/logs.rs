@@ -298,8 +298,7 @@ impl Secret {
     /// it exists, and when it exists but cannot be read the request goes without a secret.
     fn find(given: Option<&Path>) -> anyhow::Result<Self> {
         if let Some(path) = given {
-            let value = read_secret(path)
-                .map_err(|e| anyhow!("cannot use secret file {}: {e}", path.display()))?;
+            let value = read_secret(path).map_err(|e| anyhow!("cannot use it: {e}"))?;
             return Ok(Self {
                 value: Some(value),
                 source: format!("the secret in {} was not accepted", path.display()),
@@ -336,17 +335,11 @@ impl Secret {
     }
 }
 
-/// A secret file's content without surrounding whitespace, as the agent reads it.
+/// A secret file's content, by the rule proxies and agents read it with.
 fn read_secret(path: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    let secret = text.trim();
-    if secret.is_empty() {
-        return Err("it is empty".into());
-    }
-    if secret.bytes().any(|b| b.is_ascii_control()) {
-        return Err("it holds control characters (more than one line?)".into());
-    }
-    Ok(secret.to_string())
+    let secret = roost_proto::headers::read_secret(path).map_err(|e| e.to_string())?;
+    // Validated as one line of visible characters, so it is text.
+    Ok(String::from_utf8_lossy(&secret).into_owned())
 }
 
 /// An agent's answer.

@@ -43,6 +43,44 @@ pub fn valid_request_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
+/// Why a secret file can't be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("cannot read secret file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("secret file {path} holds {len} characters; use at least {MIN_SECRET_LEN}")]
+    Short { path: String, len: usize },
+    #[error("secret file {path} holds control characters (more than one line?)")]
+    Control { path: String },
+}
+
+/// The shortest secret proxies and agents accept.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// Read the cluster secret: the file's content without surrounding whitespace, one line of
+/// at least [`MIN_SECRET_LEN`] characters. The one rule proxy, agent and roostctl share.
+pub fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, SecretError> {
+    let shown = || path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| SecretError::Read {
+        path: shown(),
+        source,
+    })?;
+    let secret = text.trim();
+    if secret.bytes().any(|b| b.is_ascii_control()) {
+        return Err(SecretError::Control { path: shown() });
+    }
+    if secret.len() < MIN_SECRET_LEN {
+        return Err(SecretError::Short {
+            path: shown(),
+            len: secret.len(),
+        });
+    }
+    Ok(secret.as_bytes().to_vec())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,5 +107,29 @@ mod tests {
         assert!(!valid_request_id("has space"));
         assert!(!valid_request_id(""));
         assert!(!valid_request_id(&"a".repeat(200)));
+    }
+
+    #[test]
+    fn a_secret_is_one_trimmed_line_of_sixteen_characters_or_more() {
+        let dir = std::env::temp_dir().join(format!("roost-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secret");
+        std::fs::write(&file, "  0123456789abcdef\n").unwrap();
+        assert_eq!(read_secret(&file).unwrap(), b"0123456789abcdef");
+        std::fs::write(&file, "short\n").unwrap();
+        assert!(matches!(
+            read_secret(&file),
+            Err(SecretError::Short { len: 5, .. })
+        ));
+        std::fs::write(&file, "0123456789abcdef\nsecond line").unwrap();
+        assert!(matches!(
+            read_secret(&file),
+            Err(SecretError::Control { .. })
+        ));
+        assert!(matches!(
+            read_secret(&dir.join("missing")),
+            Err(SecretError::Read { .. })
+        ));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use bytes::Bytes;
 use http::Response;
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -24,19 +24,10 @@ pub fn init_logging() {
         .init();
 }
 
-/// Read the cluster secret: the file's content with surrounding whitespace removed.
+/// Read the cluster secret with the rule every Roost binary shares
+/// ([`roost_proto::headers::read_secret`]).
 pub fn read_secret(path: &Path) -> Result<Vec<u8>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading secret file {}", path.display()))?;
-    let secret = text.trim();
-    if secret.len() < 16 {
-        anyhow::bail!(
-            "secret file {} holds {} characters; use at least 16",
-            path.display(),
-            secret.len()
-        );
-    }
-    Ok(secret.as_bytes().to_vec())
+    Ok(headers::read_secret(path)?)
 }
 
 /// Who wrote an error response, in its `x-roost-error` header: tells an operator reading a
