@@ -2,7 +2,7 @@
 //! the admin port of the agent that runs it.
 //!
 //! The node is the one the proxies send the site to now (the same ranking as `where`), or
-//! the one `--node` names. The request is one plain HTTP/1.1 GET,
+//! the one `--node` names. The request is one HTTP/1.1 GET (hyper; the body read is capped),
 //! `http://<admin>/sites/<host>/log?lines=N`, with the agents' shared secret in
 //! `x-roost-auth`. The agent answers 200 with the lines, 404 when the site has no log on
 //! that node, 403 without the right secret. A node that cannot be reached (or does not
@@ -14,10 +14,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
 use roost_proto::headers::AUTH;
 use roost_proto::NodeInfo;
 use serde::Serialize;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use crate::catalog::Catalog;
@@ -29,7 +31,7 @@ use crate::store::Store;
 pub const DEFAULT_SECRET_FILE: &str = "/etc/roost/secret";
 
 /// At most this much of an agent's answer is read (the agent sends a few hundred KiB at most).
-const MAX_RESPONSE_BYTES: u64 = 32 << 20;
+const MAX_RESPONSE_BYTES: usize = 32 << 20;
 
 /// A node's agent could not be reached, or did not answer HTTP within the deadline.
 #[derive(Debug)]
@@ -351,133 +353,62 @@ struct Response {
 
 /// One `GET` over a fresh connection (`Connection: close`). The caller bounds it in time.
 async fn get(addr: &str, path: &str, auth: Option<&str>) -> std::io::Result<Response> {
-    let mut stream = TcpStream::connect(addr).await?;
-    let mut request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: roostctl/{}\r\n\
-         Accept: text/plain\r\nConnection: close\r\n",
-        env!("CARGO_PKG_VERSION")
-    );
+    get_capped(addr, path, auth, MAX_RESPONSE_BYTES).await
+}
+
+/// [`get`], reading at most `cap` bytes of body: a larger answer is an error, not memory.
+async fn get_capped(
+    addr: &str,
+    path: &str,
+    auth: Option<&str>,
+    cap: usize,
+) -> std::io::Result<Response> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| bad(format!("HTTP handshake: {e}")))?;
+    let driver = tokio::spawn(connection);
+    let mut request = http::Request::get(path)
+        .header(http::header::HOST, addr)
+        .header(
+            http::header::USER_AGENT,
+            concat!("roostctl/", env!("CARGO_PKG_VERSION")),
+        )
+        .header(http::header::ACCEPT, "text/plain")
+        .header(http::header::CONNECTION, "close");
     if let Some(secret) = auth {
-        request += &format!("{AUTH}: {secret}\r\n");
+        request = request.header(AUTH, secret);
     }
-    request += "\r\n";
-    stream.write_all(request.as_bytes()).await?;
-    stream.flush().await?;
-    read_response(stream).await
+    let request = request
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| bad(format!("cannot build the request: {e}")))?;
+    let answer = sender
+        .send_request(request)
+        .await
+        .map_err(|e| bad(format!("no HTTP answer: {e}")))?;
+    let status = answer.status().as_u16();
+    let body = Limited::new(answer.into_body(), cap)
+        .collect()
+        .await
+        .map_err(|e| bad(format!("reading the answer (at most {cap} bytes): {e}")))?
+        .to_bytes();
+    driver.abort();
+    Ok(Response {
+        status,
+        body: body.to_vec(),
+    })
 }
 
 fn bad(msg: impl Into<String>) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, msg.into())
 }
 
-/// Parse an HTTP/1.x response: status line, headers, then a body framed by
-/// `Content-Length`, by chunked encoding, or by the end of the connection.
-async fn read_response(stream: impl AsyncRead + Unpin) -> std::io::Result<Response> {
-    let mut r = BufReader::new(stream.take(MAX_RESPONSE_BYTES));
-    let mut line = Vec::new();
-    r.read_until(b'\n', &mut line).await?;
-    if line.is_empty() {
-        return Err(bad("the connection closed without an answer"));
-    }
-    let status_line = String::from_utf8_lossy(&line);
-    let mut parts = status_line.split_whitespace();
-    let status = match (parts.next(), parts.next()) {
-        (Some(v), Some(code)) if v.starts_with("HTTP/1.") => code
-            .parse::<u16>()
-            .map_err(|_| bad(format!("bad status line {:?}", status_line.trim_end())))?,
-        _ => {
-            return Err(bad(format!(
-                "not an HTTP answer: {:?}",
-                status_line.trim_end().chars().take(60).collect::<String>()
-            )))
-        }
-    };
-    let mut length: Option<u64> = None;
-    let mut chunked = false;
-    loop {
-        line.clear();
-        if r.read_until(b'\n', &mut line).await? == 0 {
-            return Err(bad("the connection closed in the middle of the headers"));
-        }
-        let header = String::from_utf8_lossy(&line);
-        let header = header.trim_end();
-        if header.is_empty() {
-            break;
-        }
-        let Some((name, value)) = header.split_once(':') else {
-            continue;
-        };
-        let (name, value) = (name.trim(), value.trim());
-        if name.eq_ignore_ascii_case("content-length") {
-            length = Some(value.parse().map_err(|_| bad("bad Content-Length"))?);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = value.to_ascii_lowercase().contains("chunked");
-        }
-    }
-    let mut body = Vec::new();
-    if chunked {
-        loop {
-            line.clear();
-            r.read_until(b'\n', &mut line).await?;
-            let size = String::from_utf8_lossy(&line);
-            let size = size.trim().split(';').next().unwrap_or("");
-            let size = u64::from_str_radix(size, 16)
-                .map_err(|_| bad(format!("bad chunk size {size:?}")))?;
-            if size == 0 {
-                break; // trailers, if any, are not needed
-            }
-            let start = body.len();
-            body.resize(start + size as usize, 0);
-            r.read_exact(&mut body[start..]).await?;
-            line.clear();
-            r.read_until(b'\n', &mut line).await?;
-        }
-    } else if let Some(len) = length {
-        body.resize(len.min(MAX_RESPONSE_BYTES) as usize, 0);
-        r.read_exact(&mut body).await?;
-    } else if status != 204 && status != 304 && !(100..200).contains(&status) {
-        r.read_to_end(&mut body).await?;
-    }
-    Ok(Response { status, body })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::{Kv, Listing};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
-
-    async fn parse(raw: &str) -> std::io::Result<Response> {
-        read_response(raw.as_bytes()).await
-    }
-
-    #[tokio::test]
-    async fn responses_are_framed_by_length_chunks_or_eof() {
-        let r = parse("HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nab\ncd\nEXTRA")
-            .await
-            .unwrap();
-        assert_eq!((r.status, r.body.as_slice()), (200, &b"ab\ncd\n"[..]));
-        let r = parse(
-            "HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3;x=1\r\nno \r\n4\r\nlog\n\r\n0\r\n\r\n",
-        )
-        .await
-        .unwrap();
-        assert_eq!((r.status, r.body.as_slice()), (404, &b"no log\n"[..]));
-        let r = parse("HTTP/1.0 403 Forbidden\r\n\r\nforbidden\n")
-            .await
-            .unwrap();
-        assert_eq!((r.status, r.body.as_slice()), (403, &b"forbidden\n"[..]));
-    }
-
-    #[tokio::test]
-    async fn what_is_not_http_is_an_error() {
-        assert!(parse("").await.is_err());
-        assert!(parse("SSH-2.0-OpenSSH_9.2\r\n").await.is_err());
-        assert!(parse("HTTP/1.1 200 OK\r\ncontent-le").await.is_err());
-        assert!(parse("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort")
-            .await
-            .is_err());
-    }
 
     /// A one-shot HTTP server: returns its address and the request it received.
     async fn serve_once(answer: &'static str) -> (String, tokio::task::JoinHandle<String>) {
@@ -515,15 +446,49 @@ mod tests {
             req.starts_with("GET /sites/a.example/log?lines=7 HTTP/1.1\r\n"),
             "{req}"
         );
-        assert!(req.contains(&format!("\r\nHost: {addr}\r\n")), "{req}");
-        assert!(req.contains("\r\nConnection: close\r\n"), "{req}");
-        assert!(req.contains("\r\nx-roost-auth: s3cret\r\n"), "{req}");
+        let lower = req.to_ascii_lowercase();
+        assert!(lower.contains(&format!("\r\nhost: {addr}\r\n")), "{req}");
+        assert!(lower.contains("\r\nconnection: close\r\n"), "{req}");
+        assert!(lower.contains("\r\nx-roost-auth: s3cret\r\n"), "{req}");
 
         let (addr, server) =
             serve_once("HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nto eof\n").await;
         let r = get(&addr, "/x", None).await.unwrap();
         assert_eq!(r.body, b"to eof\n");
         assert!(!server.await.unwrap().contains("x-roost-auth"));
+    }
+
+    #[tokio::test]
+    async fn chunked_answers_are_read_and_what_is_not_http_is_an_error() {
+        let (addr, _) = serve_once(
+            "HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3;x=1\r\nno \r\n4\r\nlog\n\r\n0\r\n\r\n",
+        )
+        .await;
+        let r = get(&addr, "/x", None).await.unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (404, &b"no log\n"[..]));
+        let (addr, _) = serve_once("SSH-2.0-OpenSSH_9.2\r\n").await;
+        assert!(get(&addr, "/x", None).await.is_err());
+        let (addr, _) = serve_once("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort").await;
+        assert!(get(&addr, "/x", None).await.is_err(), "a truncated body");
+    }
+
+    #[tokio::test]
+    async fn an_answer_larger_than_the_cap_is_refused() {
+        let big: &'static str = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n{}\r\n0\r\n\r\n",
+                "x".repeat(1024)
+            )
+            .into_boxed_str(),
+        );
+        let (addr, _) = serve_once(big).await;
+        let e = get_capped(&addr, "/x", None, 512).await.unwrap_err();
+        assert!(e.to_string().contains("at most 512 bytes"), "{e}");
+        let (addr, _) = serve_once("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello").await;
+        assert_eq!(
+            get_capped(&addr, "/x", None, 512).await.unwrap().body,
+            b"hello"
+        );
     }
 
     fn catalog(nodes: &[(&str, &str)]) -> Catalog {
