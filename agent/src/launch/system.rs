@@ -330,24 +330,18 @@ impl Launcher for SystemLauncher {
         })
     }
 
-    fn promote(
-        &self,
-        host: &str,
-        listener: &Arc<Listener>,
-    ) -> BoxFut<Result<std::path::PathBuf, String>> {
-        let from = listener.path.clone();
-        let state_dir = self.cfg.load().state_dir.clone();
-        let to = state_dir.join("sites").join(host).join(socket::SERVING);
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                // Atomic: a connect sees the old listener or the new one, never no socket.
-                std::fs::rename(&from, &to)
-                    .map(|_| to)
-                    .map_err(|e| format!("cannot move the new worker's socket into place: {e}"))
-            })
-            .await
-            .map_err(|e| e.to_string())?
-        })
+    fn promote(&self, host: &str, listener: &Listener) -> Result<std::path::PathBuf, String> {
+        let to = self
+            .cfg
+            .load()
+            .state_dir
+            .join("sites")
+            .join(host)
+            .join(socket::SERVING);
+        // Atomic: a connect sees the old listener or the new one, never no socket.
+        std::fs::rename(&listener.path, &to)
+            .map(|_| to)
+            .map_err(|e| format!("cannot move the new worker's socket into place: {e}"))
     }
 
     fn forget(&self, host: &str) -> BoxFut<()> {

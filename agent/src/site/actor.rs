@@ -83,7 +83,7 @@ pub enum Msg {
     },
     Probed {
         generation: u64,
-        result: Result<PathBuf, String>,
+        result: Result<(), String>,
     },
     GraceOver {
         generation: u64,
@@ -803,8 +803,7 @@ impl Actor {
         tokio::spawn(async move {
             let result =
                 match tokio::time::timeout(timeout, ctx.launcher.probe(&host, &listener)).await {
-                    Ok(Ok(())) => ctx.launcher.promote(&host, &listener).await,
-                    Ok(Err(e)) => Err(e),
+                    Ok(answered) => answered,
                     Err(_) => Err(format!(
                         "the new worker did not answer within {} s",
                         timeout.as_secs()
@@ -814,7 +813,7 @@ impl Actor {
         });
     }
 
-    fn probed(&mut self, generation: u64, result: Result<PathBuf, String>) {
+    fn probed(&mut self, generation: u64, result: Result<(), String>) {
         if !self
             .candidate
             .as_ref()
@@ -822,7 +821,13 @@ impl Actor {
         {
             return;
         }
-        let path = match result {
+        // The switch happens here, in the actor, so nothing can come between the decision
+        // and the rename.
+        let promoted = result.and_then(|()| {
+            let cand = self.candidate.as_ref().expect("candidate was just checked");
+            self.ctx.launcher.promote(&self.host, &cand.listener)
+        });
+        let path = match promoted {
             Ok(path) => path,
             Err(why) => {
                 self.spec_failed(why);

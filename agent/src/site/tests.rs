@@ -159,9 +159,8 @@ impl Launcher for Fake {
         })
     }
 
-    fn promote(&self, _host: &str, listener: &Arc<Listener>) -> BoxFut<Result<PathBuf, String>> {
-        let path = listener.path.clone();
-        Box::pin(async move { Ok(path) })
+    fn promote(&self, _host: &str, listener: &Listener) -> Result<PathBuf, String> {
+        Ok(listener.path.clone())
     }
 
     fn forget(&self, _host: &str) -> BoxFut<()> {
