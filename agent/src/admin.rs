@@ -110,7 +110,7 @@ impl ServeHttp for AdminApp {
                     .snapshot_staleness_ms
                     .set(self.sites.staleness_ms() as i64);
                 self.metrics
-                    .set_site_series(&self.sites_here.status().await);
+                    .set_site_series(&self.sites_here.status_running().await);
                 admin_reply(200, "text/plain; version=0.0.4", self.metrics.render())
             }
             "/sites" => {
