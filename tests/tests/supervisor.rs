@@ -15,6 +15,14 @@ use roost_tests::{ensure_user, get, site_dir, wait_until, Cluster, Options, User
 
 const USER: &str = "roost-t-sup";
 
+/// The tests of this file run one at a time: one of them measures latency as a ratio within
+/// its own run, and the others' load (50 cold starts, a client loop) would be in it.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn misbehaving_site(c: &Cluster, host: &str, user: &User, extra: &[&str]) {
     let dir = site_dir(&c.root().join("sites"), user, host, MISBEHAVE_APP);
     c.add_site(host, user, &dir, extra);
@@ -124,6 +132,7 @@ fn p99(mut took: Vec<Duration>) -> Duration {
 
 #[test]
 fn a_spec_that_fails_to_import_leaves_the_previous_worker_serving() {
+    let _serial = serial();
     let c = Cluster::start();
     let user = ensure_user(USER);
     misbehaving_site(
@@ -223,6 +232,7 @@ fn a_spec_that_fails_to_import_leaves_the_previous_worker_serving() {
 
 #[test]
 fn cold_starts_of_many_sites_do_not_stall_a_warm_one() {
+    let _serial = serial();
     const COLD: usize = 30;
     let c = Cluster::start();
     let user = ensure_user(USER);
@@ -238,7 +248,7 @@ fn cold_starts_of_many_sites_do_not_stall_a_warm_one() {
     c.wait_for_status("warm.example", 200, Duration::from_secs(10))
         .unwrap();
 
-    let warm = ClientLoop::start(c.proxy_addr, "warm.example", 2, Duration::from_millis(5));
+    let warm = ClientLoop::start(c.proxy_addr, "warm.example", 3, Duration::from_millis(2));
     std::thread::sleep(Duration::from_secs(3));
     let alone_until = Instant::now();
     let addr = c.proxy_addr;
@@ -286,6 +296,7 @@ fn cold_starts_of_many_sites_do_not_stall_a_warm_one() {
 
 #[test]
 fn sigterm_under_load_never_answers_404_and_finishes_what_is_in_flight() {
+    let _serial = serial();
     let mut c = Cluster::start();
     let user = ensure_user(USER);
     misbehaving_site(&c, "busy.example", &user, &[]);
@@ -356,6 +367,7 @@ fn worker_groups(dir: &std::path::Path) -> HashSet<i32> {
 
 #[test]
 fn max_workers_holds_under_fifty_concurrent_cold_starts() {
+    let _serial = serial();
     const SITES: usize = 50;
     const MAX: usize = 5;
     let c = Cluster::start_with(Options {

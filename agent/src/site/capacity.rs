@@ -111,10 +111,7 @@ impl Capacity {
             }
             outstanding |= evicted;
             if !outstanding {
-                ctx.metrics
-                    .rejected
-                    .with_label_values(&["at_capacity"])
-                    .inc();
+                // Counted once, by the request path that refuses (rejected{reason}).
                 warn!(site = %host, live = this.live(), "node full: no idle worker to stop");
                 return Err(AcquireError::AtCapacity);
             }
