@@ -7,6 +7,7 @@
 //! - [`headers`]: the internal headers between proxy and agent, and the proxy's credential.
 //! - [`informer`]: list-then-watch over an etcd prefix, publishing immutable snapshots.
 //! - [`pages`]: the one style of error page both write themselves.
+//! - [`request_rules`]: what the edge accepts in a request head, body framing and trailers.
 //! - [`etcd`]: connecting to etcd the same way everywhere.
 //! - [`cert`]: the TLS certificates the proxy serves by SNI name.
 
@@ -19,6 +20,7 @@ pub mod keys;
 pub mod node;
 pub mod pages;
 pub mod placement;
+pub mod request_rules;
 pub mod site;
 
 pub use cert::CertRecord;
