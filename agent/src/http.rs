@@ -19,7 +19,7 @@ use roost_proto::headers::{self, credential_matches, valid_request_id};
 use roost_proto::{canonical_host, Informer, SiteSpec};
 use tracing::info;
 
-use roost_runtime::{respond, status_class, strip_internal_headers, Origin};
+use roost_runtime::{check_request_head, respond, status_class, strip_internal_headers, Origin};
 
 use crate::metrics::Metrics;
 use crate::site::{AcquireError, Sites, Ticket};
@@ -96,6 +96,12 @@ impl ProxyHttp for AgentHttp {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        // The proxy's acceptance rules again: an agent must not trust every proxy is current.
+        if let Err(r) = check_request_head(session) {
+            return self
+                .refuse(session, ctx, r.status, r.label, &r.reason)
+                .await;
+        }
         let req = session.req_header();
         if let Some(secret) = &self.secret {
             let presented = req.headers.get(headers::AUTH).map(|v| v.as_bytes());

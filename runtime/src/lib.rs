@@ -10,6 +10,7 @@ use http::Response;
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 use roost_proto::headers;
+use roost_proto::request_rules::{self, Accepted, Refusal};
 
 /// Log to stderr, `RUST_LOG` filtering (default `info`), colours only on a terminal so log
 /// files and `grep` see plain `key=value` fields.
@@ -67,6 +68,12 @@ pub async fn respond(
     session
         .write_response_body(Some(Bytes::from(body)), true)
         .await
+}
+
+/// The request-acceptance rules (`roost_proto::request_rules`) over the head as the client
+/// sent it: what both proxy and agent check before anything goes further.
+pub fn check_request_head(session: &Session) -> Result<Accepted, Refusal> {
+    request_rules::check_raw_head(&session.downstream_session.to_h1_raw())
 }
 
 /// Remove every `x-roost-*` header: the proxy does it to what clients send, the agent to
