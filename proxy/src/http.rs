@@ -1,13 +1,15 @@
 //! The edge's request path, one pingora phase per step:
 //!
-//! 1. `request_filter`: canonicalise `Host`, find the site, check limits, rank its nodes
-//!    (400/404/413/421/431/503 here).
+//! 1. `request_filter`: the request-acceptance rules (`roost_proto::request_rules`: framing,
+//!    target form, which host), canonicalise the host, find the site, check limits, check a
+//!    chunked body's framing and trailers as far as the tap reads ahead, rank the site's
+//!    nodes (400/404/405/408/413/421/431/503 here). Nothing reaches an agent before this.
 //! 2. `request_body_filter`: count body bytes against the site's limit while streaming.
 //! 3. `upstream_peer`: the next node of the ranking.
 //! 4. `fail_to_connect`: a node that can't be reached is marked suspect and the request
 //!    goes to the next one (bounded). Nothing reached that agent, so nothing runs twice.
 //! 5. `upstream_request_filter`: drop every client-sent internal header, add ours and the
-//!    forwarded headers.
+//!    forwarded headers; absolute-form becomes origin-form with its authority as `Host`.
 //! 6. `fail_to_proxy`: Roost's short error pages instead of pingora's.
 //! 7. `logging`: one line and the metrics per request.
 
@@ -25,14 +27,16 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use roost_proto::canonical_host;
 use roost_proto::headers::{self, valid_request_id};
+use roost_proto::request_rules::{check_trailers, Refusal, Target};
 use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::forwarded::forwarded;
 use crate::metrics::Metrics;
 use crate::routes::Router;
+use crate::tap::{self, ReadAhead, Trailers};
 use crate::tls::TlsInfo;
-use roost_runtime::{respond, status_class, strip_internal_headers, Origin};
+use roost_runtime::{check_request_head, respond, status_class, strip_internal_headers, Origin};
 
 /// How long a request that arrives before the first etcd sync waits for it.
 const STARTUP_WAIT: Duration = Duration::from_secs(5);
@@ -57,6 +61,10 @@ impl Drop for InFlight {
 pub struct RequestCtx {
     request_id: String,
     host: String,
+    /// The host as the client named it (for `X-Forwarded-Host`).
+    raw_host: String,
+    /// Absolute-form only: (authority, origin-form) to forward instead.
+    absolute: Option<(String, String)>,
     site: String,
     revision: i64,
     request_timeout: Duration,
@@ -106,6 +114,62 @@ impl EdgeHttp {
     }
 }
 
+impl EdgeHttp {
+    /// Answer a refusal of the request-acceptance rules.
+    async fn refuse_for(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+        refusal: &Refusal,
+    ) -> Result<bool> {
+        self.refuse(session, ctx, refusal.status, refusal.label, &refusal.reason)
+            .await
+    }
+
+    /// Check a chunked body before any node is chosen: the tap reads it ahead (up to
+    /// [`tap::READ_AHEAD_LIMIT`]), so bad chunk framing and forbidden trailers are refused
+    /// here and nothing of such a request reaches an agent. A larger body streams; a bad
+    /// chunk later in it makes pingora abort the upstream request, and its trailers are
+    /// dropped by pingora like all trailers.
+    async fn check_chunked_body(
+        &self,
+        session: &Session,
+        ctx: &RequestCtx,
+    ) -> std::result::Result<(), Refusal> {
+        let Some(tap) = tap::tap_of(session) else {
+            return Ok(());
+        };
+        let bad = |reason: String| Refusal {
+            status: 400,
+            label: "malformed_chunked",
+            reason,
+        };
+        let wait = Duration::from_secs(self.cfg.client_timeout_secs);
+        match tokio::time::timeout(wait, tap.read_ahead()).await {
+            Err(_) => Err(Refusal {
+                status: 408,
+                label: "client_timeout",
+                reason: "the client did not send the request body in time".into(),
+            }),
+            Ok(Err(e)) => Err(bad(format!("the request body could not be read: {e}"))),
+            Ok(Ok(ReadAhead::Whole(Trailers::Seen(names)))) => {
+                check_trailers(names.iter().map(Vec::as_slice))
+            }
+            Ok(Ok(ReadAhead::Whole(Trailers::Malformed(why)) | ReadAhead::Malformed(why))) => {
+                Err(bad(format!("the chunked request body is malformed: {why}")))
+            }
+            Ok(Ok(ReadAhead::Cut)) => {
+                Err(bad("the request body ended before its last chunk".into()))
+            }
+            Ok(Ok(ReadAhead::Whole(Trailers::Unknown))) => {
+                warn!(request_id = %ctx.request_id, "the tap lost its place; chunked body not checked");
+                Ok(())
+            }
+            Ok(Ok(ReadAhead::Streams)) => Ok(()),
+        }
+    }
+}
+
 /// How long to keep reading (and discarding) a body the proxy refused before closing.
 const LINGER: Duration = Duration::from_secs(5);
 
@@ -130,27 +194,6 @@ async fn linger(session: &mut Session) {
     let _ = session.downstream_session.drain_request_body().await;
 }
 
-/// The host a client asked for: the `Host` header, or the authority of an absolute URI
-/// (HTTP/2, absolute-form). More than one `Host` header is refused: it is how requests are
-/// smuggled past proxies that read the first while the app reads the last.
-fn requested_host(req: &RequestHeader) -> std::result::Result<String, &'static str> {
-    let mut hosts = req.headers.get_all("host").iter();
-    let first = hosts.next();
-    if hosts.next().is_some() {
-        return Err("the request has more than one Host header");
-    }
-    match first {
-        Some(v) => v
-            .to_str()
-            .map(str::to_string)
-            .map_err(|_| "the Host header is not valid text"),
-        None => match req.uri.authority() {
-            Some(a) => Ok(a.as_str().to_string()),
-            None => Err("the request has no Host header"),
-        },
-    }
-}
-
 /// Bytes of the request head as a client sent it (near enough: names, values, separators).
 fn header_bytes(req: &RequestHeader) -> usize {
     let line = req.method.as_str().len() + req.uri.to_string().len() + 12;
@@ -170,6 +213,8 @@ impl ProxyHttp for EdgeHttp {
         RequestCtx {
             request_id: String::new(),
             host: String::new(),
+            raw_host: String::new(),
+            absolute: None,
             site: String::new(),
             revision: 0,
             request_timeout: Duration::from_secs(60),
@@ -207,10 +252,35 @@ impl ProxyHttp for EdgeHttp {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip().to_canonical().to_string())
             .unwrap_or_default();
-        let raw_host = match requested_host(req) {
-            Ok(h) => h,
-            Err(why) => return self.refuse(session, ctx, 400, "bad_host", why).await,
+        // The tap's place in this connection's bytes moves to this request, refused or not.
+        let recording = tap::recording(session);
+        if let Some(rec) = &recording {
+            let raw_head = session.downstream_session.to_h1_raw();
+            rec.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .start_request(&raw_head);
+        }
+        let accepted = match check_request_head(session) {
+            Ok(a) => a,
+            Err(r) => return self.refuse_for(session, ctx, &r).await,
         };
+        // HTTP/2 names its host in `:authority`, which the head's request line does not show.
+        let authority = || Some(session.req_header().uri.authority()?.as_str().to_string());
+        let Some(raw_host) = accepted.host.or_else(authority) else {
+            return self
+                .refuse(
+                    session,
+                    ctx,
+                    400,
+                    "bad_host",
+                    "the request has no Host header",
+                )
+                .await;
+        };
+        ctx.raw_host = raw_host.clone();
+        if let Target::Absolute { authority, path } = accepted.target {
+            ctx.absolute = Some((authority, path));
+        }
         let host = match canonical_host(&raw_host) {
             Ok(h) => h,
             Err(e) => {
@@ -290,6 +360,29 @@ impl ProxyHttp for EdgeHttp {
                     &format!("the request body is larger than {max_body} bytes"),
                 )
                 .await;
+        }
+        let chunked = session
+            .req_header()
+            .headers
+            .contains_key(http::header::TRANSFER_ENCODING);
+        if let Some(rec) = &recording {
+            if !chunked && !session.downstream_session.is_body_empty() {
+                rec.lock().unwrap_or_else(|e| e.into_inner()).pause();
+            }
+        }
+        if chunked {
+            let expects_continue = session
+                .req_header()
+                .headers
+                .get(http::header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+            if expects_continue {
+                // The client waits for this before the body the tap reads ahead.
+                session.downstream_session.write_continue_response().await?;
+            }
+            if let Err(r) = self.check_chunked_body(session, ctx).await {
+                return self.refuse_for(session, ctx, &r).await;
+            }
         }
         ctx.revision = table.revision;
         ctx.request_timeout = Duration::from_secs(route.spec.request_timeout);
@@ -421,13 +514,20 @@ impl ProxyHttp for EdgeHttp {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         let tls = tls_info(session.digest()).is_some();
-        let raw_host = requested_host(session.req_header()).unwrap_or_else(|_| ctx.host.clone());
+        if let Some((authority, path)) = &ctx.absolute {
+            // The authority won over Host for routing; the worker reads the same one.
+            let origin = path.parse().or_else(|_| {
+                Error::e_explain(ErrorType::InternalError, "absolute-form path is not a URI")
+            })?;
+            upstream.set_uri(origin);
+            upstream.insert_header(http::header::HOST, authority.as_str())?;
+        }
         let f = forwarded(
             &self.cfg.trusted_proxies,
             peer,
             &upstream.headers,
             tls,
-            &raw_host,
+            &ctx.raw_host,
         );
         ctx.client = f.client;
         for name in ["forwarded", "x-real-ip"] {
@@ -536,6 +636,9 @@ impl ProxyHttp for EdgeHttp {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
+        if let Some(rec) = tap::recording(session) {
+            rec.lock().unwrap_or_else(|e| e.into_inner()).resume();
+        }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let class = status_class(status);
         let elapsed = ctx.started.elapsed();

@@ -13,6 +13,7 @@ mod forwarded;
 mod http;
 mod metrics;
 mod routes;
+mod tap;
 mod tls;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -76,7 +77,7 @@ fn main() -> Result<()> {
     server.bootstrap();
     let phases = server.watch_execution_phase();
 
-    let mut edge = pingora_proxy::http_proxy_service_with_name(
+    let proxy = pingora_proxy::http_proxy(
         &server.configuration,
         http::EdgeHttp {
             router: router.clone(),
@@ -84,8 +85,9 @@ fn main() -> Result<()> {
             metrics: metrics.clone(),
             in_flight: in_flight.clone(),
         },
-        "roost-proxy",
     );
+    // Every client connection goes through the tap, which lets the edge check chunked trailers.
+    let mut edge = Service::new("roost-proxy".to_string(), tap::Tapped(Arc::new(proxy)));
     edge.add_tcp(&cfg.listen);
     if let (Some(addr), Some(store)) = (&cfg.listen_tls, &certs) {
         let mut settings = TlsSettings::with_callbacks(Box::new(SniCallbacks {
