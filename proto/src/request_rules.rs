@@ -45,6 +45,7 @@ impl Refusal {
 
     /// Every label a refusal can carry, so metric series can exist from start at 0.
     pub const LABELS: [&'static str; 10] = [
+        "client_timeout",
         "malformed_head",
         "duplicate_field",
         "bad_length",
@@ -54,7 +55,6 @@ impl Refusal {
         "bad_host",
         "forbidden_trailer",
         "malformed_chunked",
-        "chunked_too_large",
     ];
 }
 

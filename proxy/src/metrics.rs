@@ -99,6 +99,10 @@ impl Metrics {
         ] {
             m.registry.register(c).expect("metric names are unique");
         }
+        // The request-acceptance refusals exist from start at 0, so a rate over them works.
+        for reason in roost_proto::request_rules::Refusal::LABELS {
+            m.rejected.with_label_values(&[reason]);
+        }
         m
     }
 
