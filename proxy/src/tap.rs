@@ -90,24 +90,24 @@ impl Recording {
     }
 
     /// A new request's head was parsed: keep only what follows it. False when the head is
-    /// not among the recorded bytes (the recording lost its place).
+    /// not among the recorded bytes: then nothing can be said about this request's body
+    /// (its bytes would be read from the wrong place), and recording starts afresh at the
+    /// next request ([`Self::resume`]).
     pub fn start_request(&mut self, raw_head: &[u8]) -> bool {
         self.paused = false;
-        if self.lost || raw_head.is_empty() {
-            self.bytes.clear();
-            self.lost = false;
-            return false;
-        }
-        match find(&self.bytes, raw_head) {
+        let at = if self.lost || raw_head.is_empty() {
+            None
+        } else {
+            find(&self.bytes, raw_head)
+        };
+        match at {
             Some(at) => {
                 self.bytes.drain(..at + raw_head.len());
-                true
             }
-            None => {
-                self.bytes.clear();
-                false
-            }
+            None => self.bytes = Vec::new(),
         }
+        self.lost = at.is_none();
+        !self.lost
     }
 
     /// Stop recording until [`Self::resume`]: the request's body is not checked here.
@@ -119,6 +119,10 @@ impl Recording {
     /// Record again (the request is over; the next head follows).
     pub fn resume(&mut self) {
         self.paused = false;
+        if self.lost {
+            self.bytes = Vec::new();
+            self.lost = false;
+        }
     }
 
     /// After a whole chunked body was read: its trailer names, and the recording moves past
@@ -408,7 +412,14 @@ mod tests {
         rec.record(b"5\r\nhello\r\n0\r\nHost: evil\r\n\r\n");
         assert_eq!(rec.take_trailers(), Trailers::Unknown);
         rec.resume();
+        // A head the tap never saw: its body cannot be placed.
         assert!(!rec.start_request(b"GET / HTTP/1.1\r\n\r\n"));
+        rec.record(b"0\r\n\r\n");
+        assert_eq!(rec.take_trailers(), Trailers::Unknown);
+        // The next request starts afresh; past the capacity the place is lost again.
+        rec.resume();
+        rec.record(b"POST / HTTP/1.1\r\n\r\n");
+        assert!(rec.start_request(b"POST / HTTP/1.1\r\n\r\n"));
         rec.record(&vec![b'x'; CAPACITY + 1]);
         assert_eq!(rec.take_trailers(), Trailers::Unknown);
     }
