@@ -182,6 +182,13 @@ fn every_corpus_request_is_refused_by_the_proxy_and_none_reaches_a_worker() {
     let hosts = corpus_hosts(&files);
     let Setup { cluster, seen } = setup(&hosts);
 
+    // The agent counts a request once it has answered it: let the setup's requests (one
+    // answered by each site) be counted before the first file's count is taken.
+    assert!(
+        wait_until(Duration::from_secs(5), || agent_requests(&cluster)
+            >= hosts.len() as f64),
+        "the agent never counted the setup's requests"
+    );
     let baseline = seen_lines(&seen);
     let mut refused = Vec::new();
     let mut unanswered = Vec::new();
