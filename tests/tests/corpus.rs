@@ -121,10 +121,16 @@ fn agent_requests(cluster: &Cluster) -> f64 {
         .sum()
 }
 
+/// Requests the worker was called for (the recorder's `start` lines).
 fn seen_lines(seen: &Path) -> usize {
-    std::fs::read_to_string(seen)
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
+    seen_log(seen)
+        .lines()
+        .filter(|l| l.starts_with("start "))
+        .count()
+}
+
+fn seen_log(seen: &Path) -> String {
+    std::fs::read_to_string(seen).unwrap_or_default()
 }
 
 /// Who wrote a 4xx: Roost's proxy (its error page, or pingora's parser inside it before a
@@ -308,11 +314,9 @@ fn accepted_forms_reach_the_worker_intact() {
     let absolute = b"GET http://example.com/abs?q=1 HTTP/1.1\r\nConnection: close\r\n\r\n";
     let r = exchange(cluster.proxy_addr, absolute);
     assert_eq!(r.status, 200, "{}", r.text());
-    let log = std::fs::read_to_string(&seen).unwrap();
-    let lines: Vec<&str> = log.lines().skip(before).collect();
-    assert_eq!(lines.len(), 2, "{log}");
-    assert!(lines[0].starts_with("POST /chunked "), "{log}");
-    assert!(lines[1].starts_with("GET /abs?q=1 "), "{log}");
+    let log = seen_log(&seen);
+    assert!(log.contains("done POST /chunked 11\n"), "{log}");
+    assert!(log.contains("done GET /abs?q=1 0\n"), "{log}");
 
     // An absolute-form target naming another host than Host is refused at the proxy.
     let mismatch =
@@ -388,4 +392,43 @@ fn the_agent_refuses_what_the_proxy_would() {
         "{}",
         std::fs::read_to_string(&seen).unwrap_or_default()
     );
+}
+
+/// A bad chunk size after the first 64 KiB of a chunked body (past what the proxy reads
+/// ahead, so the request already streams to the worker): the upstream request is aborted,
+/// not completed. The worker was called, but never got the end of the body.
+#[test]
+fn a_bad_chunk_in_a_streamed_body_aborts_the_upstream_request() {
+    let Setup { cluster, seen } = setup(&[GOOD_HOST.to_string()]);
+    let mut request = b"POST /streamed HTTP/1.1\r\nHost: example.com\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    for _ in 0..4 {
+        request.extend_from_slice(format!("{:x}\r\n", 32 * 1024).as_bytes());
+        request.extend_from_slice(&vec![b'x'; 32 * 1024]);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"-5\r\nhello\r\n0\r\n\r\n");
+    let raw = roost_tests::http::exchange(cluster.proxy_addr, &request).unwrap_or_default();
+    if let Ok(r) = parse(&raw) {
+        assert!(
+            (400..600).contains(&r.status) && r.header("x-roost-error").is_some(),
+            "the bad chunk was answered {} {:?}: {}",
+            r.status,
+            r.headers,
+            r.text()
+        );
+    }
+    // The worker may have been called (the head streamed on), but must not finish the body.
+    std::thread::sleep(Duration::from_secs(1));
+    let log = seen_log(&seen);
+    eprintln!(
+        "bad chunk after 128 KiB: answer {:?}; worker log:\n{log}",
+        parse(&raw).map(|r| (r.status, r.text()))
+    );
+    assert!(
+        !log.contains("done POST /streamed"),
+        "the request was completed: {log}"
+    );
+    // The proxy keeps serving.
+    let r = cluster.get(GOOD_HOST, "/after").expect("good request");
+    assert_eq!((r.status, r.text().as_str()), (200, "seen 0 body bytes\n"));
 }
