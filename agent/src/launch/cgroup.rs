@@ -7,8 +7,16 @@
 //!   counted in `memory.oom_control`.
 //! - neither writable: no kernel limits; the supervisor falls back to an RSS watchdog.
 //!
-//! Site groups nest under the agent's own cgroup (`<own>/roost/<host>`), the way a delegated
-//! systemd service does it, so a limit placed on the agent's service also bounds its sites.
+//! Site groups nest under the agent's own cgroup, the way a delegated systemd service does it,
+//! so a limit placed on the agent's service also bounds its sites:
+//! - v1: `<own>/<name>/<host>` in the memory (and pids) hierarchy.
+//! - v2: the agent's group D is the one it started in (its service's, with `Delegate=yes`), or
+//!   the parent of the leaf `agent` when it starts already there (systemd's
+//!   `DelegateSubgroup=agent`, or a restart into its predecessor's leaf). The agent moves itself
+//!   into `D/agent` ("no internal processes": D may hold no process once it hands controllers to
+//!   its children) and puts sites in `D/<name>/<host>`. It moves no process but its own: D
+//!   holding others means D was not delegated to it, so it falls back to the RSS watchdog.
+//!   docs/cgroups.md is the operator's side of this.
 
 use std::fs;
 use std::io;
@@ -21,6 +29,8 @@ use tracing::{info, warn};
 pub enum Cgroups {
     V2 {
         base: PathBuf,
+        /// Whether the pids controller is enabled for the sites (`pids.max`).
+        pids: bool,
     },
     V1 {
         memory: PathBuf,
@@ -37,7 +47,10 @@ pub struct SiteCgroup {
 
 #[derive(Debug, Clone)]
 enum Kind {
-    V2(PathBuf),
+    V2 {
+        dir: PathBuf,
+        pids: bool,
+    },
     V1 {
         memory: PathBuf,
         pids: Option<PathBuf>,
@@ -55,9 +68,7 @@ impl Cgroups {
         let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
         let found = detect_from(&mounts, &own, name);
         let ready = match found {
-            Cgroups::V2 { base } => {
-                prepare_v2(&base, name).map(|sites| Cgroups::V2 { base: sites })
-            }
+            Cgroups::V2 { base, .. } => prepare_v2(&base, name),
             Cgroups::V1 { memory, pids } => fs::create_dir_all(&memory)
                 .and_then(|_| pids.as_ref().map_or(Ok(()), fs::create_dir_all))
                 .map(|_| Cgroups::V1 { memory, pids }),
@@ -77,7 +88,8 @@ impl Cgroups {
 
     pub fn describe(&self) -> &'static str {
         match self {
-            Cgroups::V2 { .. } => "cgroup v2",
+            Cgroups::V2 { pids: true, .. } => "cgroup v2 (memory, pids)",
+            Cgroups::V2 { pids: false, .. } => "cgroup v2 (memory)",
             Cgroups::V1 { pids: Some(_), .. } => "cgroup v1 (memory, pids)",
             Cgroups::V1 { pids: None, .. } => "cgroup v1 (memory)",
             Cgroups::Unavailable => "none (RSS watchdog)",
@@ -87,10 +99,10 @@ impl Cgroups {
     /// The cgroup of `host`, created if missing; `None` without cgroups.
     pub fn site(&self, host: &str) -> io::Result<Option<SiteCgroup>> {
         let kind = match self {
-            Cgroups::V2 { base } => {
+            Cgroups::V2 { base, pids } => {
                 let dir = base.join(host);
                 fs::create_dir_all(&dir)?;
-                Kind::V2(dir)
+                Kind::V2 { dir, pids: *pids }
             }
             Cgroups::V1 { memory, pids } => {
                 let m = memory.join(host);
@@ -114,7 +126,7 @@ impl Cgroups {
     /// SIGKILLed) and remove those groups. Returns how many processes were killed.
     pub fn clean_leftovers(&self) -> usize {
         let bases: Vec<&PathBuf> = match self {
-            Cgroups::V2 { base } => vec![base],
+            Cgroups::V2 { base, .. } => vec![base],
             Cgroups::V1 { memory, pids } => std::iter::once(memory).chain(pids.iter()).collect(),
             Cgroups::Unavailable => vec![],
         };
@@ -128,14 +140,7 @@ impl Cgroups {
                 if !dir.is_dir() {
                     continue;
                 }
-                let pids = read_pids(&dir.join("cgroup.procs"));
-                for pid in &pids {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(*pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-                killed += pids.len();
+                killed += kill_all_in(&dir);
                 remove_when_empty(&dir);
             }
         }
@@ -149,7 +154,7 @@ impl Cgroups {
     pub fn remove_all(&self) {
         self.clean_leftovers();
         match self {
-            Cgroups::V2 { base } => remove_when_empty(base),
+            Cgroups::V2 { base, .. } => remove_when_empty(base),
             Cgroups::V1 { memory, pids } => {
                 remove_when_empty(memory);
                 if let Some(p) = pids {
@@ -166,13 +171,19 @@ impl SiteCgroup {
     /// before raising usage (lowering a v1 limit below current usage fails with EBUSY).
     pub fn set_limits(&self, memory_bytes: Option<u64>, pids_max: Option<u64>) -> io::Result<()> {
         match &self.kind {
-            Kind::V2(dir) => {
+            Kind::V2 { dir, pids } => {
                 let mem = memory_bytes.map_or("max".to_string(), |b| b.to_string());
-                fs::write(dir.join("memory.max"), &mem)?;
-                // Swap would let a site exceed its limit slowly instead of being stopped.
-                let _ = fs::write(dir.join("memory.swap.max"), "0");
-                let pids = pids_max.map_or("max".to_string(), |p| p.to_string());
-                let _ = fs::write(dir.join("pids.max"), pids);
+                write_file(&dir.join("memory.max"), &mem)?;
+                // Swap would let a site exceed its limit slowly instead of being stopped. The
+                // file is missing only when the kernel accounts no swap (then none is used).
+                match fs::write(dir.join("memory.swap.max"), "0") {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    r => r.map_err(|e| with_path(e, &dir.join("memory.swap.max")))?,
+                }
+                if *pids {
+                    let v = pids_max.map_or("max".to_string(), |p| p.to_string());
+                    write_file(&dir.join("pids.max"), &v)?;
+                }
             }
             Kind::V1 { memory, pids } => {
                 let mem = memory_bytes.map_or("-1".to_string(), |b| b.to_string());
@@ -201,7 +212,7 @@ impl SiteCgroup {
     /// The `cgroup.procs` files a new worker writes its pid to.
     pub fn procs_files(&self) -> Vec<PathBuf> {
         match &self.kind {
-            Kind::V2(dir) => vec![dir.join("cgroup.procs")],
+            Kind::V2 { dir, .. } => vec![dir.join("cgroup.procs")],
             Kind::V1 { memory, pids } => std::iter::once(memory.join("cgroup.procs"))
                 .chain(pids.iter().map(|p| p.join("cgroup.procs")))
                 .collect(),
@@ -211,7 +222,7 @@ impl SiteCgroup {
     /// How many processes the kernel has killed in this group for exceeding its memory limit.
     pub fn oom_kills(&self) -> u64 {
         let (file, _) = match &self.kind {
-            Kind::V2(dir) => (dir.join("memory.events"), ()),
+            Kind::V2 { dir, .. } => (dir.join("memory.events"), ()),
             Kind::V1 { memory, .. } => (memory.join("memory.oom_control"), ()),
         };
         parse_counter(&fs::read_to_string(file).unwrap_or_default(), "oom_kill")
@@ -220,32 +231,21 @@ impl SiteCgroup {
     /// Memory charged to the group now.
     pub fn memory_bytes(&self) -> Option<u64> {
         let file = match &self.kind {
-            Kind::V2(dir) => dir.join("memory.current"),
+            Kind::V2 { dir, .. } => dir.join("memory.current"),
             Kind::V1 { memory, .. } => memory.join("memory.usage_in_bytes"),
         };
         fs::read_to_string(file).ok()?.trim().parse().ok()
     }
 
-    /// Pids in the group.
-    pub fn pids(&self) -> Vec<i32> {
-        let file = match &self.kind {
-            Kind::V2(dir) => dir.join("cgroup.procs"),
-            Kind::V1 { memory, .. } => memory.join("cgroup.procs"),
-        };
-        read_pids(&file)
-    }
-
     /// Remove the group (the site is gone); processes still in it are killed first.
     pub fn remove(&self) {
-        for pid in self.pids() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
         match &self.kind {
-            Kind::V2(dir) => remove_when_empty(dir),
+            Kind::V2 { dir, .. } => {
+                kill_all_in(dir);
+                remove_when_empty(dir)
+            }
             Kind::V1 { memory, pids } => {
+                kill_all_in(memory);
                 remove_when_empty(memory);
                 if let Some(p) = pids {
                     remove_when_empty(p);
@@ -306,31 +306,105 @@ fn detect_from(mounts: &str, own: &str, name: &str) -> Cgroups {
         let controllers =
             fs::read_to_string(Path::new(&root).join("cgroup.controllers")).unwrap_or_default();
         if controllers.split_whitespace().any(|c| c == "memory") {
-            let base = Path::new(&root).join(own_path(None));
-            return Cgroups::V2 { base };
+            let base = Path::new(&root).join(delegated_group(&own_path(None)));
+            let pids = controllers.split_whitespace().any(|c| c == "pids");
+            return Cgroups::V2 { base, pids };
         }
     }
     Cgroups::Unavailable
 }
 
-/// cgroup v2 allows no processes in a group that distributes controllers to children: move
-/// the agent into a leaf `agent/` of its own group, enable memory and pids below, and put
-/// sites under `<name>/` (what systemd expects of a service with `Delegate=yes`). Returns the
-/// directory sites go in.
-fn prepare_v2(base: &Path, name: &str) -> io::Result<PathBuf> {
-    let own_procs = read_pids(&base.join("cgroup.procs"));
-    if !own_procs.is_empty() {
-        let leaf = base.join("agent");
-        fs::create_dir_all(&leaf)?;
-        for pid in own_procs {
-            let _ = fs::write(leaf.join("cgroup.procs"), pid.to_string());
+/// The leaf of the agent's delegated group that holds the agent itself (and its zygotes).
+const AGENT_LEAF: &str = "agent";
+
+/// The group delegated to the agent, from its own v2 group (relative to the mount): the
+/// parent when it started in its leaf already, else the group itself.
+fn delegated_group(own: &str) -> &str {
+    match own.rsplit_once('/') {
+        Some((parent, AGENT_LEAF)) => parent,
+        None if own == AGENT_LEAF => "",
+        _ => own,
+    }
+}
+
+/// Arrange the delegated group `delegated` (see the module comment): the agent into its leaf,
+/// memory (and pids, when the kernel has it) handed down to `<name>/`, the group sites go in.
+fn prepare_v2(delegated: &Path, name: &str) -> io::Result<Cgroups> {
+    let leaf = delegated.join(AGENT_LEAF);
+    let me = std::process::id() as i32;
+    // The real root has no cgroup.type and allows processes beside enabled controllers.
+    let is_root = !delegated.join("cgroup.type").exists();
+    let strangers: Vec<i32> = read_pids(&delegated.join("cgroup.procs"))
+        .into_iter()
+        .filter(|p| *p != me)
+        .collect();
+    if !is_root && !strangers.is_empty() {
+        return Err(io::Error::other(format!(
+            "{} holds processes that are not this agent's ({strangers:?}): it was not delegated \
+             to the agent alone; run the agent in a cgroup of its own (systemd: Delegate=yes)",
+            delegated.display()
+        )));
+    }
+    fs::create_dir_all(&leaf).map_err(|e| with_path(e, &leaf))?;
+    if !read_pids(&leaf.join("cgroup.procs")).contains(&me) {
+        // One write moves every thread of the agent.
+        write_file(&leaf.join("cgroup.procs"), &me.to_string())?;
+    }
+    let pids = enable_controllers(delegated)?;
+    let sites = delegated.join(name);
+    fs::create_dir_all(&sites).map_err(|e| with_path(e, &sites))?;
+    enable_controllers(&sites)?;
+    if !pids {
+        warn!(cgroup = %delegated.display(), "cgroup v2 without the pids controller: no per-site process limit");
+    }
+    if !delegated.join(name).join("memory.swap.max").exists() {
+        info!("the kernel accounts no swap for cgroups (no memory.swap.max): memory.max alone bounds a site");
+    }
+    Ok(Cgroups::V2 { base: sites, pids })
+}
+
+/// Hand memory, and pids where available, to `group`'s children. Memory is required; returns
+/// whether pids is on. Each controller is its own write: one the parent lacks fails alone.
+fn enable_controllers(group: &Path) -> io::Result<bool> {
+    let control = group.join("cgroup.subtree_control");
+    let available = fs::read_to_string(group.join("cgroup.controllers"))
+        .map_err(|e| with_path(e, &group.join("cgroup.controllers")))?;
+    let has = |c: &str| available.split_whitespace().any(|x| x == c);
+    if !has("memory") {
+        return Err(io::Error::other(format!(
+            "{}: the memory controller is not delegated here (cgroup.controllers: {:?})",
+            group.display(),
+            available.trim()
+        )));
+    }
+    write_file(&control, "+memory")?;
+    Ok(has("pids") && write_file(&control, "+pids").is_ok())
+}
+
+/// Kill every process in `dir`. cgroup v2's `cgroup.kill` (Linux 5.14) takes the group at once,
+/// including a fork bomb's children forked meanwhile; elsewhere, each pid listed.
+fn kill_all_in(dir: &Path) -> usize {
+    let pids = read_pids(&dir.join("cgroup.procs"));
+    if pids.is_empty() {
+        return 0;
+    }
+    if fs::write(dir.join("cgroup.kill"), "1").is_err() {
+        for pid in &pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
-    fs::write(base.join("cgroup.subtree_control"), "+memory +pids")?;
-    let sites = base.join(name);
-    fs::create_dir_all(&sites)?;
-    fs::write(sites.join("cgroup.subtree_control"), "+memory +pids")?;
-    Ok(sites)
+    pids.len()
+}
+
+fn write_file(file: &Path, value: &str) -> io::Result<()> {
+    fs::write(file, value).map_err(|e| with_path(e, file))
+}
+
+fn with_path(e: io::Error, file: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", file.display()))
 }
 
 fn read_pids(file: &Path) -> Vec<i32> {
@@ -384,6 +458,22 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
             }
             other => panic!("expected v1, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn v2_sites_go_beside_the_agents_leaf_even_when_it_starts_in_it() {
+        assert_eq!(
+            delegated_group("system.slice/roost-agent.service"),
+            "system.slice/roost-agent.service"
+        );
+        // systemd's DelegateSubgroup=agent, or a restart into the predecessor's leaf.
+        assert_eq!(
+            delegated_group("system.slice/roost-agent.service/agent"),
+            "system.slice/roost-agent.service"
+        );
+        assert_eq!(delegated_group("agent"), "");
+        assert_eq!(delegated_group(""), "");
+        assert_eq!(delegated_group("x/agents"), "x/agents");
     }
 
     #[test]
