@@ -798,3 +798,215 @@ fn one_sites_worker_cannot_reach_another_sites_socket_process_or_files() {
     assert_eq!(from_dave["pid"], "ok", "{from_dave}");
     assert_eq!(from_dave["file"], "ok", "{from_dave}");
 }
+
+// ---- Issue 16: the cgroup scenarios, on whichever hierarchy the machine has. deploy/vm-test.sh
+// runs these on Debian's kernel with only cgroup v2 mounted; the suite runs them on the host.
+
+/// One process's cgroup membership, from `/proc/<pid>/cgroup`, as paths under /sys/fs/cgroup.
+struct Membership {
+    /// The unified hierarchy's group, when no v1 memory hierarchy is mounted (pure v2).
+    v2: Option<String>,
+    /// The v1 memory and pids hierarchies' groups.
+    v1_memory: Option<String>,
+    v1_pids: Option<String>,
+}
+
+fn membership(pid: u64) -> Membership {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/cgroup: {e}"));
+    let v1 = |ctrl: &str| {
+        text.lines().find_map(|l| {
+            let (_, rest) = l.split_once(':')?;
+            let (ctrls, path) = rest.split_once(':')?;
+            ctrls
+                .split(',')
+                .any(|c| c == ctrl)
+                .then(|| format!("/sys/fs/cgroup/{ctrl}{path}"))
+        })
+    };
+    let v1_memory = v1("memory");
+    let v2 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .filter(|_| v1_memory.is_none())
+        .map(|p| format!("/sys/fs/cgroup{}", p.trim_end_matches('/')));
+    Membership {
+        v2,
+        v1_memory,
+        v1_pids: v1("pids"),
+    }
+}
+
+fn read_trim(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .trim()
+        .to_string()
+}
+
+fn parent(path: &str) -> &str {
+    path.rsplit_once('/').map_or("", |(p, _)| p)
+}
+
+fn procs_of(group: &str) -> Vec<u64> {
+    read_trim(&format!("{group}/cgroup.procs"))
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect()
+}
+
+#[test]
+fn the_agent_sits_in_a_leaf_and_sites_in_its_delegated_group() {
+    let c = Cluster::start();
+    let carol = ensure_user(CAROL);
+    misbehaving_site(&c, "leaf.example", &carol, &["--memory-limit-mb", "64"]);
+    let w = c
+        .wait_for_status("leaf.example", 200, Duration::from_secs(10))
+        .unwrap()
+        .json();
+    let worker = membership(w["pid"].as_u64().unwrap());
+    let agent_pid = c.agent_pid() as u64;
+    let agent = membership(agent_pid);
+    let limit = (64u64 << 20).to_string();
+    if let Some(site) = worker.v2 {
+        // v2: the agent alone (with its zygotes) in the leaf `agent` of its delegated group D,
+        // the sites in D/<agent's name>/<host>, D itself holding no process.
+        let leaf = agent.v2.expect("the agent is on v2 too");
+        assert!(leaf.ends_with("/agent"), "agent's group {leaf}");
+        assert!(procs_of(&leaf).contains(&agent_pid), "{leaf}/cgroup.procs");
+        let children = std::fs::read_dir(&leaf)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .count();
+        assert_eq!(children, 0, "{leaf} is a leaf");
+        let delegated = parent(&leaf);
+        assert!(site.ends_with("/leaf.example"), "site's group {site}");
+        let sites = parent(&site);
+        assert_eq!(
+            parent(sites),
+            delegated,
+            "sites beside the agent's leaf: {site}"
+        );
+        assert!(
+            sites.rsplit('/').next().unwrap().starts_with("roost-"),
+            "{sites}"
+        );
+        if delegated != "/sys/fs/cgroup" {
+            assert!(procs_of(delegated).is_empty(), "no process in {delegated}");
+        }
+        for group in [delegated, sites] {
+            let control = read_trim(&format!("{group}/cgroup.subtree_control"));
+            for ctrl in ["memory", "pids"] {
+                assert!(
+                    control.split(' ').any(|c| c == ctrl),
+                    "{group}/cgroup.subtree_control: {control}"
+                );
+            }
+        }
+        assert_eq!(read_trim(&format!("{site}/memory.max")), limit);
+        assert_eq!(read_trim(&format!("{site}/memory.swap.max")), "0");
+        assert_eq!(read_trim(&format!("{site}/pids.max")), "512");
+        assert!(procs_of(&site).contains(&w["pid"].as_u64().unwrap()));
+    } else {
+        // v1: sites in <agent's group>/<agent's name>/<host> of the memory and pids hierarchies.
+        let memory = worker.v1_memory.expect("a v1 memory group");
+        let agent_memory = agent.v1_memory.expect("the agent is on v1 too");
+        assert!(memory.ends_with("/leaf.example"), "{memory}");
+        assert_eq!(parent(parent(&memory)), agent_memory.trim_end_matches('/'));
+        assert_eq!(read_trim(&format!("{memory}/memory.limit_in_bytes")), limit);
+        let memsw = format!("{memory}/memory.memsw.limit_in_bytes");
+        if std::path::Path::new(&memsw).exists() {
+            assert_eq!(read_trim(&memsw), limit);
+        }
+        let pids = worker.v1_pids.expect("a v1 pids group");
+        assert!(pids.ends_with("/leaf.example"), "{pids}");
+        assert_eq!(read_trim(&format!("{pids}/pids.max")), "512");
+    }
+}
+
+/// Forks until the kernel refuses, then reaps what it forked: a fork bomb that reports.
+const FORK_APP: &str = "import errno, json, os, time\n\
+def application(environ, start_response):\n\
+\x20   if environ['PATH_INFO'] == '/bomb':\n\
+\x20       kids, error = [], ''\n\
+\x20       for _ in range(5000):\n\
+\x20           try:\n\
+\x20               pid = os.fork()\n\
+\x20           except OSError as e:\n\
+\x20               error = errno.errorcode.get(e.errno, str(e.errno))\n\
+\x20               break\n\
+\x20           if pid == 0:\n\
+\x20               time.sleep(120)\n\
+\x20               os._exit(0)\n\
+\x20           kids.append(pid)\n\
+\x20       for k in kids:\n\
+\x20           os.kill(k, 9)\n\
+\x20       for k in kids:\n\
+\x20           os.waitpid(k, 0)\n\
+\x20       out = {'forked': len(kids), 'error': error}\n\
+\x20   else:\n\
+\x20       out = {'pid': os.getpid()}\n\
+\x20   body = json.dumps(out).encode()\n\
+\x20   start_response('200 OK', [('Content-Type', 'application/json'), ('Content-Length', str(len(body)))])\n\
+\x20   return [body]\n";
+
+#[test]
+fn a_fork_bomb_stops_at_pids_max_and_its_neighbour_keeps_answering() {
+    let c = Cluster::start_with(Options {
+        agent_config: Some("pids_max = 40\n".into()),
+    });
+    let (carol, dave) = (ensure_user(CAROL), ensure_user(DAVE));
+    let dir = site_dir(&c.root().join("sites"), &carol, "bomb", FORK_APP);
+    c.add_site("bomb.example", &carol, &dir, &[]);
+    misbehaving_site(&c, "calm.example", &dave, &[]);
+    let before = c
+        .wait_for_status("bomb.example", 200, Duration::from_secs(10))
+        .unwrap()
+        .json();
+    c.wait_for_status("calm.example", 200, Duration::from_secs(10))
+        .unwrap();
+    let m = membership(before["pid"].as_u64().unwrap());
+    let pids_group = m.v2.or(m.v1_pids).expect("a pids cgroup");
+    assert_eq!(read_trim(&format!("{pids_group}/pids.max")), "40");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (bad, good) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let hammer = {
+        let (stop, bad, good, addr) = (stop.clone(), bad.clone(), good.clone(), c.proxy_addr);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match get(addr, Some("calm.example"), "/", &[]) {
+                    Ok(r) if r.status == 200 => good.fetch_add(1, Ordering::Relaxed),
+                    _ => bad.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+    let (status, bomb) = json_get(&c, "bomb.example", "/bomb");
+    stop.store(true, Ordering::Relaxed);
+    hammer.join().unwrap();
+    assert_eq!(status, 200, "{bomb}\n{}", c.diagnostics());
+    // The kernel refused the fork (EAGAIN) before 40 tasks: the worker's own count with it.
+    assert_eq!(bomb["error"], "EAGAIN", "{bomb}");
+    let forked = bomb["forked"].as_u64().unwrap();
+    assert!((1..40).contains(&forked), "{bomb}");
+    let events = read_trim(&format!("{pids_group}/pids.events"));
+    assert!(
+        parse_events(&events, "max") >= 1,
+        "{pids_group}/pids.events: {events}"
+    );
+    assert_eq!(bad.load(Ordering::Relaxed), 0, "the neighbour failed");
+    assert!(good.load(Ordering::Relaxed) > 0);
+    // The bomb's site still serves once its children are gone.
+    let (status, after) = json_get(&c, "bomb.example", "/");
+    assert_eq!(status, 200, "{after}");
+}
+
+fn parse_events(text: &str, key: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0)
+}
