@@ -441,7 +441,15 @@ fn agent_command(
         .arg(state_dir)
         .arg("--secret-file")
         .arg(root.join("secret"));
-    if let Some(toml) = &opts.agent_config {
+    // ROOST_TEST_AGENT_CONFIG: TOML for every agent of the run (deploy/vm-test.sh lengthens the
+    // lease there: under TCG a 5 s lease expires between keep-alives). Keys must not repeat
+    // ones a test sets itself.
+    let for_the_run = std::env::var("ROOST_TEST_AGENT_CONFIG").unwrap_or_default();
+    if opts.agent_config.is_some() || !for_the_run.is_empty() {
+        let toml = format!(
+            "{for_the_run}\n{}",
+            opts.agent_config.as_deref().unwrap_or("")
+        );
         let path = root.join("agent.toml");
         std::fs::write(&path, toml).expect("write agent config");
         cmd.arg("--config").arg(path);
