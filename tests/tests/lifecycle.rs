@@ -14,6 +14,9 @@ use serde_json::Value;
 const CAROL: &str = "roost-t-carol";
 const DAVE: &str = "roost-t-dave";
 const EXIT: Duration = Duration::from_secs(15);
+/// How long the cgroup scenarios wait for a site's first answer: milliseconds here, but in
+/// deploy/vm-test.sh's TCG guest on a busy machine a fresh agent's zygote takes 20-30 s to boot.
+const COLD_START: Duration = Duration::from_secs(60);
 
 /// Dead: gone from /proc, or a zombie (exited; only its parent's bookkeeping is left).
 fn dead(pid: u64) -> bool {
@@ -236,11 +239,10 @@ fn a_memory_hog_is_killed_and_its_neighbour_keeps_answering() {
     misbehaving_site(&c, "hog.example", &carol, &["--memory-limit-mb", "64"]);
     misbehaving_site(&c, "calm.example", &dave, &[]);
     let before = c
-        .wait_for_status("hog.example", 200, Duration::from_secs(10))
+        .wait_for_status("hog.example", 200, COLD_START)
         .unwrap()
         .json();
-    c.wait_for_status("calm.example", 200, Duration::from_secs(10))
-        .unwrap();
+    c.wait_for_status("calm.example", 200, COLD_START).unwrap();
 
     // The limit is the kernel's: find the worker's memory cgroup and read its limit.
     let pid = before["pid"].as_u64().unwrap();
@@ -578,7 +580,7 @@ fn a_killed_agents_workers_do_not_live_on() {
     let carol = ensure_user(CAROL);
     misbehaving_site(&c, "orphan.example", &carol, &[]);
     let w = c
-        .wait_for_status("orphan.example", 200, Duration::from_secs(10))
+        .wait_for_status("orphan.example", 200, COLD_START)
         .unwrap()
         .json();
     let (leader, worker) = (
@@ -657,8 +659,7 @@ fn a_restarted_agent_cleans_up_what_its_predecessor_left() {
     let mut c = Cluster::start();
     let carol = ensure_user(CAROL);
     misbehaving_site(&c, "messy.example", &carol, &[]);
-    c.wait_for_status("messy.example", 200, Duration::from_secs(10))
-        .unwrap();
+    c.wait_for_status("messy.example", 200, COLD_START).unwrap();
     // The site leaves a process behind that ignores SIGTERM in a session of its own: nothing
     // signals it when the worker or the agent dies.
     let (status, daemon) = json_get(&c, "messy.example", "/daemon");
@@ -685,9 +686,7 @@ fn a_restarted_agent_cleans_up_what_its_predecessor_left() {
     assert!(c
         .agent_log()
         .contains("killed workers left behind by a previous agent"));
-    // Generous: in deploy/vm-test.sh's TCG guest the new agent's zygote takes ~20 s to boot.
-    c.wait_for_status("messy.example", 200, Duration::from_secs(60))
-        .unwrap();
+    c.wait_for_status("messy.example", 200, COLD_START).unwrap();
 }
 
 #[test]
@@ -862,7 +861,7 @@ fn the_agent_sits_in_a_leaf_and_sites_in_its_delegated_group() {
     let carol = ensure_user(CAROL);
     misbehaving_site(&c, "leaf.example", &carol, &["--memory-limit-mb", "64"]);
     let w = c
-        .wait_for_status("leaf.example", 200, Duration::from_secs(10))
+        .wait_for_status("leaf.example", 200, COLD_START)
         .unwrap()
         .json();
     let worker = membership(w["pid"].as_u64().unwrap());
@@ -962,11 +961,10 @@ fn a_fork_bomb_stops_at_pids_max_and_its_neighbour_keeps_answering() {
     c.add_site("bomb.example", &carol, &dir, &[]);
     misbehaving_site(&c, "calm.example", &dave, &[]);
     let before = c
-        .wait_for_status("bomb.example", 200, Duration::from_secs(10))
+        .wait_for_status("bomb.example", 200, COLD_START)
         .unwrap()
         .json();
-    c.wait_for_status("calm.example", 200, Duration::from_secs(10))
-        .unwrap();
+    c.wait_for_status("calm.example", 200, COLD_START).unwrap();
     let m = membership(before["pid"].as_u64().unwrap());
     let pids_group = m.v2.or(m.v1_pids).expect("a pids cgroup");
     assert_eq!(read_trim(&format!("{pids_group}/pids.max")), "40");
