@@ -40,8 +40,11 @@ cleanup() {
   trap - INT TERM EXIT
   echo
   echo "stopping roost (agent drains its workers first)..."
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  # Newest first: the proxy, then the agent (it drains and deletes its node key in etcd), then etcd.
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill -TERM "${pids[i]}" 2>/dev/null || true
+    wait "${pids[i]}" 2>/dev/null || true
+  done
   echo "stopped. logs were in $run"
   exit 0
 }
@@ -57,7 +60,9 @@ wait_for() { # url, what
 }
 
 echo "[3/5] starting etcd on $ETCD"
-etcd --name roost-demo --data-dir "$run/etcd" \
+# Each server runs in a session of its own (setsid), so a Ctrl-C reaches only this script,
+# which then stops them in order instead of all at once.
+setsid etcd --name roost-demo --data-dir "$run/etcd" \
   --listen-client-urls "$ETCD" --advertise-client-urls "$ETCD" \
   --listen-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
   --initial-advertise-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
@@ -70,12 +75,12 @@ head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$run/secret"
 chmod 600 "$run/secret"
 
 echo "[4/5] starting roost-agent (node demo-1) on 127.0.0.1:$AGENT_PORT"
-"$bin/roost-agent" --etcd "$ETCD" --node-id demo-1 --listen "127.0.0.1:$AGENT_PORT" \
+setsid "$bin/roost-agent" --etcd "$ETCD" --node-id demo-1 --listen "127.0.0.1:$AGENT_PORT" \
   --admin "127.0.0.1:$AGENT_ADMIN" --state-dir "$run/agent" --secret-file "$run/secret" \
   >"$run/agent.log" 2>&1 &
 pids+=($!)
 echo "      starting roost-proxy on 127.0.0.1:$PROXY_PORT"
-"$bin/roost-proxy" --etcd "$ETCD" --listen "127.0.0.1:$PROXY_PORT" \
+setsid "$bin/roost-proxy" --etcd "$ETCD" --listen "127.0.0.1:$PROXY_PORT" \
   --admin "127.0.0.1:$PROXY_ADMIN" --secret-file "$run/secret" \
   >"$run/proxy.log" 2>&1 &
 pids+=($!)
