@@ -3,9 +3,11 @@
 //! - [`keys`]: where things live in etcd.
 //! - [`site`] and [`node`]: the records stored there, with validation that names the bad field.
 //! - [`host`]: host-name canonicalisation, used for keys and for every `Host` header.
+//! - [`hosts`]: host → site resolution (keys, aliases, wildcards), for proxy and roostctl.
 //! - [`placement`]: which node serves a site, as a pure function of the site and the live nodes.
 //! - [`headers`]: the internal headers between proxy and agent, and the proxy's credential.
 //! - [`informer`]: list-then-watch over an etcd prefix, publishing immutable snapshots.
+//! - [`paging`]: reading a prefix in pages at one revision.
 //! - [`pages`]: the one style of error page both write themselves.
 //! - [`request_rules`]: what the edge accepts in a request head, body framing and trailers.
 //! - [`etcd`]: connecting to etcd the same way everywhere.
@@ -15,10 +17,12 @@ pub mod cert;
 pub mod etcd;
 pub mod headers;
 pub mod host;
+pub mod hosts;
 pub mod informer;
 pub mod keys;
 pub mod node;
 pub mod pages;
+pub mod paging;
 pub mod placement;
 pub mod request_rules;
 pub mod site;

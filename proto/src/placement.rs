@@ -6,8 +6,61 @@
 //! highest score wins. Adding a node moves only the sites that the new node now wins.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
 
 use crate::node::NodeInfo;
+
+/// (node id, agent address), best first: what the proxy tries in order.
+pub type Ranking = Arc<[(String, String)]>;
+
+/// One version of the live nodes. Each version has its own generation, so a cached ranking
+/// knows whether it was computed for this node set.
+#[derive(Debug, Default)]
+pub struct NodeSet {
+    generation: u64,
+    pub nodes: BTreeMap<String, NodeInfo>,
+}
+
+impl NodeSet {
+    pub fn new(nodes: BTreeMap<String, NodeInfo>) -> Self {
+        static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+        Self {
+            generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
+            nodes,
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+/// A site's ranking, kept until the node set changes: a request reads it with one atomic
+/// load instead of hashing and sorting every node. The first request after a node change
+/// ranks again; sites that get no request never do, so a node change costs nothing per site.
+#[derive(Debug, Default)]
+pub struct RankingCache(ArcSwapOption<(u64, Ranking)>);
+
+impl RankingCache {
+    /// The ranking of `site` (pinned to `pin`) over `nodes`, from the cache when it is current.
+    pub fn get(&self, site: &str, pin: Option<&str>, nodes: &NodeSet) -> Ranking {
+        if let Some(cached) = &*self.0.load() {
+            if cached.0 == nodes.generation {
+                return cached.1.clone();
+            }
+        }
+        let ranking: Ranking = rank(site, pin, &nodes.nodes)
+            .into_iter()
+            .map(|(id, n)| (id.to_string(), n.addr.clone()))
+            .collect();
+        self.0
+            .store(Some(Arc::new((nodes.generation, ranking.clone()))));
+        ranking
+    }
+}
 
 /// Every eligible node for `site`, best first: the pinned node (when live and not draining),
 /// then the others in rendezvous order. The proxy tries them in this order on connect failure.
@@ -138,6 +191,27 @@ mod tests {
             assert_eq!(place(s, None, &ns).unwrap().0, "node-2");
         }
         assert!(place("x", None, &BTreeMap::new()).is_none());
+    }
+
+    #[test]
+    fn a_cached_ranking_lasts_until_the_node_set_changes() {
+        let cache = RankingCache::default();
+        let two = NodeSet::new(nodes(2));
+        let first = cache.get("a.example", Some("node-2"), &two);
+        assert_eq!(first[0].0, "node-2");
+        assert!(Arc::ptr_eq(
+            &first,
+            &cache.get("a.example", Some("node-2"), &two)
+        ));
+        let mut drained = nodes(2);
+        drained.get_mut("node-2").unwrap().draining = true;
+        let changed = NodeSet::new(drained);
+        assert_ne!(changed.generation(), two.generation());
+        let again = cache.get("a.example", Some("node-2"), &changed);
+        assert_eq!(
+            again.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+            ["node-1"]
+        );
     }
 
     #[test]

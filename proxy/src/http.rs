@@ -68,8 +68,8 @@ pub struct RequestCtx {
     site: String,
     revision: i64,
     request_timeout: Duration,
-    /// (node id, agent address), best first.
-    nodes: Vec<(String, String)>,
+    /// (node id, agent address), best first (shared with the route's cached ranking).
+    nodes: roost_proto::placement::Ranking,
     /// Index into `nodes` of the node being tried.
     attempt: usize,
     started: Instant,
@@ -218,7 +218,7 @@ impl ProxyHttp for EdgeHttp {
             site: String::new(),
             revision: 0,
             request_timeout: Duration::from_secs(60),
-            nodes: Vec::new(),
+            nodes: Arc::new([]),
             attempt: 0,
             started: Instant::now(),
             max_body: 0,
@@ -330,8 +330,8 @@ impl ProxyHttp for EdgeHttp {
                 )
                 .await;
         };
-        ctx.site = route.site.clone();
-        let (max_header, max_body) = self.cfg.limits_for(&route.site);
+        ctx.site = route.host.clone();
+        let (max_header, max_body) = self.cfg.limits_for(&route.host);
         let req = session.req_header();
         if max_header > 0 && header_bytes(req) > max_header {
             return self
@@ -394,7 +394,7 @@ impl ProxyHttp for EdgeHttp {
                     ctx,
                     503,
                     "no_node",
-                    &format!("no node is available for site {}", route.site),
+                    &format!("no node is available for site {}", route.host),
                 )
                 .await;
         }

@@ -1,23 +1,23 @@
-//! The routing table: host name → site → ranked nodes, derived from the site and node
-//! snapshots and swapped atomically whenever either changes. The request path only ever
-//! reads an immutable table.
+//! The routing table: host name → site → ranked nodes. It is the site informer's snapshot
+//! (whose [`HostIndex`](roost_proto::hosts::HostIndex) holds keys, aliases and wildcards,
+//! updated per event) plus the live node set, swapped atomically whenever either changes.
+//! Publishing a table is O(1) for a site change and O(nodes) for a node change; a lookup
+//! is a hash probe per label, and a site's node ranking is cached until the node set
+//! changes. The request path only ever reads an immutable table.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use roost_proto::{placement, Informer, NodeInfo, SiteSpec};
+use roost_proto::hosts::Site;
+use roost_proto::placement::{NodeSet, Ranking};
+use roost_proto::{Informer, NodeInfo, SiteSpec, Snapshot};
 use tracing::warn;
 
-/// A routable site.
-#[derive(Debug)]
-pub struct Route {
-    /// The site's canonical host (its key in etcd).
-    pub site: String,
-    pub spec: Arc<SiteSpec>,
-}
+/// A routable site: its key, spec and cached ranking.
+pub type Route = Site;
 
 /// One immutable view of every route and every live node.
 #[derive(Debug, Default)]
@@ -28,81 +28,30 @@ pub struct RouteTable {
     /// The revision of the site snapshot this table was built from, passed to agents so one
     /// that has not yet seen a new site waits for it instead of answering 404.
     pub revision: i64,
-    exact: HashMap<String, Arc<Route>>,
-    /// `*.example.com` aliases, stored without the `*.`.
-    wildcard: HashMap<String, Arc<Route>>,
-    pub nodes: BTreeMap<String, NodeInfo>,
+    sites: Arc<Snapshot<SiteSpec>>,
+    pub nodes: Arc<NodeSet>,
 }
 
 impl RouteTable {
-    pub fn build(
-        revision: i64,
-        sites: &BTreeMap<String, Arc<SiteSpec>>,
-        nodes: &BTreeMap<String, Arc<NodeInfo>>,
-    ) -> Self {
-        let mut exact: HashMap<String, Arc<Route>> = HashMap::new();
-        let mut wildcard: HashMap<String, Arc<Route>> = HashMap::new();
-        // Site keys first: a site's own name always beats another site's alias.
-        for (host, spec) in sites {
-            let route = Arc::new(Route {
-                site: host.clone(),
-                spec: spec.clone(),
-            });
-            exact.insert(host.clone(), route);
-        }
-        // BTreeMap order makes alias conflicts resolve the same way on every proxy.
-        for (host, spec) in sites {
-            let route = exact[host].clone();
-            for alias in &spec.aliases {
-                let (table, name) = match alias.strip_prefix("*.") {
-                    Some(suffix) => (&mut wildcard, suffix.to_string()),
-                    None => (&mut exact, alias.clone()),
-                };
-                match table.get(&name) {
-                    Some(existing) if existing.site != *host => {
-                        warn!(alias = %alias, site = %host, owner = %existing.site,
-                            "alias already belongs to another site; ignored here");
-                    }
-                    _ => {
-                        table.insert(name, route.clone());
-                    }
-                }
-            }
-        }
+    pub fn new(sites: Arc<Snapshot<SiteSpec>>, nodes: Arc<NodeSet>) -> Self {
         Self {
             synced: false,
-            revision,
-            exact,
-            wildcard,
-            nodes: nodes
-                .iter()
-                .map(|(k, v)| (k.clone(), (**v).clone()))
-                .collect(),
+            revision: sites.revision,
+            sites,
+            nodes,
         }
     }
 
-    /// The site serving canonical host `host`: an exact name or alias, else the closest
-    /// wildcard alias (`a.b.example.com` tries `*.b.example.com`, then `*.example.com`).
+    /// The site serving canonical host `host` (see [`roost_proto::hosts`] for the rule).
     pub fn lookup(&self, host: &str) -> Option<&Arc<Route>> {
-        if let Some(r) = self.exact.get(host) {
-            return Some(r);
-        }
-        let mut rest = host;
-        while let Some((_, parent)) = rest.split_once('.') {
-            if let Some(r) = self.wildcard.get(parent) {
-                return Some(r);
-            }
-            rest = parent;
-        }
-        None
+        self.sites.index.lookup(host).map(|r| r.site)
     }
 
-    /// Agent addresses for `route`, best first.
-    pub fn ranked_addrs(&self, route: &Route) -> Vec<(String, String)> {
-        placement::rank(&route.site, route.spec.node.as_deref(), &self.nodes)
-            .into_iter()
-            .map(|(id, n)| (id.to_string(), n.addr.clone()))
-            .collect()
+    /// Agent addresses for `route`, best first (cached until the node set changes).
+    pub fn ranked_addrs(&self, route: &Route) -> Ranking {
+        route
+            .ranking
+            .get(&route.host, route.spec.node.as_deref(), &self.nodes)
     }
 }
 
@@ -175,10 +124,15 @@ impl Router {
 
     /// `route`'s nodes, best first, with nodes that recently refused a connection moved to
     /// the end (kept in ranking order among themselves: if all are suspect, nothing changes).
-    pub fn ranked(&self, table: &RouteTable, route: &Route) -> Vec<(String, String)> {
-        let mut ranked = table.ranked_addrs(route);
-        self.suspects.demote(&mut ranked);
-        ranked
+    /// Without suspects this is the cached ranking itself, shared, not copied.
+    pub fn ranked(&self, table: &RouteTable, route: &Route) -> Ranking {
+        let ranked = table.ranked_addrs(route);
+        if !self.suspects.any() {
+            return ranked;
+        }
+        let mut reordered = ranked.to_vec();
+        self.suspects.demote(&mut reordered);
+        reordered.into()
     }
 
     /// A connection to `node` failed: try it last for a while.
@@ -195,16 +149,19 @@ impl Router {
         self.suspects.count()
     }
 
-    fn rebuild(&self) {
-        let (Some(sites), Some(nodes)) = (self.sites.get(), self.nodes.get()) else {
+    /// Publish a table from the current snapshots. `nodes` is the node set to use, rebuilt
+    /// by the caller only when the node snapshot changed (so cached rankings stay valid).
+    fn publish(&self, nodes: Arc<NodeSet>) {
+        let Some(sites) = self.sites.get() else {
+            return;
+        };
+        let Some(node_informer) = self.nodes.get() else {
             return;
         };
         // Read the flags before the snapshots: a snapshot read after `is_synced` is at least
         // the first full list.
-        let synced = sites.is_synced() && nodes.is_synced();
-        let sites = sites.snapshot();
-        let nodes = nodes.snapshot();
-        let mut table = RouteTable::build(sites.revision, &sites.items, &nodes.items);
+        let synced = sites.is_synced() && node_informer.is_synced();
+        let mut table = RouteTable::new(sites.snapshot(), nodes);
         table.synced = synced;
         self.table.store(Arc::new(table));
         if synced {
@@ -213,7 +170,7 @@ impl Router {
         }
     }
 
-    /// Rebuild the table whenever either snapshot changes. Call after [`Router::attach`].
+    /// Republish the table whenever either snapshot changes. Call after [`Router::attach`].
     pub async fn run(self: Arc<Self>) {
         let (Some(sites), Some(nodes)) = (self.sites.get().cloned(), self.nodes.get().cloned())
         else {
@@ -223,22 +180,37 @@ impl Router {
         let mut sites_rx = sites.subscribe();
         let mut nodes_rx = nodes.subscribe();
         let (mut last_sites, mut last_nodes) = (sites.snapshot(), nodes.snapshot());
-        self.rebuild();
+        let mut node_set = Arc::new(node_set_of(&last_nodes));
+        self.publish(node_set.clone());
         loop {
             tokio::select! {
                 r = sites_rx.changed() => if r.is_err() { return },
                 r = nodes_rx.changed() => if r.is_err() { return },
             }
             let (s, n) = (sites.snapshot(), nodes.snapshot());
-            // Most wake-ups are progress notifications: nothing to rebuild.
+            // Most wake-ups are progress notifications: nothing to publish.
             if Arc::ptr_eq(&s, &last_sites) && Arc::ptr_eq(&n, &last_nodes) {
                 continue;
             }
+            if !Arc::ptr_eq(&n, &last_nodes) {
+                node_set = Arc::new(node_set_of(&n));
+            }
             last_sites = s;
             last_nodes = n;
-            self.rebuild();
+            self.publish(node_set.clone());
         }
     }
+}
+
+/// The node set placement ranks over (a new generation: cached rankings are recomputed).
+fn node_set_of(nodes: &Snapshot<NodeInfo>) -> NodeSet {
+    NodeSet::new(
+        nodes
+            .items
+            .iter()
+            .map(|(id, n)| (id.clone(), (**n).clone()))
+            .collect(),
+    )
 }
 
 /// Nodes that refused a connection recently, each until a deadline. Read on every request,
@@ -280,6 +252,11 @@ impl Suspects {
         self.any.store(!until.is_empty(), Ordering::Release);
     }
 
+    /// True when some node may be suspect (one relaxed load: the common case is no).
+    fn any(&self) -> bool {
+        self.any.load(Ordering::Acquire)
+    }
+
     fn count(&self) -> usize {
         if !self.any.load(Ordering::Acquire) {
             return 0;
@@ -312,35 +289,67 @@ impl Suspects {
 mod tests {
     use super::*;
 
+    use roost_proto::hosts::HostIndex;
+    use std::collections::BTreeMap;
+
     fn spec(aliases: &[&str]) -> Arc<SiteSpec> {
         let mut s = SiteSpec::new_app("alice", "app:application", "/srv/a");
         s.aliases = aliases.iter().map(|a| a.to_string()).collect();
         Arc::new(s)
     }
 
-    fn table(sites: &[(&str, &[&str])]) -> RouteTable {
-        let sites: BTreeMap<String, Arc<SiteSpec>> = sites
+    fn table(sites: &[(&str, &[&str])], nodes: &[&str]) -> RouteTable {
+        let pairs = sites.iter().map(|(h, a)| (h.to_string(), spec(a)));
+        let snapshot = Snapshot {
+            revision: 1,
+            items: pairs.clone().collect(),
+            invalid: Default::default(),
+            index: pairs.collect::<HostIndex>(),
+        };
+        let nodes: BTreeMap<String, NodeInfo> = nodes
             .iter()
-            .map(|(h, a)| (h.to_string(), spec(a)))
+            .enumerate()
+            .map(|(i, id)| {
+                (
+                    id.to_string(),
+                    NodeInfo::new(&format!("127.0.0.1:{}", 7000 + i)),
+                )
+            })
             .collect();
-        RouteTable::build(1, &sites, &BTreeMap::new())
+        RouteTable::new(Arc::new(snapshot), Arc::new(NodeSet::new(nodes)))
     }
 
     #[test]
     fn exact_names_and_aliases_route() {
-        let t = table(&[("a.example", &["www.a.example"])]);
-        assert_eq!(t.lookup("a.example").unwrap().site, "a.example");
-        assert_eq!(t.lookup("www.a.example").unwrap().site, "a.example");
+        let t = table(&[("a.example", &["www.a.example"])], &[]);
+        assert_eq!(t.lookup("a.example").unwrap().host, "a.example");
+        assert_eq!(t.lookup("www.a.example").unwrap().host, "a.example");
         assert!(t.lookup("b.example").is_none());
     }
 
     #[test]
     fn wildcards_route_and_exact_names_win() {
-        let t = table(&[("a.example", &["*.a.example"]), ("shop.a.example", &[])]);
-        assert_eq!(t.lookup("x.a.example").unwrap().site, "a.example");
-        assert_eq!(t.lookup("deep.x.a.example").unwrap().site, "a.example");
-        assert_eq!(t.lookup("shop.a.example").unwrap().site, "shop.a.example");
+        let t = table(
+            &[("a.example", &["*.a.example"]), ("shop.a.example", &[])],
+            &[],
+        );
+        assert_eq!(t.lookup("x.a.example").unwrap().host, "a.example");
+        assert_eq!(t.lookup("deep.x.a.example").unwrap().host, "a.example");
+        assert_eq!(t.lookup("shop.a.example").unwrap().host, "shop.a.example");
         assert!(t.lookup("a.example.org").is_none());
+    }
+
+    #[test]
+    fn suspects_reorder_a_copy_and_never_the_cached_ranking() {
+        let t = table(&[("a.example", &[])], &["n1", "n2", "n3"]);
+        let router = Router::new(Duration::from_secs(60));
+        let route = t.lookup("a.example").unwrap();
+        let cached = router.ranked(&t, route);
+        assert!(Arc::ptr_eq(&cached, &router.ranked(&t, route)));
+        router.mark_suspect(&cached[0].0);
+        let demoted = router.ranked(&t, route);
+        assert_eq!(demoted.last().unwrap().0, cached[0].0);
+        assert_eq!(t.ranked_addrs(route)[0].0, cached[0].0);
     }
 
     #[test]
@@ -382,7 +391,7 @@ mod tests {
 
     #[test]
     fn a_site_name_beats_another_sites_alias() {
-        let t = table(&[("a.example", &["b.example"]), ("b.example", &[])]);
-        assert_eq!(t.lookup("b.example").unwrap().site, "b.example");
+        let t = table(&[("a.example", &["b.example"]), ("b.example", &[])], &[]);
+        assert_eq!(t.lookup("b.example").unwrap().host, "b.example");
     }
 }

@@ -203,7 +203,7 @@ impl CertStore {
         }
     }
 
-    fn apply_etcd(&self, items: &std::collections::BTreeMap<String, Arc<CertRecord>>) {
+    fn apply_etcd(&self, items: &roost_proto::informer::Items<CertRecord>) {
         let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
         let mut next = HashMap::new();
         for (name, rec) in items {
