@@ -1,16 +1,23 @@
 //! The sites and nodes as the proxy sees them: decoded, checked, placed.
 //!
 //! Records are decoded with proto's `Record::decode`, the very check the proxy's informer
-//! applies, so what `roostctl` calls valid (and where it says a site is placed) is what
-//! the proxy does. A record that does not decode is kept with its error, never dropped.
+//! applies, and names resolve with proto's `HostIndex`, the very rule the proxy routes by,
+//! so what `roostctl` calls valid (and where it says a name goes) is what the proxy does.
+//! A record that does not decode is kept with its error, never dropped.
+//!
+//! A catalog holds what a command needs: every site for `site ls` and `node ls`, or, for a
+//! command about one name ([`Catalog::for_host`]), the nodes and the few sites that can
+//! claim that name.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
+use roost_proto::hosts::{self, HostIndex};
 use roost_proto::informer::Record;
 use roost_proto::placement::{place, rank};
 use roost_proto::{NodeInfo, SiteSpec};
 
-use crate::store::{Kv, Listing};
+use crate::store::{Kv, Listing, Store};
 
 /// One record under `<prefix>/sites/`.
 pub struct SiteEntry {
@@ -43,6 +50,10 @@ pub struct Catalog {
     pub nodes: Vec<NodeEntry>,
     /// The valid nodes: what placement ranks over.
     live: BTreeMap<String, NodeInfo>,
+    /// Position in `sites` by host.
+    by_host: HashMap<String, usize>,
+    /// The valid sites, indexed as the proxy indexes them.
+    index: HostIndex,
 }
 
 impl Catalog {
@@ -60,7 +71,64 @@ impl Catalog {
             .iter()
             .filter_map(|n| n.info.as_ref().ok().map(|i| (n.id.clone(), i.clone())))
             .collect();
-        Self { sites, nodes, live }
+        let by_host = sites
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.host.clone(), i))
+            .collect();
+        let index = sites
+            .iter()
+            .filter_map(|s| {
+                s.spec
+                    .as_ref()
+                    .ok()
+                    .map(|spec| (s.host.clone(), Arc::new(spec.clone())))
+            })
+            .collect();
+        Self {
+            sites,
+            nodes,
+            live,
+            by_host,
+            index,
+        }
+    }
+
+    /// What a command about the one name `host` needs: the nodes, the site whose key it
+    /// is, and the sites the alias index names for it or for a wildcard above it. Only when
+    /// those settle nothing (an alias written with plain etcdctl is not in the index) are
+    /// all sites read, in pages.
+    pub async fn for_host(store: &Store, host: &str) -> anyhow::Result<Self> {
+        let (revision, nodes) = store.nodes().await?;
+        let layout = store.layout();
+        let mut keys = vec![layout.site_key(host), layout.alias_key(host)];
+        let mut rest = host;
+        while let Some((_, parent)) = rest.split_once('.') {
+            keys.push(layout.alias_key(&format!("*.{parent}")));
+            rest = parent;
+        }
+        let got = store.get_keys(&keys, revision).await?;
+        let mut names = BTreeSet::new();
+        if got[0].is_some() {
+            names.insert(host.to_string());
+        }
+        for kv in got[1..].iter().flatten() {
+            names.insert(String::from_utf8_lossy(&kv.value).into_owned());
+        }
+        let names: Vec<String> = names.into_iter().collect();
+        let site_keys: Vec<String> = names.iter().map(|n| layout.site_key(n)).collect();
+        let sites = store
+            .get_keys(&site_keys, revision)
+            .await?
+            .into_iter()
+            .zip(names)
+            .filter_map(|(kv, name)| kv.map(|kv| Kv { name, ..kv }))
+            .collect();
+        let catalog = Self::new(Listing { sites, nodes });
+        if !catalog.resolve(host).is_empty() {
+            return Ok(catalog);
+        }
+        Ok(Self::new(store.list().await?))
     }
 
     pub fn live_nodes(&self) -> &BTreeMap<String, NodeInfo> {
@@ -101,60 +169,44 @@ impl Catalog {
     }
 
     pub fn site(&self, host: &str) -> Option<&SiteEntry> {
-        self.sites.iter().find(|s| s.host == host)
+        self.by_host.get(host).map(|&i| &self.sites[i])
     }
 
-    /// The site serving the canonical name `host`: its own key first, then an exact alias,
-    /// then the longest matching wildcard alias (`*.example.com` matches any name ending in
-    /// `.example.com`). Invalid records have no usable aliases and are skipped for those.
-    /// With several claimants the first host in key order wins; all are returned.
+    /// The site serving the canonical name `host`, by proto's rule (the proxy's): its own
+    /// key, else an exact alias, else the closest wildcard alias, among valid records; with
+    /// several claimants the first host in key order wins. Every claimant is returned, the
+    /// winner first. A name whose own record is invalid, and that no valid site claims,
+    /// returns that record, so the caller can say why nothing serves it.
     pub fn resolve(&self, host: &str) -> Vec<(&SiteEntry, Via)> {
-        if let Some(site) = self.site(host) {
-            return vec![(site, Via::Key)];
+        let claimants = self.index.claimants(host);
+        if claimants.is_empty() {
+            return self.site(host).map(|s| (s, Via::Key)).into_iter().collect();
         }
-        let valid = || {
-            self.sites
-                .iter()
-                .filter_map(|s| s.spec.as_ref().ok().map(|spec| (s, spec)))
-        };
-        let exact: Vec<_> = valid()
-            .filter(|(_, spec)| spec.aliases.iter().any(|a| a == host))
-            .map(|(s, _)| (s, Via::Alias(host.to_string())))
-            .collect();
-        if !exact.is_empty() {
-            return exact;
-        }
-        let mut wild: Vec<(&SiteEntry, String)> = valid()
-            .flat_map(|(s, spec)| {
-                spec.aliases
-                    .iter()
-                    .filter(|a| wildcard_matches(a, host))
-                    .map(move |a| (s, a.clone()))
+        claimants
+            .into_iter()
+            .filter_map(|site| {
+                let entry = self.site(&site.host)?;
+                Some((entry, via_of(site, host)))
             })
-            .collect();
-        let longest = wild.iter().map(|(_, a)| a.len()).max().unwrap_or(0);
-        wild.retain(|(_, a)| a.len() == longest);
-        wild.into_iter().map(|(s, a)| (s, Via::Alias(a))).collect()
+            .collect()
     }
+}
 
-    /// Names of the site `host` (its key and aliases) that other valid sites also claim.
-    pub fn clashes(&self, host: &str, spec: &SiteSpec) -> Vec<String> {
-        let names = std::iter::once(host).chain(spec.aliases.iter().map(String::as_str));
-        let mut seen = std::collections::BTreeSet::new();
-        let mut out = Vec::new();
-        for name in names.filter(|n| seen.insert(*n)) {
-            for other in self.sites.iter().filter(|o| o.host != host) {
-                if other.host == name {
-                    out.push(format!("{name} is also the name of site {}", other.host));
-                } else if let Ok(other_spec) = &other.spec {
-                    if other_spec.aliases.iter().any(|a| a == name) {
-                        out.push(format!("{name} is also an alias of site {}", other.host));
-                    }
-                }
-            }
-        }
-        out
+/// How `host` leads to `site`: its key, or the alias of the site that matches it.
+fn via_of(site: &hosts::Site, host: &str) -> Via {
+    if site.host == host {
+        return Via::Key;
     }
+    let alias = site
+        .spec
+        .aliases
+        .iter()
+        .filter(|a| *a == host || wildcard_matches(a, host))
+        // An exact alias, else the longest (closest) wildcard.
+        .max_by_key(|a| (!a.starts_with("*."), a.len()))
+        .cloned()
+        .unwrap_or_default();
+    Via::Alias(alias)
 }
 
 /// `*.example.com` matches `a.example.com` and `a.b.example.com`, not `example.com`.
@@ -229,6 +281,31 @@ mod tests {
     }
 
     #[test]
+    fn an_invalid_record_claims_nothing_and_an_alias_of_a_valid_site_wins() {
+        let site = |aliases: &str| {
+            format!(r#"{{"user":"alice","app":"a:b","dir":"/x","aliases":[{aliases}]}}"#)
+        };
+        let c = Catalog::new(Listing {
+            sites: vec![
+                kv("a.example", &site(r#""bad.example","shared.example""#)),
+                kv("bad.example", r#"{"user":1}"#),
+                kv("z.example", &site(r#""shared.example""#)),
+            ],
+            nodes: vec![],
+        });
+        // The proxy routes bad.example to a.example (the invalid record is not served).
+        let r = c.resolve("bad.example");
+        assert_eq!(r[0].0.host, "a.example");
+        assert_eq!(r[0].1, Via::Alias("bad.example".into()));
+        // Two claimants: the first in key order wins, both are returned.
+        let r = c.resolve("shared.example");
+        assert_eq!(
+            r.iter().map(|(s, _)| s.host.as_str()).collect::<Vec<_>>(),
+            ["a.example", "z.example"]
+        );
+    }
+
+    #[test]
     fn valid_sites_are_counted_on_the_live_node() {
         assert_eq!(catalog().sites_per_node().get("n1"), Some(&2));
     }
@@ -261,26 +338,5 @@ mod tests {
         assert_eq!(c.resolve("x.deep.b.example").len(), 1);
         assert_eq!(one("nothing.example"), None);
         assert!(!wildcard_matches("*.b.example", "b.example"));
-    }
-
-    #[test]
-    fn clashes_name_the_other_site_once_per_name() {
-        let c = catalog();
-        let mut spec = SiteSpec::new_app("bob", "a:b", "/y");
-        spec.aliases = vec![
-            "www.a.example".into(),
-            "a.example".into(),
-            "www.new.example".into(),
-        ];
-        assert_eq!(
-            c.clashes("www.a.example", &spec),
-            [
-                "www.a.example is also an alias of site a.example",
-                "a.example is also the name of site a.example"
-            ]
-        );
-        // A site never clashes with its own record.
-        let own = c.site("a.example").unwrap().spec.as_ref().unwrap().clone();
-        assert!(c.clashes("a.example", &own).is_empty());
     }
 }

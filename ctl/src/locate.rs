@@ -35,7 +35,7 @@ struct RankedJson<'a> {
 
 pub async fn where_(store: &Store, host: &str, json: bool) -> anyhow::Result<()> {
     let host = canonical(host)?;
-    let catalog = Catalog::new(store.list().await?);
+    let catalog = Catalog::for_host(store, &host).await?;
     let claims = catalog.resolve(&host);
     let Some((site, via)) = claims.first() else {
         bail!(

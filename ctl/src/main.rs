@@ -4,6 +4,7 @@
 //! 0 ok, 1 operator error (bad input, not found, conflict), 2 usage (clap),
 //! 3 etcd (or, for `site logs`, the node's agent) unreachable. Every failure is one line on stderr that says what to do.
 
+mod aliases;
 mod catalog;
 mod locate;
 mod logs;
@@ -81,7 +82,7 @@ enum SiteCommand {
         /// The site's host name (or the exact name `site ls` shows for a malformed record).
         host: String,
     },
-    /// List every site, malformed records included.
+    /// List every site, malformed records included (streamed a page at a time).
     #[command(alias = "list")]
     Ls,
     /// Show one site's record and placement.

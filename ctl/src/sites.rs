@@ -1,16 +1,20 @@
 //! `site add | set | rm | ls | show`: registering and changing what the proxies serve.
 //!
 //! Every write is a compare-and-set transaction, so two operators (or an operator and a
-//! script) cannot overwrite each other unnoticed.
+//! script) cannot overwrite each other unnoticed. It writes the site and its alias index
+//! entries together ([`crate::aliases`]), so a name is checked with a few key reads, never
+//! a scan of every site; only `site ls` reads them all, a page at a time.
 
 use anyhow::{anyhow, bail};
+use etcd_client::{Compare, CompareOp, TxnOp};
 use roost_proto::{canonical_host, SiteSpec};
 use serde::Serialize;
 
+use crate::aliases::{self, NameState};
 use crate::catalog::{Catalog, SiteEntry, Via};
 use crate::output;
 use crate::spec::{self, Program, SiteFlags, SitePatch};
-use crate::store::Store;
+use crate::store::{Listing, Store};
 use crate::table::Table;
 
 /// A site as `--json` shows it in `site ls`, `site add` and `site set`.
@@ -68,7 +72,34 @@ fn validate(host: &str, spec: &SiteSpec) -> anyhow::Result<()> {
         .map_err(|e| anyhow!("invalid site {host}: {e}"))
 }
 
-/// `site add`: create the record, refusing to overwrite one that exists.
+/// A catalog of the live nodes only: all that placement text needs.
+async fn nodes_only(store: &Store) -> anyhow::Result<Catalog> {
+    let (_, nodes) = store.nodes().await?;
+    Ok(Catalog::new(Listing {
+        sites: Vec::new(),
+        nodes,
+    }))
+}
+
+/// Refuse names another site holds, naming each.
+fn refuse_clashes<'a>(
+    host: &str,
+    verb: &str,
+    states: impl IntoIterator<Item = &'a NameState>,
+) -> anyhow::Result<()> {
+    let clashes: Vec<String> = states.into_iter().filter_map(|s| s.clash(host)).collect();
+    if clashes.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "cannot {verb} {host}: {}; a name is served by one site only: \
+         remove it from the other site first (`roostctl site set SITE --remove-alias NAME`)",
+        clashes.join("; ")
+    )
+}
+
+/// `site add`: create the record and its alias index entries, refusing to overwrite a site
+/// or to take a name another site holds.
 pub async fn add(
     store: &Store,
     host: &str,
@@ -81,14 +112,38 @@ pub async fn add(
     let host = canonical(host)?;
     let spec = spec::build(user, program, dir, flags)?;
     validate(&host, &spec)?;
-    let catalog = Catalog::new(store.list().await?);
-    if !store.create_site(&host, &spec.to_json()).await? {
-        bail!(
-            "site {host} already exists: change it with `roostctl site set {host} ...`, \
-             or remove it first with `roostctl site rm {host}`"
-        );
+    let names: Vec<String> = std::iter::once(host.clone())
+        .chain(spec.aliases.iter().cloned())
+        .collect();
+    let states = aliases::read(store, &names).await?;
+    let layout = store.layout();
+    let site_key = layout.site_key(&host);
+    if states[0].is_site {
+        return Err(exists(&host));
     }
-    warn_about_claims(&catalog, &host, &spec);
+    refuse_clashes(&host, "add", &states)?;
+    let mut compares = vec![Compare::create_revision(
+        site_key.as_str(),
+        CompareOp::Equal,
+        0,
+    )];
+    compares.extend(states.iter().map(|s| s.guard(store)));
+    // An exact alias must not become some other site's key meanwhile either.
+    compares.extend(
+        spec.aliases
+            .iter()
+            .filter(|a| !a.starts_with("*.") && **a != host)
+            .map(|a| Compare::create_revision(layout.site_key(a), CompareOp::Equal, 0)),
+    );
+    let mut ops = vec![TxnOp::put(site_key.as_str(), spec.to_json(), None)];
+    ops.extend(states[1..].iter().map(|s| s.claim(store, &host)));
+    if !store.commit(compares, ops).await? {
+        if store.get_site(&host).await?.is_some() {
+            return Err(exists(&host));
+        }
+        bail!("a name of {host} was claimed by another change at the same time: run the command again");
+    }
+    let catalog = nodes_only(store).await?;
     if json {
         return output::json(&SiteJson::valid(&catalog, &host, &spec));
     }
@@ -98,13 +153,21 @@ pub async fn add(
     ))
 }
 
-/// `site set`: change only the given fields, compare-and-set on the revision read.
+fn exists(host: &str) -> anyhow::Error {
+    anyhow!(
+        "site {host} already exists: change it with `roostctl site set {host} ...`, \
+         or remove it first with `roostctl site rm {host}`"
+    )
+}
+
+/// `site set`: change only the given fields, compare-and-set on the revision read, with
+/// the alias index following the aliases.
 pub async fn set(store: &Store, host: &str, patch: &SitePatch, json: bool) -> anyhow::Result<()> {
     let host = canonical(host)?;
-    let catalog = Catalog::new(store.list().await?);
     // One retry: a concurrent change is re-read and the patch applied on top of it.
     for _ in 0..2 {
         let Some(kv) = store.get_site(&host).await? else {
+            let catalog = Catalog::for_host(store, &host).await?;
             return Err(not_found(
                 &catalog,
                 &host,
@@ -122,14 +185,40 @@ pub async fn set(store: &Store, host: &str, patch: &SitePatch, json: bool) -> an
         validate(&host, &new)?;
         let changes = spec::changes(&old, &new);
         if !changes.is_empty() {
-            if !store
-                .replace_site(&host, &new.to_json(), kv.mod_revision)
-                .await?
-            {
+            let mut names = new.aliases.clone();
+            names.extend(
+                old.aliases
+                    .iter()
+                    .filter(|a| !new.aliases.contains(a))
+                    .cloned(),
+            );
+            let states = aliases::read(store, &names).await?;
+            let (kept, dropped) = states.split_at(new.aliases.len());
+            // Only names this change adds are checked: an old conflict does not block edits.
+            refuse_clashes(
+                &host,
+                "change",
+                kept.iter().filter(|s| !old.aliases.contains(&s.name)),
+            )?;
+            let mut compares = vec![Compare::mod_revision(
+                store.site_key(&host),
+                CompareOp::Equal,
+                kv.mod_revision,
+            )];
+            compares.extend(states.iter().map(|s| s.guard(store)));
+            let mut ops = vec![TxnOp::put(store.site_key(&host), new.to_json(), None)];
+            // Claim every kept alias the index does not name us for (new, or never indexed).
+            ops.extend(
+                kept.iter()
+                    .filter(|s| !s.held_by(&host))
+                    .map(|s| s.claim(store, &host)),
+            );
+            ops.extend(dropped.iter().filter_map(|s| s.release(store, &host)));
+            if !store.commit(compares, ops).await? {
                 continue; // changed since we read it: read again and re-apply
             }
-            warn_about_claims(&catalog, &host, &new);
         }
+        let catalog = nodes_only(store).await?;
         if json {
             let mut out = SiteJson::valid(&catalog, &host, &new);
             out.changes = Some(&changes);
@@ -152,39 +241,74 @@ pub async fn set(store: &Store, host: &str, patch: &SitePatch, json: bool) -> an
 }
 
 /// `site rm`: delete by canonical host, or by the exact name `site ls` lists for a
-/// record whose key is not canonical.
+/// record whose key is not canonical, with the alias index entries it holds.
 pub async fn rm(store: &Store, host: &str, json: bool) -> anyhow::Result<()> {
     for name in candidate_names(host) {
-        if store.delete_site(&name).await? {
+        for _ in 0..2 {
+            let Some(kv) = store.get_site(&name).await? else {
+                break;
+            };
+            let held = SiteSpec::from_json(&kv.value)
+                .map(|s| s.aliases)
+                .unwrap_or_default();
+            let states = aliases::read(store, &held).await?;
+            let mut compares = vec![Compare::mod_revision(
+                store.site_key(&name),
+                CompareOp::Equal,
+                kv.mod_revision,
+            )];
+            compares.extend(states.iter().map(|s| s.guard(store)));
+            let mut ops = vec![TxnOp::delete(store.site_key(&name), None)];
+            ops.extend(states.iter().filter_map(|s| s.release(store, &name)));
+            if !store.commit(compares, ops).await? {
+                continue;
+            }
             if json {
                 return output::json(&serde_json::json!({ "host": name, "removed": true }));
             }
             return output::line(&format!("removed {name}"));
         }
     }
-    let catalog = Catalog::new(store.list().await?);
-    Err(not_found(
-        &catalog,
-        &canonical(host).unwrap_or(host.to_string()),
-        "see `roostctl site ls`",
-    ))
+    let name = canonical(host).unwrap_or(host.to_string());
+    let catalog = Catalog::for_host(store, &name).await?;
+    Err(not_found(&catalog, &name, "see `roostctl site ls`"))
 }
 
 /// `site ls`: every record, the invalid ones too, with where each valid one is placed.
+/// Read and printed a page at a time (all pages at one revision), so memory stays flat
+/// with 100,000 sites; `--json` is still one JSON array.
 pub async fn ls(store: &Store, json: bool) -> anyhow::Result<()> {
-    let catalog = Catalog::new(store.list().await?);
-    if json {
-        let rows: Vec<SiteJson> = catalog
-            .sites
-            .iter()
-            .map(|s| SiteJson::of(&catalog, s))
-            .collect();
-        return output::json(&rows);
+    let (revision, nodes) = store.nodes().await?;
+    let mut pages = store.site_pages(revision);
+    let mut widths = Vec::new();
+    let mut first = true;
+    while let Some(page) = pages.next().await? {
+        let catalog = Catalog::new(Listing {
+            sites: page,
+            nodes: nodes.clone(),
+        });
+        if json {
+            let mut text = String::new();
+            for site in &catalog.sites {
+                text += if first { "[\n" } else { ",\n" };
+                text += &serde_json::to_string_pretty(&SiteJson::of(&catalog, site))?;
+                first = false;
+            }
+            output::emit(&text)?;
+            continue;
+        }
+        if catalog.sites.is_empty() {
+            continue;
+        }
+        output::emit(&site_table(&catalog).render_continued(&mut widths, !first))?;
+        first = false;
     }
-    if catalog.sites.is_empty() {
-        return output::line("no sites yet: add one with `roostctl site add HOST --user USER --app MODULE:CALLABLE --dir DIR`");
+    match (json, first) {
+        (true, true) => output::line("[]"),
+        (true, false) => output::line("\n]"),
+        (false, true) => output::line("no sites yet: add one with `roostctl site add HOST --user USER --app MODULE:CALLABLE --dir DIR`"),
+        (false, false) => Ok(()),
     }
-    output::emit(&site_table(&catalog).render())
 }
 
 fn site_table(catalog: &Catalog) -> Table {
@@ -218,9 +342,13 @@ fn site_table(catalog: &Catalog) -> Table {
 
 /// `site show`: the record, where it is placed, and (if invalid) why it is not served.
 pub async fn show(store: &Store, host: &str, json: bool) -> anyhow::Result<()> {
-    let catalog = Catalog::new(store.list().await?);
+    let name = canonical(host).unwrap_or(host.to_string());
+    let mut catalog = Catalog::for_host(store, &name).await?;
+    if catalog.site(&name).is_none() && name != host {
+        // A record whose key is not canonical is shown under the name as given.
+        catalog = Catalog::for_host(store, host).await?;
+    }
     let Some(site) = candidate_names(host).iter().find_map(|n| catalog.site(n)) else {
-        let name = canonical(host).unwrap_or(host.to_string());
         return Err(not_found(&catalog, &name, "see `roostctl site ls`"));
     };
     if json {
@@ -300,14 +428,6 @@ fn placement_text(catalog: &Catalog, host: &str, spec: &SiteSpec) -> String {
         }
         None => "every live node is draining; it is served once one is undrained or another joins"
             .into(),
-    }
-}
-
-/// Warn (not refuse) when another site already claims this host or one of its aliases:
-/// the record is still valid, but which site answers a shared name is the proxy's choice.
-fn warn_about_claims(catalog: &Catalog, host: &str, spec: &SiteSpec) {
-    for clash in catalog.clashes(host, spec) {
-        eprintln!("roostctl: warning: {clash}");
     }
 }
 

@@ -9,8 +9,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use anyhow::anyhow;
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Client, Compare, Txn, TxnOp, TxnOpResponse};
 use roost_proto::etcd;
+use roost_proto::paging::Pages;
 use roost_proto::Layout;
 
 /// etcd could not be reached (or did not answer in time).
@@ -92,27 +93,85 @@ impl Store {
         self.layout.site_key(name)
     }
 
-    /// Every site and node record, read at one revision.
+    /// Every site and node record, read at one revision, in pages (see [`Store::site_pages`]).
     pub async fn list(&self) -> anyhow::Result<Listing> {
-        let sites = self.layout.sites_prefix();
-        let nodes = self.layout.nodes_prefix();
-        let txn = Txn::new().and_then([
-            TxnOp::get(sites.as_str(), Some(GetOptions::new().with_prefix())),
-            TxnOp::get(nodes.as_str(), Some(GetOptions::new().with_prefix())),
-        ]);
+        let (revision, nodes) = self.nodes().await?;
+        let mut pages = self.site_pages(revision);
+        let mut sites = Vec::new();
+        while let Some(page) = pages.next().await? {
+            sites.extend(page);
+        }
+        Ok(Listing { sites, nodes })
+    }
+
+    /// Every node record, and the revision they were read at.
+    pub async fn nodes(&self) -> anyhow::Result<(i64, Vec<Kv>)> {
+        let prefix = self.layout.nodes_prefix();
+        let mut pages = Pages::new(&self.client, &prefix);
+        let mut nodes = Vec::new();
+        let mut revision = 0;
+        while let Some(page) = self.call(pages.next()).await? {
+            revision = page.revision;
+            nodes.extend(page.kvs.iter().map(|kv| to_kv(&prefix, kv)));
+        }
+        Ok((revision, nodes))
+    }
+
+    /// The site records page by page, all at `revision`: what `site ls` streams.
+    pub fn site_pages(&self, revision: i64) -> SitePages<'_> {
+        let prefix = self.layout.sites_prefix();
+        SitePages {
+            store: self,
+            pages: Pages::new(&self.client, &prefix).at_revision(revision),
+            prefix,
+        }
+    }
+
+    /// Several keys (full keys, any prefix) in one read at `revision` (0: the newest), in
+    /// the order asked; `None` where a key is absent.
+    pub async fn get_keys(
+        &self,
+        keys: &[String],
+        revision: i64,
+    ) -> anyhow::Result<Vec<Option<Kv>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let options =
+            (revision > 0).then(|| etcd_client::GetOptions::new().with_revision(revision));
+        let txn = Txn::new().and_then(
+            keys.iter()
+                .map(|k| TxnOp::get(k.as_str(), options.clone()))
+                .collect::<Vec<_>>(),
+        );
         let mut c = self.client.clone();
         let resp = self.call(c.txn(txn)).await?;
-        let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
-            TxnOpResponse::Get(g) => Some(g),
-            _ => None,
-        });
-        let (Some(s), Some(n)) = (gets.next(), gets.next()) else {
-            anyhow::bail!("etcd answered the listing with an unexpected response");
-        };
-        Ok(Listing {
-            sites: s.kvs().iter().map(|kv| to_kv(&sites, kv)).collect(),
-            nodes: n.kvs().iter().map(|kv| to_kv(&nodes, kv)).collect(),
-        })
+        let gets: Vec<_> = resp
+            .op_responses()
+            .into_iter()
+            .filter_map(|r| match r {
+                TxnOpResponse::Get(g) => Some(g),
+                _ => None,
+            })
+            .collect();
+        if gets.len() != keys.len() {
+            anyhow::bail!(
+                "etcd answered a read of {} keys with {} results",
+                keys.len(),
+                gets.len()
+            );
+        }
+        Ok(gets
+            .iter()
+            .map(|g| g.kvs().first().map(|kv| to_kv("", kv)))
+            .collect())
+    }
+
+    /// Apply `ops` if every compare holds. False: something changed since it was read.
+    pub async fn commit(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> anyhow::Result<bool> {
+        let txn = Txn::new().when(compares).and_then(ops);
+        let mut c = self.client.clone();
+        Ok(self.call(c.txn(txn)).await?.succeeded())
     }
 
     /// One site record, if present.
@@ -126,42 +185,6 @@ impl Store {
             .map(|kv| to_kv(&self.layout.sites_prefix(), kv)))
     }
 
-    /// Write a new site only if the key does not exist yet. False: it already exists.
-    pub async fn create_site(&self, host: &str, json: &str) -> anyhow::Result<bool> {
-        let key = self.site_key(host);
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.as_str(), json, None)]);
-        let mut c = self.client.clone();
-        Ok(self.call(c.txn(txn)).await?.succeeded())
-    }
-
-    /// Overwrite a site only if nobody changed it since `mod_revision`. False: conflict.
-    pub async fn replace_site(
-        &self,
-        host: &str,
-        json: &str,
-        mod_revision: i64,
-    ) -> anyhow::Result<bool> {
-        let key = self.site_key(host);
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key.as_str(),
-                CompareOp::Equal,
-                mod_revision,
-            )])
-            .and_then([TxnOp::put(key.as_str(), json, None)]);
-        let mut c = self.client.clone();
-        Ok(self.call(c.txn(txn)).await?.succeeded())
-    }
-
-    /// Delete one site key. False: there was no such key.
-    pub async fn delete_site(&self, name: &str) -> anyhow::Result<bool> {
-        let key = self.site_key(name);
-        let mut c = self.client.clone();
-        Ok(self.call(c.delete(key.as_str(), None)).await?.deleted() > 0)
-    }
-
     /// Run one etcd call under the deadline, sorting failures into "unreachable" and the rest.
     async fn call<T>(
         &self,
@@ -172,6 +195,21 @@ impl Store {
             Ok(Err(e)) => Err(failure(&self.endpoints, self.timeout, Some(e))),
             Err(_) => Err(failure(&self.endpoints, self.timeout, None)),
         }
+    }
+}
+
+/// Site records, a page at a time (see [`Store::site_pages`]).
+pub struct SitePages<'a> {
+    store: &'a Store,
+    pages: Pages,
+    prefix: String,
+}
+
+impl SitePages<'_> {
+    /// The next page of records, or `None` after the last.
+    pub async fn next(&mut self) -> anyhow::Result<Option<Vec<Kv>>> {
+        let page = self.store.call(self.pages.next()).await?;
+        Ok(page.map(|p| p.kvs.iter().map(|kv| to_kv(&self.prefix, kv)).collect()))
     }
 }
 

@@ -22,15 +22,23 @@ impl Table {
 
     /// The table as text, one line per row, each ending in `\n`.
     pub fn render(&self) -> String {
+        self.render_continued(&mut Vec::new(), false)
+    }
+
+    /// Render one part of a table printed in parts (a page at a time): columns are at least
+    /// as wide as `widths`, which grows to fit this part; `continued` leaves out the header,
+    /// printed with the first part.
+    pub fn render_continued(&self, widths: &mut Vec<usize>, continued: bool) -> String {
         let columns = self.rows.iter().map(Vec::len).max().unwrap_or(0);
-        let mut widths = vec![0; columns];
+        widths.resize(widths.len().max(columns), 0);
+        let columns = widths.len();
         for row in &self.rows {
             for (i, cell) in row.iter().enumerate() {
                 widths[i] = widths[i].max(cell.chars().count());
             }
         }
         let mut out = String::new();
-        for row in &self.rows {
+        for row in self.rows.iter().skip(usize::from(continued)) {
             let mut line = String::new();
             for (i, width) in widths.iter().enumerate() {
                 let cell = row.get(i).map(String::as_str).unwrap_or("");

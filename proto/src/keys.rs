@@ -5,6 +5,12 @@
 //! <prefix>/nodes/<node id>         -> NodeInfo JSON, under the agent's lease
 //! <prefix>/certs/<canonical host>  -> CertRecord JSON (PEM chain + key) the proxy serves by SNI;
 //!                                     `*.<host>` for a wildcard certificate
+//! <prefix>/aliases/<alias>         -> the canonical host of the site claiming the alias
+//!                                     (`*.<host>` for a wildcard alias); written by roostctl
+//!                                     in the same transaction as the site, so it can check
+//!                                     a name without reading every site. Proxy and agent
+//!                                     never read it: a site written with plain etcdctl,
+//!                                     with no index entry, routes all the same.
 //! ```
 
 /// The default prefix under which every Roost key lives.
@@ -59,6 +65,16 @@ impl Layout {
         format!("{}{}", self.sites_prefix(), host)
     }
 
+    /// `<prefix>/aliases/`: roostctl's index of which site claims each alias.
+    pub fn aliases_prefix(&self) -> String {
+        format!("{}/aliases/", self.prefix)
+    }
+
+    /// The index key of one alias (exact, or `*.` + a canonical host).
+    pub fn alias_key(&self, alias: &str) -> String {
+        format!("{}{}", self.aliases_prefix(), alias)
+    }
+
     /// The key of one node.
     pub fn node_key(&self, node_id: &str) -> String {
         format!("{}{}", self.nodes_prefix(), node_id)
@@ -76,5 +92,6 @@ mod tests {
         assert_eq!(l.node_key("n1"), "/roost/nodes/n1");
         assert_eq!(Layout::default().sites_prefix(), "/roost/sites/");
         assert_eq!(l.cert_key("*.example.com"), "/roost/certs/*.example.com");
+        assert_eq!(l.alias_key("*.example.com"), "/roost/aliases/*.example.com");
     }
 }
