@@ -7,6 +7,7 @@
 //! tails of every log are printed and the temp directory is kept.
 
 pub mod bins;
+pub mod bulk;
 pub mod cluster;
 pub mod edge;
 pub mod etcd;

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, Txn, TxnOp};
 use nix::sys::signal::Signal;
 use roost_tests::bins::{bin, PROXY};
 use roost_tests::cluster::{status_of, Cluster, PREFIX};
@@ -25,8 +24,6 @@ use roost_tests::users::{ensure_user, User};
 use roost_tests::wait::{wait_for, wait_until};
 
 const SITES: usize = 100_000;
-/// etcd's default `--max-txn-ops`.
-const PUTS_PER_TXN: usize = 128;
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 const ROUTE_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -38,61 +35,20 @@ fn alias(i: usize) -> String {
     format!("www.site-{i:06}.scale.example")
 }
 
-/// Write sites `range` (each with one alias, all served by `user` from `dir`) in
-/// transactions of [`PUTS_PER_TXN`], a few in flight at once, as an operator's bulk import
-/// would.
+/// Write sites `range`, each with one alias, all served by `user` from `dir`.
 fn load_sites(etcd_url: &str, range: std::ops::Range<usize>, user: &User, dir: &Path) {
-    let record = |i: usize| {
-        serde_json::json!({
-            "user": user.name,
-            "app": roost_tests::ECHO_ENTRY,
-            "dir": dir,
-            "aliases": [alias(i)],
-        })
-        .to_string()
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(async {
-        let client = Client::connect([etcd_url], None)
-            .await
-            .expect("connect to etcd");
-        let batches: Vec<Vec<usize>> = range
-            .collect::<Vec<_>>()
-            .chunks(PUTS_PER_TXN)
-            .map(<[usize]>::to_vec)
-            .collect();
-        let mut tasks = tokio::task::JoinSet::new();
-        for group in batches.chunks(batches.len().div_ceil(8).max(1)) {
-            let mut kv = client.kv_client();
-            let group = group.to_vec();
-            let records: Vec<Vec<(String, String)>> = group
-                .iter()
-                .map(|b| {
-                    b.iter()
-                        .map(|&i| (format!("{PREFIX}/sites/{}", host(i)), record(i)))
-                        .collect()
-                })
-                .collect();
-            tasks.spawn(async move {
-                for batch in records {
-                    let ops: Vec<TxnOp> = batch
-                        .into_iter()
-                        .map(|(k, v)| TxnOp::put(k, v, None))
-                        .collect();
-                    kv.txn(Txn::new().and_then(ops))
-                        .await
-                        .expect("write a batch of sites");
-                }
+    let records = range
+        .map(|i| {
+            let record = serde_json::json!({
+                "user": user.name,
+                "app": roost_tests::ECHO_ENTRY,
+                "dir": dir,
+                "aliases": [alias(i)],
             });
-        }
-        while let Some(r) = tasks.join_next().await {
-            r.expect("loader task");
-        }
-    });
+            (format!("{PREFIX}/sites/{}", host(i)), record.to_string())
+        })
+        .collect();
+    roost_tests::bulk::put_all(etcd_url, records);
 }
 
 /// A roost-proxy of the test's own, on `etcd` (which may be a [`Relay`]), with the
