@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p roost-agent -p roost-proxy -p roost-bench
 target/release/roost-routing-bench --bin-dir target/release "$@"
-cargo bench -p roost-bench --bench route_lookup -- --noplot 2>&1 | grep -E '^route_lookup|time:'
+cargo bench -p roost-bench --bench route_lookup -- --noplot --warm-up-time 1 --measurement-time 3 2>&1 | grep -E '^route_lookup|time:'

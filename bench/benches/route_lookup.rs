@@ -48,13 +48,20 @@ fn lookups(c: &mut Criterion) {
             });
         }
         let nodes: BTreeMap<String, NodeInfo> = (1..=20)
-            .map(|i| (format!("node-{i}"), NodeInfo::new(&format!("10.0.0.{i}:7100"))))
+            .map(|i| {
+                (
+                    format!("node-{i}"),
+                    NodeInfo::new(&format!("10.0.0.{i}:7100")),
+                )
+            })
             .collect();
         let nodes = NodeSet::new(nodes);
         let site = idx.lookup(&exact).expect("exact").site.clone();
-        group.bench_with_input(BenchmarkId::new("ranking_cached_20_nodes", n), &site, |b, site| {
-            b.iter(|| black_box(site.ranking.get(&site.host, None, &nodes).len()))
-        });
+        group.bench_with_input(
+            BenchmarkId::new("ranking_cached_20_nodes", n),
+            &site,
+            |b, site| b.iter(|| black_box(site.ranking.get(&site.host, None, &nodes).len())),
+        );
     }
     group.finish();
 }

@@ -161,7 +161,13 @@ fn logged_sync_ms(log: &str) -> Option<u64> {
 }
 
 /// Put one new site at a time and time until the proxy routes it (404 → anything else).
-fn propagation(rt: &tokio::runtime::Runtime, client: &Client, proxy: SocketAddr, tag: &str, n: usize) -> Vec<f64> {
+fn propagation(
+    rt: &tokio::runtime::Runtime,
+    client: &Client,
+    proxy: SocketAddr,
+    tag: &str,
+    n: usize,
+) -> Vec<f64> {
     let mut samples = Vec::with_capacity(n);
     for i in 0..n {
         let host = format!("probe-{tag}-{i}.bench.example");
@@ -228,8 +234,11 @@ fn main() {
     let a = args();
     let root = TempRoot::new("routing-bench");
     let etcd = Etcd::start_in(root.path());
-    std::fs::write(root.path().join("secret"), "0123456789abcdef0123456789abcdef")
-        .unwrap_or_else(|e| die(&format!("secret: {e}")));
+    std::fs::write(
+        root.path().join("secret"),
+        "0123456789abcdef0123456789abcdef",
+    )
+    .unwrap_or_else(|e| die(&format!("secret: {e}")));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -247,7 +256,12 @@ fn main() {
     eprintln!("[bench] loading {} sites", a.sites);
     let t0 = Instant::now();
     let records = (0..a.sites)
-        .map(|i| (format!("{SITES_PREFIX}site-{i:07}.bench.example"), record(i)))
+        .map(|i| {
+            (
+                format!("{SITES_PREFIX}site-{i:07}.bench.example"),
+                record(i),
+            )
+        })
         .collect();
     roost_tests::bulk::put_all(etcd.url(), records);
     let load = t0.elapsed();
@@ -257,7 +271,10 @@ fn main() {
     for _ in 0..3 {
         let (took, count) = rt.block_on(floor_read(&client));
         if count != a.sites {
-            die(&format!("the floor read saw {count} sites, not {}", a.sites));
+            die(&format!(
+                "the floor read saw {count} sites, not {}",
+                a.sites
+            ));
         }
         floor = floor.min(took);
     }
@@ -282,25 +299,50 @@ fn main() {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let floor_ms = ms(floor);
     let listed = |l: Option<u64>| l.map_or("-".to_string(), |v| v.to_string());
-    println!("\nrouting at scale: {} sites (records ~170 B, one alias each), loaded in {:.1} s\n", a.sites, load.as_secs_f64());
+    println!(
+        "\nrouting at scale: {} sites (records ~170 B, one alias each), loaded in {:.1} s\n",
+        a.sites,
+        load.as_secs_f64()
+    );
     println!("{:<46} {:>10} {:>14}", "measure", "value", "target");
-    println!("{:<46} {:>7.0} ms {:>14}", "sync floor (plain paged read, best of 3)", floor_ms, "baseline");
     println!(
         "{:<46} {:>7.0} ms {:>14}",
-        format!("proxy: start → ready (list took {} ms)", listed(proxy_listed)),
+        "sync floor (plain paged read, best of 3)", floor_ms, "baseline"
+    );
+    println!(
+        "{:<46} {:>7.0} ms {:>14}",
+        format!(
+            "proxy: start → ready (list took {} ms)",
+            listed(proxy_listed)
+        ),
         ms(proxy_ready),
         format!("≤ {:.0} ms (3×)", 3.0 * floor_ms)
     );
     println!(
         "{:<46} {:>7.0} ms {:>14}",
-        format!("agent: start → ready (list took {} ms)", listed(agent_listed)),
+        format!(
+            "agent: start → ready (list took {} ms)",
+            listed(agent_listed)
+        ),
         ms(agent_ready),
         format!("≤ {:.0} ms (3×)", 3.0 * floor_ms)
     );
-    println!("{:<46} {:>7.1} MB {:>14}", "proxy RSS synced (after probes)", proxy_rss, "< 150 MB");
-    println!("{:<46} {:>7.1} MB {:>14}", "  after the propagation probes", proxy_rss_after, "< 150 MB");
-    println!("{:<46} {:>7.1} MB {:>14}", "agent RSS synced", agent_rss, "< 150 MB");
-    for (label, s) in [("empty cluster", &empty_prop), (&*format!("{} sites", a.sites), &full_prop)] {
+    println!(
+        "{:<46} {:>7.1} MB {:>14}",
+        "proxy RSS synced (after probes)", proxy_rss, "< 150 MB"
+    );
+    println!(
+        "{:<46} {:>7.1} MB {:>14}",
+        "  after the propagation probes", proxy_rss_after, "< 150 MB"
+    );
+    println!(
+        "{:<46} {:>7.1} MB {:>14}",
+        "agent RSS synced", agent_rss, "< 150 MB"
+    );
+    for (label, s) in [
+        ("empty cluster", &empty_prop),
+        (&*format!("{} sites", a.sites), &full_prop),
+    ] {
         println!(
             "{:<46} {:>7.2} ms {:>14}",
             format!("propagation p50, {label}"),

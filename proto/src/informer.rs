@@ -280,13 +280,32 @@ impl<T: Record> Informer<T> {
         }
     }
 
-    /// Read the whole prefix in pages at one revision into a fresh state.
+    /// Read the whole prefix in pages at one revision into a fresh state. The next page is
+    /// asked for while this one is decoded, so etcd's time and ours overlap.
     async fn list(&self, client: &Client) -> Result<Snapshot<T>, etcd_client::Error> {
         let started = Instant::now();
         let mut pages = Pages::new(client, &self.prefix);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let reader = tokio::spawn(async move {
+            loop {
+                let next = pages.next().await.transpose();
+                let last = !matches!(next, Some(Ok(_)));
+                if let Some(page) = next {
+                    if tx.send(page).await.is_err() {
+                        return;
+                    }
+                }
+                if last {
+                    return;
+                }
+            }
+        });
+        // Ends the reader if decoding stops early (an error, or this future dropped).
+        let _stop_reader = AbortOnDrop(reader);
         let mut state = Snapshot::<T>::default();
         let mut count = 0u64;
-        while let Some(page) = pages.next().await? {
+        while let Some(page) = rx.recv().await {
+            let page = page?;
             count += 1;
             state.revision = page.revision;
             for kv in &page.kvs {
@@ -441,6 +460,15 @@ impl<T: Record> Informer<T> {
         // Mark synced before announcing the revision, so a subscriber woken by it sees both.
         self.synced.store(true, Ordering::Release);
         self.revision.send_replace(state.revision);
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
