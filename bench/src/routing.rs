@@ -251,6 +251,7 @@ fn main() {
     let mut empty = spawn(root.path(), &a.bin_dir, etcd.url(), "proxy", "proxy-empty");
     wait_ready(&mut empty);
     let empty_prop = propagation(&rt, &client, empty.listen, "empty", a.probes);
+    let empty_rss = rss_mb(empty.proc.pid());
     drop(empty);
 
     eprintln!("[bench] loading {} sites", a.sites);
@@ -329,7 +330,11 @@ fn main() {
     );
     println!(
         "{:<46} {:>7.1} MB {:>14}",
-        "proxy RSS synced (after probes)", proxy_rss, "< 150 MB"
+        "proxy RSS, empty cluster", empty_rss, "baseline"
+    );
+    println!(
+        "{:<46} {:>7.1} MB {:>14}",
+        "proxy RSS synced", proxy_rss, "< 150 MB"
     );
     println!(
         "{:<46} {:>7.1} MB {:>14}",

@@ -2,7 +2,7 @@
 //! (whose [`HostIndex`](roost_proto::hosts::HostIndex) holds keys, aliases and wildcards,
 //! updated per event) plus the live node set, swapped atomically whenever either changes.
 //! Publishing a table is O(1) for a site change and O(nodes) for a node change; a lookup
-//! is a hash probe per label, and a site's node ranking is cached until the node set
+//! is an O(log N) search per label of the name, and a site's node ranking is cached until the node set
 //! changes. The request path only ever reads an immutable table.
 
 use std::collections::HashMap;
