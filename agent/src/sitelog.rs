@@ -95,11 +95,14 @@ impl SiteLog {
     }
 }
 
+/// `logs/` is root's alone (0750), so no tenant can place a symlink here; `O_NOFOLLOW`
+/// keeps it that way should the directory's rights ever be loosened.
 fn open_append(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
 }
 

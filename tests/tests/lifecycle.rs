@@ -2,6 +2,7 @@
 //! (crash on request, allocate past the limit, fail to import, sleep) under real etcd, real
 //! binaries and real users; assertions on status codes, processes, cgroup files and etcd.
 
+use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -792,11 +793,22 @@ fn one_sites_worker_cannot_reach_another_sites_socket_process_or_files() {
     assert_eq!(from_carol["sock"], "PermissionError", "{from_carol}");
     assert_eq!(from_carol["pid"], "PermissionError", "{from_carol}");
     assert_eq!(from_carol["file"], "PermissionError", "{from_carol}");
-    // The control: dave's own worker reaches all three, so the probe can tell.
+    // The control: dave's own worker reaches his process and file, so the probe can tell.
+    // His socket's path is root's alone (issue 10: the worker has it as fd 3 and never needs
+    // the path), so dave's worker is refused by path too, while root's connect gets an answer:
+    // the socket is live and the refusals are its directory's rights.
     let from_dave = probe("dave.example");
-    assert_eq!(from_dave["sock"], "ok", "{from_dave}");
+    assert_eq!(from_dave["sock"], "PermissionError", "{from_dave}");
     assert_eq!(from_dave["pid"], "ok", "{from_dave}");
     assert_eq!(from_dave["file"], "ok", "{from_dave}");
+    let mut root_conn = std::os::unix::net::UnixStream::connect(&dave_sock)
+        .unwrap_or_else(|e| panic!("root connects to {}: {e}", dave_sock.display()));
+    root_conn
+        .write_all(b"GET / HTTP/1.1\r\nHost: dave.example\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    root_conn.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
 // ---- Issue 16: the cgroup scenarios, on whichever hierarchy the machine has. deploy/vm-test.sh

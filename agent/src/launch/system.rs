@@ -216,12 +216,13 @@ impl Launcher for SystemLauncher {
         let state_dir = self.cfg.load().state_dir.clone();
         let (host, user) = (host.to_string(), spec.user.clone());
         self.on_launcher(move || {
-            let user = SiteUser::lookup(&user).map_err(|e| LaunchError(e.to_string()))?;
+            // The user must exist before anything is made for the site.
+            SiteUser::lookup(&user).map_err(|e| LaunchError(e.to_string()))?;
             let name = match role {
                 SocketRole::Serving => socket::SERVING,
                 SocketRole::Candidate => socket::CANDIDATE,
             };
-            let (socket, path) = socket::bind(&state_dir, &host, name, user.uid, user.gid)
+            let (socket, path) = socket::bind(&state_dir, &host, name)
                 .map_err(|e| LaunchError(format!("cannot create the site's socket: {e}")))?;
             Ok(Arc::new(Listener { socket, path }))
         })

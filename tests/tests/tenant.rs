@@ -1,0 +1,126 @@
+//! Issue 10: the tenant boundary. A site's user runs code of their own choosing as their own
+//! uid (under `setpriv` here, as a shell account would) and tries to make root act for them.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use roost_tests::{ensure_user, Cluster, User};
+
+const ERIN: &str = "roost-t-erin";
+const COLD_START: Duration = Duration::from_secs(30);
+const RESTARTS: usize = 40;
+
+/// The tenant's racer: in every directory under the state dir it can write, and over the
+/// socket's names in the site's directory (listed or not), it renames a symlink to the
+/// canary over each name, as fast as it can, until `stop` exists. Then it writes what it
+/// tried: rename attempts, renames that succeeded, directories it could write.
+const RACER: &str = r#"
+import json, os, sys
+state, canary, stop = sys.argv[1:4]
+hosts = sys.argv[4:]
+tries = renamed = 0
+writable = set()
+while not os.path.exists(stop):
+    targets = []
+    for d, dirs, files in os.walk(state):
+        if os.access(d, os.W_OK):
+            writable.add(d)
+            targets += [(d, n) for n in files + dirs + ["sock", "sock.next"]]
+    for h in hosts:
+        d = os.path.join(state, "sites", h)
+        targets += [(d, "sock"), (d, "sock.next")]
+    for _ in range(50):
+        for d, n in targets:
+            tmp = os.path.join(d, ".race")
+            tries += 1
+            try:
+                os.symlink(canary, tmp)
+                os.rename(tmp, os.path.join(d, n))
+                renamed += 1
+            except OSError:
+                pass
+print(json.dumps({"tries": tries, "renamed": renamed, "writable": sorted(writable)}))
+"#;
+
+/// Run `python3 -c code args` as `user` (ids only, no groups), as a tenant's shell would.
+fn as_tenant(user: &User, code: &str, args: &[&str]) -> std::process::Child {
+    Command::new("setpriv")
+        .arg(format!("--reuid={}", user.uid))
+        .arg(format!("--regid={}", user.gid))
+        .arg("--clear-groups")
+        .args(["/usr/bin/python3", "-c", code])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run setpriv (util-linux)")
+}
+
+fn owner_and_mode(p: &Path) -> (u32, u32, u32) {
+    let m = std::fs::symlink_metadata(p).expect("stat the canary");
+    (m.uid(), m.gid(), m.mode() & 0o7777)
+}
+
+#[test]
+fn a_tenant_racing_symlinks_through_forty_agent_restarts_never_gets_root_to_touch_a_canary() {
+    let mut c = Cluster::start();
+    let erin = ensure_user(ERIN);
+    let host = "race.example";
+    let dir = c.echo_site_dir(&erin, host);
+    c.add_site(host, &erin, &dir, &[]);
+    c.wait_for_status(host, 200, COLD_START).unwrap();
+
+    let canary = c.root().join("canary");
+    std::fs::write(&canary, "root's").unwrap();
+    std::fs::set_permissions(&canary, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let before = owner_and_mode(&canary);
+    assert_eq!(before, (0, 0, 0o600));
+
+    let stop = c.root().join("race-stop");
+    let state = c.state_dir.to_str().unwrap().to_string();
+    let racer = as_tenant(
+        &erin,
+        RACER,
+        &[
+            &state,
+            canary.to_str().unwrap(),
+            stop.to_str().unwrap(),
+            host,
+        ],
+    );
+
+    for round in 0..RESTARTS {
+        // Half the rounds end the agent cleanly, half kill it: a killed agent leaves its
+        // sockets behind for the next one to remove and re-create.
+        let sig = if round % 2 == 0 {
+            Signal::SIGTERM
+        } else {
+            Signal::SIGKILL
+        };
+        c.signal_agent(sig);
+        c.wait_agent_exit(Duration::from_secs(15))
+            .unwrap_or_else(|| panic!("agent did not exit on {sig:?}\n{}", c.diagnostics()));
+        c.restart_agent();
+        c.wait_for_status(host, 200, COLD_START)
+            .unwrap_or_else(|e| panic!("round {round}: {e}\n{}", c.diagnostics()));
+        assert_eq!(
+            owner_and_mode(&canary),
+            before,
+            "round {round}: root changed the canary's owner or mode"
+        );
+    }
+
+    std::fs::write(&stop, "").unwrap();
+    let out = racer.wait_with_output().unwrap();
+    assert!(out.status.success(), "the racer failed: {}", out.status);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["tries"].as_u64().unwrap() > 1000, "{report}");
+    // The principle itself: nothing under the state dir is the tenant's to write.
+    assert_eq!(report["writable"], serde_json::json!([]), "{report}");
+    assert_eq!(report["renamed"], 0, "{report}");
+    assert_eq!(owner_and_mode(&canary), before);
+    eprintln!("racer: {report}");
+}
