@@ -92,7 +92,11 @@ echo "[5/5] creating two users with a site each, and registering the sites"
 # Two customers, each with a site in their own directory, owned by them.
 for who in alice bob; do
   user="roost-demo-$who"
-  id "$user" >/dev/null 2>&1 || useradd --system --create-home --shell /usr/sbin/nologin "$user"
+  # Regular users (uid >= 1000): the agent refuses system accounts as site users
+  # (min_site_uid). One made --system by an older demo is made again.
+  uid=$(id -u "$user" 2>/dev/null || echo none)
+  if [ "$uid" != none ] && [ "$uid" -lt 1000 ]; then userdel "$user"; uid=none; fi
+  [ "$uid" != none ] || useradd --create-home --shell /usr/sbin/nologin "$user"
   dir="$run/sites/$who"
   mkdir -p "$dir"
   chmod 755 "$run/sites"

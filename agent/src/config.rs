@@ -69,6 +69,8 @@ struct FileConfig {
     log_max_bytes: Option<u64>,
     preload: Option<Vec<String>>,
     request_threads: Option<usize>,
+    min_site_uid: Option<u32>,
+    site_group: Option<String>,
 }
 
 /// Settings in force.
@@ -108,6 +110,18 @@ pub struct Config {
     pub preload: Vec<String>,
     /// Threads serving requests (pingora's runtime); defaults to the CPU count.
     pub request_threads: usize,
+    /// Which unix users sites may run as (issue 10): anyone who can write a site record
+    /// must not get to run code as `daemon` or `postgres`.
+    pub site_users: SiteUserPolicy,
+}
+
+/// The unix users a site may name: uid at least `min_uid` (Debian's `UID_MIN`, 1000, by
+/// default: system accounts sit below it) and, when `group` is set, a member of that group
+/// (primary or supplementary). Root is refused whatever this says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteUserPolicy {
+    pub min_uid: u32,
+    pub group: Option<String>,
 }
 
 impl Config {
@@ -238,6 +252,10 @@ impl Config {
                 .request_threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
                 .max(1),
+            site_users: SiteUserPolicy {
+                min_uid: file.min_site_uid.unwrap_or(1000),
+                group: file.site_group,
+            },
         })
     }
 }

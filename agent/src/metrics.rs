@@ -15,6 +15,7 @@ pub struct Metrics {
     pub workers: IntGauge,
     pub rejected: IntCounterVec,
     pub invalid_records: IntCounter,
+    pub refused_site_users: IntCounter,
     pub spec_change_failures: IntCounter,
     pub snapshot_staleness_ms: IntGauge,
     pub sites_known: IntGauge,
@@ -70,6 +71,11 @@ impl Metrics {
             invalid_records: IntCounter::new(
                 "roost_agent_invalid_site_records_total",
                 "Invalid site records seen in etcd since start",
+            )
+            .unwrap(),
+            refused_site_users: IntCounter::new(
+                "roost_agent_refused_site_users_total",
+                "Worker starts refused because the site names a user outside min_site_uid / site_group",
             )
             .unwrap(),
             spec_change_failures: IntCounter::new(
@@ -130,6 +136,7 @@ impl Metrics {
             Box::new(m.workers.clone()),
             Box::new(m.rejected.clone()),
             Box::new(m.invalid_records.clone()),
+            Box::new(m.refused_site_users.clone()),
             Box::new(m.spec_change_failures.clone()),
             Box::new(m.snapshot_staleness_ms.clone()),
             Box::new(m.sites_known.clone()),

@@ -23,7 +23,7 @@ pub use cluster::{Cluster, Options};
 pub use etcd::Etcd;
 pub use http::{get, Response};
 pub use temp::TempRoot;
-pub use users::{ensure_user, site_dir, User};
+pub use users::{ensure_user, site_dir, system_user, User};
 pub use wait::{wait_for, wait_until};
 
 /// Source of the echo app (`tests/apps/echo/app.py`): a WSGI `application` that answers

@@ -17,32 +17,48 @@ pub struct User {
 
 static USERADD: Mutex<()> = Mutex::new(());
 
-/// Make sure system user `name` exists (`useradd --system --create-home --shell
-/// /usr/sbin/nologin NAME` if absent) and return its ids. Idempotent, safe in parallel.
+/// The agent's default `min_site_uid` (Debian's `UID_MIN`): site users are regular users.
+pub const MIN_SITE_UID: u32 = 1000;
+
+/// Make sure regular user `name` (uid >= [`MIN_SITE_UID`]) exists (`useradd --create-home
+/// --shell /usr/sbin/nologin NAME` if absent) and return its ids. Idempotent, safe in
+/// parallel within a test binary. A user an older harness made with `--system` (uid below
+/// 1000, which the agent refuses for sites) is deleted and made again.
 pub fn ensure_user(name: &str) -> User {
     let _guard = USERADD.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(u) = lookup(name) {
-        return u;
+    match lookup(name) {
+        Some(u) if u.uid >= MIN_SITE_UID => return u,
+        Some(_) => run_user_tool("userdel", &[name], name),
+        None => {}
     }
-    let out = Command::new("useradd")
-        .args([
-            "--system",
-            "--create-home",
-            "--shell",
-            "/usr/sbin/nologin",
-            name,
-        ])
+    run_user_tool(
+        "useradd",
+        &["--create-home", "--shell", "/usr/sbin/nologin", name],
+        name,
+    );
+    lookup(name).unwrap_or_else(|| panic!("user {name} still absent after useradd"))
+}
+
+/// Run `useradd`/`userdel`; exit code 9 of useradd (the name exists: another test binary
+/// made it meanwhile) is fine.
+fn run_user_tool(tool: &str, args: &[&str], name: &str) {
+    let out = Command::new(tool)
+        .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("run useradd (tests need root): {e}"));
-    // Exit code 9: the name exists already (another test binary made it meanwhile).
-    if !out.status.success() && out.status.code() != Some(9) {
+        .unwrap_or_else(|e| panic!("run {tool} (tests need root): {e}"));
+    let name_taken = tool == "useradd" && out.status.code() == Some(9);
+    if !out.status.success() && !name_taken {
         panic!(
-            "useradd {name} failed ({}): {} (tests need root)",
+            "{tool} {name} failed ({}): {} (tests need root; userdel fails while a process runs as the user)",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    lookup(name).unwrap_or_else(|| panic!("user {name} still absent after useradd"))
+}
+
+/// A system account (uid below [`MIN_SITE_UID`]) that exists on every Debian host.
+pub fn system_user(name: &str) -> User {
+    lookup(name).unwrap_or_else(|| panic!("system user {name} is missing"))
 }
 
 fn lookup(name: &str) -> Option<User> {

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use roost_tests::{ensure_user, Cluster, User};
+use roost_tests::{ensure_user, system_user, Cluster, User};
 
 const ERIN: &str = "roost-t-erin";
 const COLD_START: Duration = Duration::from_secs(30);
@@ -123,4 +123,51 @@ fn a_tenant_racing_symlinks_through_forty_agent_restarts_never_gets_root_to_touc
     assert_eq!(report["renamed"], 0, "{report}");
     assert_eq!(owner_and_mode(&canary), before);
     eprintln!("racer: {report}");
+}
+
+#[test]
+fn a_site_naming_a_system_user_gets_a_503_that_says_why_and_is_counted_while_its_neighbour_serves()
+{
+    let c = Cluster::start();
+    let metrics = roost_tests::get(c.agent_admin, Some("localhost"), "/metrics", &[])
+        .unwrap()
+        .text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "roost_agent_refused_site_users_total 0"),
+        "the refusal counter exists from the start at 0"
+    );
+    let erin = ensure_user(ERIN);
+    assert!(erin.uid >= 1000, "{erin:?}");
+    let neighbour = c.echo_site_dir(&erin, "neighbour.example");
+    c.add_site("neighbour.example", &erin, &neighbour, &[]);
+    // `daemon` (uid 1) can enter the directory; only the node's policy stands in the way.
+    let daemon = system_user("daemon");
+    assert!(daemon.uid < 1000);
+    let dir = c.echo_site_dir(&daemon, "system.example");
+    c.add_site("system.example", &daemon, &dir, &[]);
+
+    let r = c
+        .wait_for_status("system.example", 503, COLD_START)
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.diagnostics()));
+    let page = r.text();
+    assert!(
+        page.contains("\"daemon\"") && page.contains("min_site_uid 1000"),
+        "{page}"
+    );
+    assert!(c.agent_metric("roost_agent_refused_site_users_total") >= 1.0);
+    assert!(
+        c.agent_log()
+            .contains("site refused: its user is not one sites may run as"),
+        "{}",
+        c.diagnostics()
+    );
+    // No process ever ran as daemon for the site.
+    assert!(c.agent_sites().as_array().is_some_and(|sites| sites
+        .iter()
+        .all(|s| s["host"] != "system.example" || s["pid"].is_null())));
+    c.wait_for_status("neighbour.example", 200, COLD_START)
+        .unwrap();
+    c.assert_running();
 }

@@ -168,6 +168,23 @@ impl CgroupSetup {
     }
 }
 
+/// The site's user, if the operator's policy lends it to sites; a refusal is counted and
+/// logged here, and its reason reaches the client's 503 page.
+fn site_user(
+    host: &str,
+    name: &str,
+    cfg: &Config,
+    metrics: &Metrics,
+) -> Result<SiteUser, LaunchError> {
+    SiteUser::lookup_allowed(name, &cfg.site_users).map_err(|e| {
+        if e.is_refusal() {
+            metrics.refused_site_users.inc();
+            warn!(site = %host, user = %name, error = %e, "site refused: its user is not one sites may run as");
+        }
+        LaunchError(e.to_string())
+    })
+}
+
 /// The site's log writer, opened on its first worker's start.
 fn site_log(
     logs: &DashMap<String, Arc<Mutex<SiteLog>>>,
@@ -213,11 +230,13 @@ impl Launcher for SystemLauncher {
         spec: &Arc<SiteSpec>,
         role: SocketRole,
     ) -> BoxFut<Result<Arc<Listener>, LaunchError>> {
-        let state_dir = self.cfg.load().state_dir.clone();
+        let cfg = self.cfg.load_full();
+        let state_dir = cfg.state_dir.clone();
         let (host, user) = (host.to_string(), spec.user.clone());
+        let metrics = self.metrics.clone();
         self.on_launcher(move || {
-            // The user must exist before anything is made for the site.
-            SiteUser::lookup(&user).map_err(|e| LaunchError(e.to_string()))?;
+            // The user must exist and be one sites may run as before anything is made.
+            site_user(&host, &user, &cfg, &metrics)?;
             let name = match role {
                 SocketRole::Serving => socket::SERVING,
                 SocketRole::Candidate => socket::CANDIDATE,
@@ -242,10 +261,11 @@ impl Launcher for SystemLauncher {
         };
         let cfg = self.cfg.load_full();
         let logs = self.logs.clone();
+        let metrics = self.metrics.clone();
         let starting = {
             let host = host.clone();
             self.on_launcher(move || {
-                let user = SiteUser::lookup(&spec.user).map_err(|e| LaunchError(e.to_string()))?;
+                let user = site_user(&host, &spec.user, &cfg, &metrics)?;
                 let procs = setup.prepare(&host, &spec, &cfg);
                 let log = site_log(&logs, &cfg, &host)
                     .and_then(|log| sitelog::pump(&host, log))
