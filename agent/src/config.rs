@@ -71,6 +71,7 @@ struct FileConfig {
     request_threads: Option<usize>,
     min_site_uid: Option<u32>,
     site_group: Option<String>,
+    interpreters: Option<Vec<PathBuf>>,
 }
 
 /// Settings in force.
@@ -113,6 +114,9 @@ pub struct Config {
     /// Which unix users sites may run as (issue 10): anyone who can write a site record
     /// must not get to run code as `daemon` or `postgres`.
     pub site_users: SiteUserPolicy,
+    /// The Python executables zygotes (which run as root) may be; a site's `python`, or
+    /// its virtualenv's `home`, must name one of them (`launch/interpreters.rs`).
+    pub interpreters: Vec<PathBuf>,
 }
 
 /// The unix users a site may name: uid at least `min_uid` (Debian's `UID_MIN`, 1000, by
@@ -256,6 +260,9 @@ impl Config {
                 min_uid: file.min_site_uid.unwrap_or(1000),
                 group: file.site_group,
             },
+            interpreters: file
+                .interpreters
+                .unwrap_or_else(|| vec![roost_proto::site::DEFAULT_PYTHON.into()]),
         })
     }
 }

@@ -16,6 +16,7 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     pub invalid_records: IntCounter,
     pub refused_site_users: IntCounter,
+    pub refused_interpreters: IntCounter,
     pub spec_change_failures: IntCounter,
     pub snapshot_staleness_ms: IntGauge,
     pub sites_known: IntGauge,
@@ -78,6 +79,11 @@ impl Metrics {
                 "Worker starts refused because the site names a user outside min_site_uid / site_group",
             )
             .unwrap(),
+            refused_interpreters: IntCounter::new(
+                "roost_agent_refused_interpreters_total",
+                "Worker starts refused because the site's python or virtualenv is outside the interpreters allowlist",
+            )
+            .unwrap(),
             spec_change_failures: IntCounter::new(
                 "roost_agent_spec_change_failures_total",
                 "Changed site specs whose new worker failed, so the previous spec's worker kept serving",
@@ -137,6 +143,7 @@ impl Metrics {
             Box::new(m.rejected.clone()),
             Box::new(m.invalid_records.clone()),
             Box::new(m.refused_site_users.clone()),
+            Box::new(m.refused_interpreters.clone()),
             Box::new(m.spec_change_failures.clone()),
             Box::new(m.snapshot_staleness_ms.clone()),
             Box::new(m.sites_known.clone()),

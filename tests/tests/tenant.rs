@@ -171,3 +171,110 @@ fn a_site_naming_a_system_user_gets_a_503_that_says_why_and_is_counted_while_its
         .unwrap();
     c.assert_running();
 }
+
+/// A virtualenv for `user` in `dir/venv`, made from the system python, whose `bin/python`
+/// the tenant then points at `program`; with `claim_home`, its `pyvenv.cfg` also says it was
+/// made from `program`'s directory.
+fn doctored_venv(dir: &Path, user: &User, program: &Path, claim_home: bool) -> std::path::PathBuf {
+    let venv = dir.join("venv");
+    let out = Command::new("/usr/bin/python3")
+        .args(["-m", "venv", "--without-pip"])
+        .arg(&venv)
+        .output()
+        .expect("python3 -m venv");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let python = venv.join("bin/python");
+    std::fs::remove_file(&python).unwrap();
+    std::os::unix::fs::symlink(program, &python).unwrap();
+    if claim_home {
+        let cfg = venv.join("pyvenv.cfg");
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        let home = program.parent().unwrap().display().to_string();
+        let text: Vec<String> = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("home") {
+                    format!("home = {home}")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
+        std::fs::write(&cfg, text.join("\n") + "\n").unwrap();
+    }
+    let chown = Command::new("chown")
+        .args(["-R", "-h", &format!("{}:{}", user.uid, user.gid)])
+        .arg(&venv)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    venv
+}
+
+#[test]
+fn a_virtualenv_pointing_at_a_program_outside_the_allowlist_gets_a_503_and_the_program_never_runs()
+{
+    let c = Cluster::start();
+    let erin = ensure_user(ERIN);
+    // The tenant's pick: a root-owned program in a directory that is root's alone (as every
+    // program in /usr/bin is), which records the uid it ran as.
+    let ran = c.root().join("ran");
+    std::fs::create_dir(&ran).unwrap();
+    std::fs::set_permissions(&ran, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let libexec =
+        Path::new("/usr/local/lib").join(format!("roost-t-tenant-{}", std::process::id()));
+    std::fs::create_dir_all(&libexec).unwrap();
+    let program = libexec.join("python3");
+    std::fs::write(
+        &program,
+        format!("#!/bin/sh\nid -u >> {}/uids\nexit 1\n", ran.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _cleanup = Cleanup(libexec.clone());
+
+    let put = |host: &str, claim_home: bool| {
+        let dir = c.echo_site_dir(&erin, host);
+        let venv = doctored_venv(&dir, &erin, &program, claim_home);
+        let record = serde_json::json!({"user": erin.name, "app": "app:application",
+            "dir": dir, "virtualenv": venv, "idle_timeout": 600});
+        c.etcd
+            .put(&format!("/roost/sites/{host}"), &record.to_string());
+    };
+    // The virtualenv claims to be made from the tenant's program: refused.
+    put("evil.example", true);
+    let r = c
+        .wait_for_status("evil.example", 503, COLD_START)
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.diagnostics()));
+    let page = r.text();
+    assert!(
+        page.contains("not from an interpreter this node allows")
+            && page.contains(&libexec.display().to_string()),
+        "{page}"
+    );
+    assert!(c.agent_metric("roost_agent_refused_interpreters_total") >= 1.0);
+    // Only `bin/python` points at it: the allowed interpreter's zygote serves the site and
+    // the link is never followed.
+    put("linked.example", false);
+    c.wait_for_status("linked.example", 200, COLD_START)
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.diagnostics()));
+    let _ = c.get("evil.example", "/");
+    assert!(
+        !ran.join("uids").exists(),
+        "the tenant's program ran as uid(s) {}",
+        std::fs::read_to_string(ran.join("uids")).unwrap_or_default()
+    );
+}
+
+/// Removes a directory the test made outside its temp root, also when it panics.
+struct Cleanup(std::path::PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

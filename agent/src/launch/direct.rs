@@ -130,13 +130,16 @@ pub struct Launch<'a> {
     pub grace_secs: u64,
     /// The `cgroup.procs` files of the site's cgroup(s); the worker joins them first.
     pub cgroup_procs: &'a [PathBuf],
+    /// For a zygote site: the allowed interpreter whose zygote forks it
+    /// (`interpreters::for_site`), checked before the start.
+    pub zygote_interpreter: Option<&'a std::path::Path>,
 }
 
 /// Start a worker: an `app` site's is forked from its interpreter's zygote (unless the site
 /// opted out with `"spawn": "direct"`); a `command` site's, or one whose zygote is
 /// unavailable, is started directly. The worker leads its own process group.
 pub fn spawn(launch: &Launch) -> io::Result<WorkerProc> {
-    if launch.spec.uses_zygote() {
+    if launch.spec.uses_zygote() && launch.zygote_interpreter.is_some() {
         if let Some(zygotes) = zygote::global() {
             match zygotes.fork_worker(launch) {
                 Ok(worker) => {

@@ -13,6 +13,7 @@
 pub mod cgroup;
 pub mod direct;
 pub mod fdpass;
+pub mod interpreters;
 pub mod socket;
 pub mod system;
 pub mod users;

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use super::cgroup::{Cgroups, SiteCgroup};
 use super::direct as worker;
+use super::interpreters;
 use super::socket;
 use super::users::SiteUser;
 use super::{BoxFut, Exit, LaunchError, Launcher, Listener, SocketRole, Started, Worker};
@@ -266,6 +267,18 @@ impl Launcher for SystemLauncher {
             let host = host.clone();
             self.on_launcher(move || {
                 let user = site_user(&host, &spec.user, &cfg, &metrics)?;
+                // The zygote runs as root: its interpreter is the operator's choice, and a
+                // site asking for another is refused, not started some other way.
+                let zygote_interpreter = if spec.uses_zygote() {
+                    let chosen = interpreters::for_site(&spec, &cfg.interpreters).map_err(|e| {
+                        metrics.refused_interpreters.inc();
+                        warn!(site = %host, error = %e, "site refused: its interpreter is not one this node allows");
+                        LaunchError(e)
+                    })?;
+                    Some(chosen)
+                } else {
+                    None
+                };
                 let procs = setup.prepare(&host, &spec, &cfg);
                 let log = site_log(&logs, &cfg, &host)
                     .and_then(|log| sitelog::pump(&host, log))
@@ -278,6 +291,7 @@ impl Launcher for SystemLauncher {
                     log,
                     grace_secs: cfg.stop_grace.as_secs().max(1),
                     cgroup_procs: &procs,
+                    zygote_interpreter: zygote_interpreter.as_deref(),
                 })
                 .map_err(|e| LaunchError(format!("cannot start the site's worker: {e}")))?;
                 info!(site = %host, pid = proc.pid(), user = %user.name, uid = user.uid.as_raw(), "worker started");

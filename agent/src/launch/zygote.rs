@@ -174,9 +174,10 @@ impl Zygotes {
         } = *launch;
         let log = &launch.log;
         let t0 = Instant::now();
-        let interpreter =
-            trusted_interpreter(Path::new(&spec.interpreter())).map_err(io::Error::other)?;
-        let zygote = self.get(&interpreter).map_err(io::Error::other)?;
+        let interpreter = launch.zygote_interpreter.ok_or_else(|| {
+            io::Error::other("no allowed interpreter was chosen for this site's zygote")
+        })?;
+        let zygote = self.get(interpreter).map_err(io::Error::other)?;
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -573,10 +574,9 @@ fn read_events(events: OwnedFd, exits: Arc<ExitBoard>) {
 }
 
 /// The real path of `interpreter`, if root may run it: the zygote runs it as root, so the
-/// file and every directory above it must be root's and writable by no one else. A
-/// virtualenv's `bin/python` (a symlink in the user's directory) resolves to the base
-/// interpreter it was made from, which is what runs; the virtualenv itself is only put on
-/// the worker's path, after the drop to the site's user.
+/// file and every directory above it must be root's and writable by no one else. Only for
+/// the operator's paths (the `interpreters` allowlist): a site's paths are never resolved
+/// by root (`interpreters.rs`).
 pub fn trusted_interpreter(interpreter: &Path) -> Result<PathBuf, String> {
     let real = fs::canonicalize(interpreter)
         .map_err(|e| format!("interpreter {}: {e}", interpreter.display()))?;
