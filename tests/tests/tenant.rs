@@ -81,7 +81,7 @@ fn a_tenant_racing_symlinks_through_forty_agent_restarts_never_gets_root_to_touc
 
     let stop = c.root().join("race-stop");
     let state = c.state_dir.to_str().unwrap().to_string();
-    let racer = as_tenant(
+    let mut racer = KillOnDrop(Some(as_tenant(
         &erin,
         RACER,
         &[
@@ -90,7 +90,7 @@ fn a_tenant_racing_symlinks_through_forty_agent_restarts_never_gets_root_to_touc
             stop.to_str().unwrap(),
             host,
         ],
-    );
+    )));
 
     for round in 0..RESTARTS {
         // Half the rounds end the agent cleanly, half kill it: a killed agent leaves its
@@ -116,7 +116,7 @@ fn a_tenant_racing_symlinks_through_forty_agent_restarts_never_gets_root_to_touc
     }
 
     std::fs::write(&stop, "").unwrap();
-    let out = racer.wait_with_output().unwrap();
+    let out = racer.0.take().unwrap().wait_with_output().unwrap();
     assert!(out.status.success(), "the racer failed: {}", out.status);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(report["tries"].as_u64().unwrap() > 1000, "{report}");
@@ -278,5 +278,17 @@ struct Cleanup(std::path::PathBuf);
 impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Ends the tenant's racer if the test panics before it is told to stop.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
