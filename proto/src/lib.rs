@@ -2,6 +2,7 @@
 //!
 //! - [`keys`]: where things live in etcd.
 //! - [`site`] and [`node`]: the records stored there, with validation that names the bad field.
+//! - [`site_route`]: the part of a site record the proxy keeps.
 //! - [`host`]: host-name canonicalisation, used for keys and for every `Host` header.
 //! - [`hosts`]: host → site resolution (keys, aliases, wildcards), for proxy and roostctl.
 //! - [`placement`]: which node serves a site, as a pure function of the site and the live nodes.
@@ -26,6 +27,7 @@ pub mod paging;
 pub mod placement;
 pub mod request_rules;
 pub mod site;
+pub mod site_route;
 
 pub use cert::CertRecord;
 pub use host::{canonical_host, HostError};
@@ -33,3 +35,4 @@ pub use informer::{Informer, Snapshot};
 pub use keys::Layout;
 pub use node::NodeInfo;
 pub use site::{SiteSpec, SpecError};
+pub use site_route::SiteRoute;
