@@ -2,6 +2,7 @@
 //!
 //! - [`keys`]: where things live in etcd.
 //! - [`site`] and [`node`]: the records stored there, with validation that names the bad field.
+//! - [`env_vars`]: a site's environment variables, stored compactly.
 //! - [`site_route`]: the part of a site record the proxy keeps.
 //! - [`host`]: host-name canonicalisation, used for keys and for every `Host` header.
 //! - [`hosts`]: host → site resolution (keys, aliases, wildcards), for proxy and roostctl.
@@ -15,6 +16,7 @@
 //! - [`cert`]: the TLS certificates the proxy serves by SNI name.
 
 pub mod cert;
+pub mod env_vars;
 pub mod etcd;
 pub mod headers;
 pub mod host;
