@@ -1,6 +1,6 @@
 //! Heap bytes per site of each structure an informer holds, at N sites (default 100,000),
 //! counted by a global allocator: where the proxy's and agent's RSS goes (issue 9).
-//! `cargo run --release -p roost-bench --example site_memory [-- N]`
+//! `cargo run -p roost-bench --example site_memory [-- N]`
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
