@@ -60,7 +60,6 @@ pub fn valid_cert_name(name: &str) -> bool {
 
 impl Record for CertRecord {
     const KIND: &'static str = "certificate";
-    type Index = ();
     fn decode(name: &str, value: &[u8]) -> Result<Self, SpecError> {
         if !valid_cert_name(name) {
             return Err(SpecError {

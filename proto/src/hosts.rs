@@ -14,6 +14,9 @@
 //! in O(aliases · log N): cloning it for a new snapshot is O(1), and a lookup costs one
 //! O(log N) B-tree search per label of the name. (A B-tree, not a hash trie: imbl's trie
 //! nodes are fixed 32-slot arrays, which at 100,000 sites cost tens of MB of empty slots.)
+//!
+//! The index is generic over the record it holds ([`Aliased`]): `roostctl` indexes whole
+//! [`SiteSpec`]s, the proxy only the [`SiteRoute`] it routes by.
 
 use std::sync::Arc;
 
@@ -22,13 +25,32 @@ use imbl::OrdMap;
 use crate::informer::Index;
 use crate::placement::RankingCache;
 use crate::site::SiteSpec;
+use crate::site_route::SiteRoute;
+
+/// What the index needs of a site record: the names it claims besides its key.
+pub trait Aliased: std::fmt::Debug + Send + Sync + 'static {
+    /// Exact aliases, and wildcards written `*.suffix`.
+    fn aliases(&self) -> &[String];
+}
+
+impl Aliased for SiteSpec {
+    fn aliases(&self) -> &[String] {
+        &self.aliases
+    }
+}
+
+impl Aliased for SiteRoute {
+    fn aliases(&self) -> &[String] {
+        &self.aliases
+    }
+}
 
 /// One servable site, shared by every index entry that names it.
 #[derive(Debug)]
-pub struct Site {
+pub struct Site<S = SiteSpec> {
     /// The site's canonical host (its key in etcd).
     pub host: String,
-    pub spec: Arc<SiteSpec>,
+    pub spec: Arc<S>,
     /// The site's node ranking, computed once per node set (see [`RankingCache`]).
     pub ranking: RankingCache,
 }
@@ -44,27 +66,46 @@ pub enum Via<'a> {
 
 /// The answer for one name.
 #[derive(Debug)]
-pub struct Resolved<'a> {
-    pub site: &'a Arc<Site>,
+pub struct Resolved<'a, S = SiteSpec> {
+    pub site: &'a Arc<Site<S>>,
     pub via: Via<'a>,
 }
 
 /// Every site claiming one name. Usually one entry; kept sorted by host so the winner of a
 /// conflict is the same everywhere.
-#[derive(Clone, Debug, Default)]
-struct Claims {
+#[derive(Debug)]
+struct Claims<S> {
     /// The site whose key this name is (beats any alias).
-    key: Option<Arc<Site>>,
+    key: Option<Arc<Site<S>>>,
     /// Sites listing this name as an alias, by host.
-    aliases: Vec<Arc<Site>>,
+    aliases: Vec<Arc<Site<S>>>,
 }
 
-impl Claims {
+// Not derived: a derive would ask `S: Clone + Default`, and only `Arc`s are cloned here.
+impl<S> Clone for Claims<S> {
+    fn clone(&self) -> Self {
+        Self {
+            key: self.key.clone(),
+            aliases: self.aliases.clone(),
+        }
+    }
+}
+
+impl<S> Default for Claims<S> {
+    fn default() -> Self {
+        Self {
+            key: None,
+            aliases: Vec::new(),
+        }
+    }
+}
+
+impl<S> Claims<S> {
     fn is_empty(&self) -> bool {
         self.key.is_none() && self.aliases.is_empty()
     }
 
-    fn add_alias(&mut self, site: &Arc<Site>) {
+    fn add_alias(&mut self, site: &Arc<Site<S>>) {
         match self
             .aliases
             .binary_search_by(|s| s.host.as_str().cmp(&site.host))
@@ -80,18 +121,38 @@ impl Claims {
 }
 
 /// The routing index over every valid site: site keys, exact aliases and wildcard aliases.
-#[derive(Clone, Debug, Default)]
-pub struct HostIndex {
+#[derive(Debug)]
+pub struct HostIndex<S = SiteSpec> {
     /// Site keys and exact aliases.
-    exact: OrdMap<String, Claims>,
+    exact: OrdMap<String, Claims<S>>,
     /// Wildcard aliases, by the suffix after `*.`.
-    wildcard: OrdMap<String, Claims>,
+    wildcard: OrdMap<String, Claims<S>>,
     sites: usize,
 }
 
-impl HostIndex {
+impl<S> Clone for HostIndex<S> {
+    fn clone(&self) -> Self {
+        Self {
+            exact: self.exact.clone(),
+            wildcard: self.wildcard.clone(),
+            sites: self.sites,
+        }
+    }
+}
+
+impl<S> Default for HostIndex<S> {
+    fn default() -> Self {
+        Self {
+            exact: OrdMap::new(),
+            wildcard: OrdMap::new(),
+            sites: 0,
+        }
+    }
+}
+
+impl<S: Aliased> HostIndex<S> {
     /// The site serving canonical name `host`, and how it was found.
-    pub fn lookup(&self, host: &str) -> Option<Resolved<'_>> {
+    pub fn lookup(&self, host: &str) -> Option<Resolved<'_, S>> {
         if let Some(claims) = self.exact.get(host) {
             if let Some(site) = &claims.key {
                 return Some(Resolved {
@@ -123,7 +184,7 @@ impl HostIndex {
 
     /// Every site claiming `host` at the level that decides it (key, exact alias or the
     /// closest wildcard), winner first: more than one means a conflict worth a warning.
-    pub fn claimants(&self, host: &str) -> Vec<&Arc<Site>> {
+    pub fn claimants(&self, host: &str) -> Vec<&Arc<Site<S>>> {
         if let Some(claims) = self.exact.get(host) {
             if !claims.is_empty() {
                 return claims.key.iter().chain(claims.aliases.iter()).collect();
@@ -140,7 +201,7 @@ impl HostIndex {
     }
 
     /// The site whose key is `host`.
-    pub fn site(&self, host: &str) -> Option<&Arc<Site>> {
+    pub fn site(&self, host: &str) -> Option<&Arc<Site<S>>> {
         self.exact.get(host).and_then(|c| c.key.as_ref())
     }
 
@@ -154,7 +215,7 @@ impl HostIndex {
     }
 
     /// Add or replace site `host`; `old` is its previous spec, if it was indexed.
-    pub fn upsert(&mut self, host: &str, old: Option<&SiteSpec>, spec: Arc<SiteSpec>) {
+    pub fn upsert(&mut self, host: &str, old: Option<&S>, spec: Arc<S>) {
         if let Some(old) = old {
             self.unlink(host, old);
         } else {
@@ -166,7 +227,7 @@ impl HostIndex {
             ranking: RankingCache::default(),
         });
         claims_mut(&mut self.exact, host).key = Some(site.clone());
-        for alias in &spec.aliases {
+        for alias in spec.aliases() {
             match alias.strip_prefix("*.") {
                 Some(suffix) => claims_mut(&mut self.wildcard, suffix).add_alias(&site),
                 None => claims_mut(&mut self.exact, alias).add_alias(&site),
@@ -175,15 +236,15 @@ impl HostIndex {
     }
 
     /// Remove site `host`, whose indexed spec is `old`.
-    pub fn remove(&mut self, host: &str, old: &SiteSpec) {
+    pub fn remove(&mut self, host: &str, old: &S) {
         self.unlink(host, old);
         self.sites = self.sites.saturating_sub(1);
     }
 
     /// Drop every claim the site `host` made with `old`.
-    fn unlink(&mut self, host: &str, old: &SiteSpec) {
+    fn unlink(&mut self, host: &str, old: &S) {
         update_claims(&mut self.exact, host, |c| c.key = None);
-        for alias in &old.aliases {
+        for alias in old.aliases() {
             match alias.strip_prefix("*.") {
                 Some(suffix) => update_claims(&mut self.wildcard, suffix, |c| c.remove_alias(host)),
                 None => update_claims(&mut self.exact, alias, |c| c.remove_alias(host)),
@@ -192,18 +253,18 @@ impl HostIndex {
     }
 }
 
-impl Index<SiteSpec> for HostIndex {
-    fn put(&mut self, name: &str, old: Option<&Arc<SiteSpec>>, new: &Arc<SiteSpec>) {
+impl<S: Aliased> Index<S> for HostIndex<S> {
+    fn put(&mut self, name: &str, old: Option<&Arc<S>>, new: &Arc<S>) {
         self.upsert(name, old.map(|o| &**o), new.clone());
     }
 
-    fn remove(&mut self, name: &str, old: &Arc<SiteSpec>) {
+    fn remove(&mut self, name: &str, old: &Arc<S>) {
         HostIndex::remove(self, name, old);
     }
 }
 
-impl FromIterator<(String, Arc<SiteSpec>)> for HostIndex {
-    fn from_iter<I: IntoIterator<Item = (String, Arc<SiteSpec>)>>(sites: I) -> Self {
+impl<S: Aliased> FromIterator<(String, Arc<S>)> for HostIndex<S> {
+    fn from_iter<I: IntoIterator<Item = (String, Arc<S>)>>(sites: I) -> Self {
         let mut index = Self::default();
         for (host, spec) in sites {
             index.upsert(&host, None, spec);
@@ -212,7 +273,7 @@ impl FromIterator<(String, Arc<SiteSpec>)> for HostIndex {
     }
 }
 
-fn claims_mut<'a>(map: &'a mut OrdMap<String, Claims>, name: &str) -> &'a mut Claims {
+fn claims_mut<'a, S>(map: &'a mut OrdMap<String, Claims<S>>, name: &str) -> &'a mut Claims<S> {
     if !map.contains_key(name) {
         map.insert(name.to_string(), Claims::default());
     }
@@ -220,7 +281,11 @@ fn claims_mut<'a>(map: &'a mut OrdMap<String, Claims>, name: &str) -> &'a mut Cl
 }
 
 /// Change the claims on `name`, dropping the entry once nobody claims it.
-fn update_claims(map: &mut OrdMap<String, Claims>, name: &str, change: impl FnOnce(&mut Claims)) {
+fn update_claims<S>(
+    map: &mut OrdMap<String, Claims<S>>,
+    name: &str,
+    change: impl FnOnce(&mut Claims<S>),
+) {
     let Some(claims) = map.get_mut(name) else {
         return;
     };
@@ -231,9 +296,9 @@ fn update_claims(map: &mut OrdMap<String, Claims>, name: &str, change: impl FnOn
 }
 
 /// The alias of `site` that matched: the spec's own string, so callers can show it.
-fn alias_as_written<'a>(site: &'a Site, name: &str, wildcard: bool) -> &'a str {
+fn alias_as_written<'a, S: Aliased>(site: &'a Site<S>, name: &str, wildcard: bool) -> &'a str {
     site.spec
-        .aliases
+        .aliases()
         .iter()
         .find(|a| match a.strip_prefix("*.") {
             Some(suffix) => wildcard && suffix == name,

@@ -23,10 +23,10 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::host::canonical_host;
-use crate::hosts::HostIndex;
 use crate::node::{valid_node_id, NodeInfo};
 use crate::paging::{Pages, MAX_MESSAGE_BYTES};
 use crate::site::{SiteSpec, SpecError};
+use crate::site_route::SiteRoute;
 
 /// Valid records by name (the key without the prefix): a persistent map, cheap to clone.
 pub type Items<T> = OrdMap<String, Arc<T>>;
@@ -35,14 +35,13 @@ pub type Items<T> = OrdMap<String, Arc<T>>;
 pub trait Record: Sized + Send + Sync + 'static {
     /// What the records are, for log lines ("site", "node").
     const KIND: &'static str;
-    /// A lookup structure kept beside the records and updated with them (sites: the host
-    /// index the proxy routes by); `()` for none.
-    type Index: Index<Self>;
     /// Decode the value stored under `<prefix><name>`, checking the name as well.
     fn decode(name: &str, value: &[u8]) -> Result<Self, SpecError>;
 }
 
-/// Derived state updated per record change, published with the records it was built from.
+/// Derived state updated per record change, published with the records it was built from
+/// (the proxy's host index). An owner asks for one only if it reads it: `()` costs nothing,
+/// and an agent, which never routes by host, would otherwise hold an index of every site.
 pub trait Index<T>: Clone + Default + std::fmt::Debug + Send + Sync + 'static {
     /// `name` now holds `new` (and held `old`, if it was valid).
     fn put(&mut self, name: &str, old: Option<&Arc<T>>, new: &Arc<T>);
@@ -57,7 +56,6 @@ impl<T> Index<T> for () {
 
 impl Record for SiteSpec {
     const KIND: &'static str = "site";
-    type Index = HostIndex;
     fn decode(name: &str, value: &[u8]) -> Result<Self, SpecError> {
         match canonical_host(name) {
             Ok(c) if c == name => {}
@@ -78,9 +76,16 @@ impl Record for SiteSpec {
     }
 }
 
+/// The proxy's sites: each record validated whole, then only its routing fields kept.
+impl Record for SiteRoute {
+    const KIND: &'static str = "site";
+    fn decode(name: &str, value: &[u8]) -> Result<Self, SpecError> {
+        SiteSpec::decode(name, value).map(SiteRoute::from)
+    }
+}
+
 impl Record for NodeInfo {
     const KIND: &'static str = "node";
-    type Index = ();
     fn decode(name: &str, value: &[u8]) -> Result<Self, SpecError> {
         if !valid_node_id(name) {
             return Err(SpecError {
@@ -92,20 +97,20 @@ impl Record for NodeInfo {
     }
 }
 
-/// One consistent view of a prefix.
+/// One consistent view of a prefix, with the index `I` its owner asked for.
 #[derive(Debug)]
-pub struct Snapshot<T: Record> {
+pub struct Snapshot<T: Record, I: Index<T> = ()> {
     /// The etcd revision this view reflects.
     pub revision: i64,
     /// Valid records by name (the key without the prefix).
     pub items: Items<T>,
     /// Records that failed to decode, by name, with the reason.
     pub invalid: OrdMap<String, String>,
-    /// The record type's derived index, built from exactly `items`.
-    pub index: T::Index,
+    /// The derived index, built from exactly `items`.
+    pub index: I,
 }
 
-impl<T: Record> Clone for Snapshot<T> {
+impl<T: Record, I: Index<T>> Clone for Snapshot<T, I> {
     fn clone(&self) -> Self {
         Self {
             revision: self.revision,
@@ -116,13 +121,13 @@ impl<T: Record> Clone for Snapshot<T> {
     }
 }
 
-impl<T: Record> Default for Snapshot<T> {
+impl<T: Record, I: Index<T>> Default for Snapshot<T, I> {
     fn default() -> Self {
         Self {
             revision: 0,
             items: OrdMap::new(),
             invalid: OrdMap::new(),
-            index: T::Index::default(),
+            index: I::default(),
         }
     }
 }
@@ -140,10 +145,11 @@ pub struct InformerStats {
     pub last_contact_ms: AtomicU64,
 }
 
-/// Keeps a snapshot of one prefix current. Create with [`Informer::start`].
-pub struct Informer<T: Record> {
+/// Keeps a snapshot of one prefix current, and the index `I` over it (none by default).
+/// Create with [`Informer::start`].
+pub struct Informer<T: Record, I: Index<T> = ()> {
     prefix: String,
-    current: ArcSwap<Snapshot<T>>,
+    current: ArcSwap<Snapshot<T, I>>,
     synced: AtomicBool,
     revision: watch::Sender<i64>,
     pub stats: InformerStats,
@@ -171,7 +177,7 @@ enum WatchEnd {
     Lost(etcd_client::Error),
 }
 
-impl<T: Record> Informer<T> {
+impl<T: Record, I: Index<T>> Informer<T, I> {
     /// Start informing on `prefix` from the etcd at `urls`, on the current tokio runtime.
     pub fn start(urls: &str, prefix: &str) -> Arc<Self> {
         let informer = Arc::new(Self {
@@ -186,7 +192,7 @@ impl<T: Record> Informer<T> {
     }
 
     /// The current snapshot; never blocks.
-    pub fn snapshot(&self) -> Arc<Snapshot<T>> {
+    pub fn snapshot(&self) -> Arc<Snapshot<T, I>> {
         self.current.load_full()
     }
 
@@ -227,7 +233,7 @@ impl<T: Record> Informer<T> {
         let mut client: Option<Client> = None;
         let mut phase = Phase::Listing;
         // The working copy: changed in place, published as an O(1) clone.
-        let mut state = Snapshot::<T>::default();
+        let mut state = Snapshot::<T, I>::default();
         loop {
             let c = match &client {
                 Some(c) => c.clone(),
@@ -282,7 +288,7 @@ impl<T: Record> Informer<T> {
 
     /// Read the whole prefix in pages at one revision into a fresh state. The next page is
     /// asked for while this one is decoded, so etcd's time and ours overlap.
-    async fn list(&self, client: &Client) -> Result<Snapshot<T>, etcd_client::Error> {
+    async fn list(&self, client: &Client) -> Result<Snapshot<T, I>, etcd_client::Error> {
         let started = Instant::now();
         let mut pages = Pages::new(client, &self.prefix);
         let (tx, mut rx) = tokio::sync::mpsc::channel(2);
@@ -302,7 +308,7 @@ impl<T: Record> Informer<T> {
         });
         // Ends the reader if decoding stops early (an error, or this future dropped).
         let _stop_reader = AbortOnDrop(reader);
-        let mut state = Snapshot::<T>::default();
+        let mut state = Snapshot::<T, I>::default();
         let mut count = 0u64;
         while let Some(page) = rx.recv().await {
             let page = page?;
@@ -332,7 +338,7 @@ impl<T: Record> Informer<T> {
         &self,
         client: &Client,
         from: i64,
-        state: &mut Snapshot<T>,
+        state: &mut Snapshot<T, I>,
         backoff: &mut Duration,
     ) -> WatchEnd {
         // No `prev_kv`: the informer keeps its own copy, and it would double each event.
@@ -414,7 +420,7 @@ impl<T: Record> Informer<T> {
             .strip_prefix(self.prefix.as_str())
     }
 
-    fn apply_put(&self, key: &[u8], value: &[u8], state: &mut Snapshot<T>) {
+    fn apply_put(&self, key: &[u8], value: &[u8], state: &mut Snapshot<T, I>) {
         let key_text = String::from_utf8_lossy(key);
         let Some(name) = self.name_of(key) else {
             warn!(key = %key_text, "skipping a key that is not UTF-8");
@@ -441,7 +447,7 @@ impl<T: Record> Informer<T> {
         }
     }
 
-    fn apply_delete(&self, key: &[u8], state: &mut Snapshot<T>) {
+    fn apply_delete(&self, key: &[u8], state: &mut Snapshot<T, I>) {
         if let Some(name) = self.name_of(key) {
             debug!(kind = T::KIND, name, "record removed");
             if let Some(old) = state.items.remove(name) {
@@ -452,7 +458,7 @@ impl<T: Record> Informer<T> {
     }
 
     /// Publish `state` as the current snapshot (O(1): the maps share structure).
-    fn publish(&self, state: &Snapshot<T>) {
+    fn publish(&self, state: &Snapshot<T, I>) {
         self.stats
             .last_contact_ms
             .store(now_ms(), Ordering::Relaxed);

@@ -2,6 +2,8 @@
 //!
 //! - [`keys`]: where things live in etcd.
 //! - [`site`] and [`node`]: the records stored there, with validation that names the bad field.
+//! - [`env_vars`]: a site's environment variables, stored compactly.
+//! - [`site_route`]: the part of a site record the proxy keeps.
 //! - [`host`]: host-name canonicalisation, used for keys and for every `Host` header.
 //! - [`hosts`]: host → site resolution (keys, aliases, wildcards), for proxy and roostctl.
 //! - [`placement`]: which node serves a site, as a pure function of the site and the live nodes.
@@ -14,6 +16,7 @@
 //! - [`cert`]: the TLS certificates the proxy serves by SNI name.
 
 pub mod cert;
+pub mod env_vars;
 pub mod etcd;
 pub mod headers;
 pub mod host;
@@ -26,6 +29,7 @@ pub mod paging;
 pub mod placement;
 pub mod request_rules;
 pub mod site;
+pub mod site_route;
 
 pub use cert::CertRecord;
 pub use host::{canonical_host, HostError};
@@ -33,3 +37,4 @@ pub use informer::{Informer, Snapshot};
 pub use keys::Layout;
 pub use node::NodeInfo;
 pub use site::{SiteSpec, SpecError};
+pub use site_route::SiteRoute;

@@ -4,11 +4,10 @@
 //! silently fall back to a default), and every error names the field it is about, so the
 //! log line for a bad record written with `etcdctl` tells the operator what to fix.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::env_vars::EnvVars;
 use crate::host::canonical_host;
 use crate::node::valid_node_id;
 
@@ -58,8 +57,8 @@ pub struct SiteSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_limit_mb: Option<u64>,
     /// Environment of the worker (on top of a small clean base).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "EnvVars::is_empty")]
+    pub env: EnvVars,
     /// How the worker of an `app` site starts: forked from the interpreter's preloaded
     /// zygote (the default), or `direct` (a fresh gunicorn). `command` sites always start
     /// directly.
@@ -127,15 +126,21 @@ impl SiteSpec {
             idle_timeout: default_idle_timeout(),
             request_timeout: default_request_timeout(),
             memory_limit_mb: None,
-            env: BTreeMap::new(),
+            env: EnvVars::new(),
             spawn: None,
         }
     }
 
     /// Decode and validate a record as stored in etcd.
     pub fn from_json(bytes: &[u8]) -> Result<Self, SpecError> {
-        let spec: SiteSpec = decode_object(bytes)?;
+        let mut spec: SiteSpec = decode_object(bytes)?;
         spec.validate()?;
+        // serde grows a list as it reads (one alias leaves room for four); an informer holds
+        // 100,000 of these for as long as it runs, so keep none of the slack.
+        spec.aliases.shrink_to_fit();
+        if let Some(argv) = &mut spec.command {
+            argv.shrink_to_fit();
+        }
         Ok(spec)
     }
 

@@ -30,12 +30,12 @@ use pingora_core::server::{
 };
 use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
-use roost_proto::{CertRecord, Informer, Layout, NodeInfo, SiteSpec};
+use roost_proto::{CertRecord, Informer, Layout, NodeInfo};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::config::{Args, Config};
-use crate::routes::Router;
+use crate::routes::{Router, SiteInformer};
 use crate::tls::{CertStore, SniCallbacks};
 
 fn main() -> Result<()> {
@@ -146,7 +146,7 @@ impl BackgroundService for Control {
     async fn start(&self, _shutdown: ShutdownWatch) {
         let cfg = &self.cfg;
         let layout = Layout::new(&cfg.prefix);
-        let sites = Informer::<SiteSpec>::start(&cfg.etcd, &layout.sites_prefix());
+        let sites = SiteInformer::start(&cfg.etcd, &layout.sites_prefix());
         let nodes = Informer::<NodeInfo>::start(&cfg.etcd, &layout.nodes_prefix());
         self.router.attach(sites, nodes);
         tokio::spawn(self.router.clone().run());

@@ -3,7 +3,9 @@
 //! updated per event) plus the live node set, swapped atomically whenever either changes.
 //! Publishing a table is O(1) for a site change and O(nodes) for a node change; a lookup
 //! is an O(log N) search per label of the name, and a site's node ranking is cached until the node set
-//! changes. The request path only ever reads an immutable table.
+//! changes. The request path only ever reads an immutable table. A site is held as its
+//! [`SiteRoute`] (the fields routing reads), not the whole record: that keeps the proxy's
+//! memory per site small.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,13 +13,19 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use roost_proto::hosts::Site;
+use roost_proto::hosts::{HostIndex, Site};
 use roost_proto::placement::{NodeSet, Ranking};
-use roost_proto::{Informer, NodeInfo, SiteSpec, Snapshot};
+use roost_proto::{Informer, NodeInfo, SiteRoute, Snapshot};
 use tracing::warn;
 
-/// A routable site: its key, spec and cached ranking.
-pub type Route = Site;
+/// A routable site: its key, routing fields and cached ranking.
+pub type Route = Site<SiteRoute>;
+
+/// The sites informer the proxy routes by: each record's routing fields (validated whole,
+/// kept in part) plus the host index over them.
+pub type SiteInformer = Informer<SiteRoute, HostIndex<SiteRoute>>;
+/// One published view of it.
+pub type SiteSnapshot = Snapshot<SiteRoute, HostIndex<SiteRoute>>;
 
 /// One immutable view of every route and every live node.
 #[derive(Debug, Default)]
@@ -28,12 +36,12 @@ pub struct RouteTable {
     /// The revision of the site snapshot this table was built from, passed to agents so one
     /// that has not yet seen a new site waits for it instead of answering 404.
     pub revision: i64,
-    sites: Arc<Snapshot<SiteSpec>>,
+    sites: Arc<SiteSnapshot>,
     pub nodes: Arc<NodeSet>,
 }
 
 impl RouteTable {
-    pub fn new(sites: Arc<Snapshot<SiteSpec>>, nodes: Arc<NodeSet>) -> Self {
+    pub fn new(sites: Arc<SiteSnapshot>, nodes: Arc<NodeSet>) -> Self {
         Self {
             synced: false,
             revision: sites.revision,
@@ -61,7 +69,7 @@ impl RouteTable {
 /// The informers are attached after start-up ([`Router::attach`]): in daemon mode pingora
 /// forks before its runtimes start, so nothing that owns threads may exist before then.
 pub struct Router {
-    sites: OnceLock<Arc<Informer<SiteSpec>>>,
+    sites: OnceLock<Arc<SiteInformer>>,
     nodes: OnceLock<Arc<Informer<NodeInfo>>>,
     table: ArcSwap<RouteTable>,
     /// Becomes true once a synced table is published.
@@ -81,12 +89,12 @@ impl Router {
     }
 
     /// Attach the informers (once).
-    pub fn attach(&self, sites: Arc<Informer<SiteSpec>>, nodes: Arc<Informer<NodeInfo>>) {
+    pub fn attach(&self, sites: Arc<SiteInformer>, nodes: Arc<Informer<NodeInfo>>) {
         let _ = self.sites.set(sites);
         let _ = self.nodes.set(nodes);
     }
 
-    pub fn sites(&self) -> Option<&Arc<Informer<SiteSpec>>> {
+    pub fn sites(&self) -> Option<&Arc<SiteInformer>> {
         self.sites.get()
     }
 
@@ -289,13 +297,12 @@ impl Suspects {
 mod tests {
     use super::*;
 
-    use roost_proto::hosts::HostIndex;
     use std::collections::BTreeMap;
 
-    fn spec(aliases: &[&str]) -> Arc<SiteSpec> {
-        let mut s = SiteSpec::new_app("alice", "app:application", "/srv/a");
+    fn spec(aliases: &[&str]) -> Arc<SiteRoute> {
+        let mut s = roost_proto::SiteSpec::new_app("alice", "app:application", "/srv/a");
         s.aliases = aliases.iter().map(|a| a.to_string()).collect();
-        Arc::new(s)
+        Arc::new(SiteRoute::from(s))
     }
 
     fn table(sites: &[(&str, &[&str])], nodes: &[&str]) -> RouteTable {
@@ -304,7 +311,7 @@ mod tests {
             revision: 1,
             items: pairs.clone().collect(),
             invalid: Default::default(),
-            index: pairs.collect::<HostIndex>(),
+            index: pairs.collect::<HostIndex<SiteRoute>>(),
         };
         let nodes: BTreeMap<String, NodeInfo> = nodes
             .iter()
