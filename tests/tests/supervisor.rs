@@ -245,7 +245,10 @@ fn cold_starts_of_many_sites_do_not_stall_a_warm_one() {
             &c,
             &format!("cold{i}.example"),
             &user,
-            &["--env", &format!("ROOST_TEST_IMPORT_SLEEP={IMPORT_SLEEP_SECS}")],
+            &[
+                "--env",
+                &format!("ROOST_TEST_IMPORT_SLEEP={IMPORT_SLEEP_SECS}"),
+            ],
         );
     }
     c.wait_for_status("warm.example", 200, Duration::from_secs(10))
