@@ -2,6 +2,7 @@
 //! counted by a global allocator: where the proxy's and agent's RSS goes (issue 9).
 //! `cargo run -p roost-bench --example site_memory [-- N]`
 
+use roost_tests::bulk::bench_site_record;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -34,26 +35,13 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static A: Counting = Counting;
 
-/// The routing-scale benchmark's record (bench/src/routing.rs).
-fn record(i: usize) -> String {
-    serde_json::json!({
-        "user": "roost-bench",
-        "app": "app:application",
-        "dir": format!("/srv/sites/site-{i:07}"),
-        "aliases": [format!("www.site-{i:07}.bench.example")],
-        "idle_timeout": 300,
-        "env": {"APP_ENV": "production"},
-    })
-    .to_string()
-}
-
 fn main() {
     let n: usize = std::env::args()
         .nth(1)
         .map(|s| s.parse().expect("N"))
         .unwrap_or(100_000);
     let inputs: Vec<(String, String)> = (0..n)
-        .map(|i| (format!("site-{i:07}.bench.example"), record(i)))
+        .map(|i| (format!("site-{i:07}.bench.example"), bench_site_record(i)))
         .collect();
     let per_site = |bytes: usize| bytes as f64 / n as f64;
 

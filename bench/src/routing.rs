@@ -15,6 +15,7 @@
 //! Route lookups are timed by the criterion bench `route_lookup` (`bench/routing-scale.sh`
 //! runs both).
 
+use roost_tests::bulk::bench_site_record;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -68,19 +69,6 @@ fn args() -> Args {
 fn die(msg: &str) -> ! {
     eprintln!("roost-routing-bench: {msg}");
     std::process::exit(2)
-}
-
-/// A site record as an operator registers it: ~170 bytes, one alias.
-fn record(i: usize) -> String {
-    serde_json::json!({
-        "user": "roost-bench",
-        "app": "app:application",
-        "dir": format!("/srv/sites/site-{i:07}"),
-        "aliases": [format!("www.site-{i:07}.bench.example")],
-        "idle_timeout": 300,
-        "env": {"APP_ENV": "production"},
-    })
-    .to_string()
 }
 
 struct Running {
@@ -174,7 +162,7 @@ fn propagation(
         let key = format!("{SITES_PREFIX}{host}");
         let mut kv = client.kv_client();
         let t0 = Instant::now();
-        rt.block_on(kv.put(key.as_str(), record(i), None))
+        rt.block_on(kv.put(key.as_str(), bench_site_record(i), None))
             .unwrap_or_else(|e| die(&format!("put {key}: {e}")));
         loop {
             match get(proxy, Some(&host), "/", &[]) {
@@ -260,7 +248,7 @@ fn main() {
         .map(|i| {
             (
                 format!("{SITES_PREFIX}site-{i:07}.bench.example"),
-                record(i),
+                bench_site_record(i),
             )
         })
         .collect();

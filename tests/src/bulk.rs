@@ -46,3 +46,17 @@ pub fn put_all(etcd_url: &str, records: Vec<(String, String)>) {
         }
     });
 }
+
+/// The record the routing-scale benchmark loads N of: ~170 bytes with one alias, the size the
+/// scale issue measured with. Site `i` is `site-{i:07}.bench.example`, its alias `www.` that.
+pub fn bench_site_record(i: usize) -> String {
+    serde_json::json!({
+        "user": "roost-bench",
+        "app": "app:application",
+        "dir": format!("/srv/sites/site-{i:07}"),
+        "aliases": [format!("www.site-{i:07}.bench.example")],
+        "idle_timeout": 300,
+        "env": {"APP_ENV": "production"},
+    })
+    .to_string()
+}
