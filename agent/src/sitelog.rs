@@ -106,10 +106,15 @@ fn open_append(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// A pipe for one worker's stdout and stderr; returns the write end to give the worker.
-/// A thread copies what arrives into `log` until every holder of the write end is gone.
-pub fn pump(host: &str, log: Arc<Mutex<SiteLog>>) -> io::Result<File> {
+/// A pipe for one worker's stdout and stderr; returns the write end to give the worker, and
+/// a receiver that completes once everything written has reached the log. A thread copies
+/// what arrives into `log` until every holder of the write end is gone.
+pub fn pump(
+    host: &str,
+    log: Arc<Mutex<SiteLog>>,
+) -> io::Result<(File, tokio::sync::oneshot::Receiver<()>)> {
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (drained, drained_rx) = tokio::sync::oneshot::channel();
     let mut read = File::from(read);
     let host = host.to_string();
     std::thread::Builder::new()
@@ -145,8 +150,9 @@ pub fn pump(host: &str, log: Arc<Mutex<SiteLog>>) -> io::Result<File> {
                 partial.push(b'\n');
                 write_lines(&host, &log, &partial);
             }
+            let _ = drained.send(());
         })?;
-    Ok(File::from(write))
+    Ok((File::from(write), drained_rx))
 }
 
 fn write_lines(host: &str, log: &Mutex<SiteLog>, lines: &[u8]) {
@@ -179,7 +185,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("roost-sitelog-{}", std::process::id()));
         fs::create_dir_all(dir.join("logs")).unwrap();
         let log = Arc::new(Mutex::new(SiteLog::open(&dir, "a.example", 4096).unwrap()));
-        let mut writer = pump("a.example", log.clone()).unwrap();
+        let (mut writer, _drained) = pump("a.example", log.clone()).unwrap();
         for i in 0..1000 {
             writeln!(writer, "line {i:04} of the worker's output").unwrap();
         }

@@ -35,6 +35,8 @@ const MIB: u64 = 1024 * 1024;
 const LAUNCH_THREADS: usize = 4;
 /// How long a worker's leftover processes may take to vanish after SIGKILL.
 const GROUP_GONE_WAIT: Duration = Duration::from_secs(2);
+/// How long an exited worker's output may take to reach its log before the exit is reported.
+const OUTPUT_DRAIN_WAIT: Duration = Duration::from_secs(1);
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -280,7 +282,7 @@ impl Launcher for SystemLauncher {
                     None
                 };
                 let procs = setup.prepare(&host, &spec, &cfg);
-                let log = site_log(&logs, &cfg, &host)
+                let (log, output_drained) = site_log(&logs, &cfg, &host)
                     .and_then(|log| sitelog::pump(&host, log))
                     .map_err(|e| LaunchError(format!("cannot open the site's log: {e}")))?;
                 let proc = worker::spawn(&worker::Launch {
@@ -295,11 +297,11 @@ impl Launcher for SystemLauncher {
                 })
                 .map_err(|e| LaunchError(format!("cannot start the site's worker: {e}")))?;
                 info!(site = %host, pid = proc.pid(), user = %user.name, uid = user.uid.as_raw(), "worker started");
-                Ok((proc, cfg.state_dir.clone()))
+                Ok((proc, cfg.state_dir.clone(), output_drained))
             })
         };
         Box::pin(async move {
-            let (proc, state_dir) = starting.await?;
+            let (proc, state_dir, output_drained) = starting.await?;
             let pid = proc.pid();
             let exited: BoxFut<Exit> = Box::pin(async move {
                 let status = proc.wait().await;
@@ -309,6 +311,9 @@ impl Launcher for SystemLauncher {
                 while group_alive(pid) && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
+                // The worker's last words (an import error) may still be in the pipe: let them
+                // reach the log before it is read. Bounded: a daemon it left may hold the pipe.
+                let _ = tokio::time::timeout(OUTPUT_DRAIN_WAIT, output_drained).await;
                 let log = sitelog::path(&state_dir, &host);
                 let last_line = tokio::task::spawn_blocking(move || {
                     let tail = sitelog::tail(&log, 20).unwrap_or_default();
