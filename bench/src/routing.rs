@@ -36,34 +36,31 @@ struct Args {
     bin_dir: PathBuf,
 }
 
+/// The command line; `Args` is what the benchmark uses, defaults resolved.
+#[derive(clap::Parser)]
+#[command(
+    name = "roost-routing-bench",
+    about = "Sync, memory and propagation of proxy and agent at N sites"
+)]
+struct Flags {
+    /// Site records to load into etcd.
+    #[arg(long, default_value_t = 100_000)]
+    sites: usize,
+    /// Single changes timed for propagation, per cluster size (at least 2).
+    #[arg(long, default_value_t = 100)]
+    probes: usize,
+    /// Where roost-agent and roost-proxy are (default: this binary's directory).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
 fn args() -> Args {
-    let mut a = Args {
-        sites: 100_000,
-        probes: 100,
-        bin_dir: std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(Path::to_path_buf))
-            .unwrap_or_else(|| PathBuf::from(".")),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || {
-            it.next()
-                .unwrap_or_else(|| die(&format!("{flag} needs a value")))
-        };
-        match flag.as_str() {
-            "--sites" => a.sites = value().parse().unwrap_or_else(|_| die("--sites N")),
-            "--probes" => a.probes = value().parse().unwrap_or_else(|_| die("--probes N")),
-            "--bin-dir" => a.bin_dir = PathBuf::from(value()),
-            "-h" | "--help" => {
-                println!("roost-routing-bench [--sites N (100000)] [--probes N (100)] [--bin-dir DIR (this binary's dir)]");
-                std::process::exit(0);
-            }
-            other => die(&format!("unknown argument {other}")),
-        }
+    let f = <Flags as clap::Parser>::parse();
+    Args {
+        sites: f.sites,
+        probes: f.probes.max(2),
+        bin_dir: f.bin_dir.unwrap_or_else(roost_tests::bins::current_exe_dir),
     }
-    a.probes = a.probes.max(2);
-    a
 }
 
 fn die(msg: &str) -> ! {

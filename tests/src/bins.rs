@@ -22,6 +22,14 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The directory of the running executable (a benchmark finds the binaries beside itself).
+pub fn current_exe_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
 /// `$CARGO_TARGET_DIR`, else `<workspace>/target`.
 pub fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
