@@ -597,3 +597,30 @@ fn the_proxy_counts_failovers_and_drops_a_dead_nodes_series() {
     );
     promtool_check_metrics("proxy after a node loss", &after);
 }
+
+#[test]
+fn the_readme_explains_every_panel_and_alert() {
+    let readme = std::fs::read_to_string(repo().join("dashboards/README.md")).unwrap();
+    let mut unexplained = Vec::new();
+    for file in DASHBOARDS {
+        let text = std::fs::read_to_string(repo().join("dashboards").join(file)).unwrap();
+        let board: Value = serde_json::from_str(&text).unwrap();
+        for panel in board["panels"].as_array().into_iter().flatten() {
+            let title = panel["title"].as_str().unwrap_or_default();
+            if panel["type"] != "row" && !readme.contains(&format!("| {title} |")) {
+                unexplained.push(format!("{file}: panel {title:?}"));
+            }
+        }
+    }
+    let rules = std::fs::read_to_string(repo().join("dashboards/alerts.yml")).unwrap();
+    for (what, _) in alert_exprs(&rules) {
+        let name = what.trim_start_matches("alert ");
+        if !readme.contains(&format!("| `{name}` |")) {
+            unexplained.push(what);
+        }
+    }
+    assert!(
+        unexplained.is_empty(),
+        "dashboards/README.md does not explain: {unexplained:?}"
+    );
+}
