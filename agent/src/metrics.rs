@@ -393,3 +393,50 @@ fn exported_sites(families: &[prometheus::proto::MetricFamily]) -> Vec<String> {
         .map(|l| l.value().to_string())
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn warm(host: &str, state: &'static str) -> SiteStatus {
+        SiteStatus {
+            host: host.to_string(),
+            user: "alice".to_string(),
+            state,
+            pid: Some(42),
+            stopping: vec![43],
+            in_flight: 1,
+            idle_for_secs: 0,
+            memory_bytes: Some(1 << 20),
+            memory_limit_bytes: Some(1 << 28),
+            cpu_seconds: Some(1.5),
+            failures: 0,
+            note: None,
+        }
+    }
+
+    #[test]
+    fn per_site_series_exist_only_while_the_site_has_a_worker() {
+        let m = Metrics::new();
+        m.set_sites(
+            &[warm("a.example", "ready"), warm("b.example", "starting")],
+            4,
+            8,
+        );
+        m.count_request("2xx", Some("a.example"), 0.01);
+        let t = String::from_utf8(m.render()).unwrap();
+        assert!(t.contains(r#"roost_agent_site_requests_total{site="a.example"} 1"#));
+        assert!(t.contains(r#"roost_agent_site_cpu_seconds_total{site="b.example"} 1.5"#));
+        assert!(t.contains(r#"roost_agent_workers{state="ready"} 1"#));
+        assert!(t.contains(r#"roost_agent_workers{state="starting"} 1"#));
+        assert!(t.contains(r#"roost_agent_workers{state="draining"} 2"#));
+        assert!(t.contains("roost_agent_capacity_used_ratio 0.5"));
+        // a.example's worker is gone; a late request of it does not bring its series back.
+        m.count_request("2xx", Some("a.example"), 0.01);
+        m.set_sites(&[warm("b.example", "ready")], 2, 8);
+        let t = String::from_utf8(m.render()).unwrap();
+        assert!(!t.contains("a.example"), "{t}");
+        assert!(t.contains(r#"roost_agent_site_memory_bytes{site="b.example"} 1048576"#));
+        assert_eq!(m.requests.with_label_values(&["2xx"]).get(), 2);
+    }
+}

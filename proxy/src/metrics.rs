@@ -245,3 +245,30 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(m: &Metrics) -> String {
+        String::from_utf8(m.render()).unwrap()
+    }
+
+    #[test]
+    fn node_series_follow_the_live_nodes() {
+        let m = Metrics::new();
+        m.set_nodes(["a", "b"].into_iter());
+        let t = text(&m);
+        assert!(t.contains(r#"roost_proxy_requests_total{class="5xx",node="a"} 0"#));
+        assert!(t.contains(r#"roost_proxy_requests_total{class="2xx",node="b"} 0"#));
+        m.count_request("2xx", Some("a"), 0.01);
+        // b leaves; a request that was still on its way to b ends after that.
+        m.set_nodes(["a"].into_iter());
+        m.count_request("5xx", Some("b"), 0.01);
+        m.set_nodes(["a"].into_iter());
+        let t = text(&m);
+        assert!(t.contains(r#"roost_proxy_requests_total{class="2xx",node="a"} 1"#));
+        assert!(!t.contains(r#"node="b""#), "{t}");
+        assert!(t.contains(r#"roost_proxy_requests_total{class="4xx",node="none"} 0"#));
+    }
+}
