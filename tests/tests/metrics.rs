@@ -624,3 +624,22 @@ fn the_readme_explains_every_panel_and_alert() {
         "dashboards/README.md does not explain: {unexplained:?}"
     );
 }
+
+#[test]
+fn the_alerts_fire_when_they_should_and_only_then() {
+    // dashboards/alerts_test.yml feeds series shaped like real scrapes to the rules.
+    let out = Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(repo().join("dashboards/alerts_test.yml"))
+        .output()
+        .expect("run promtool (deploy/install-deps.sh installs the prometheus package)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("SUCCESS"),
+        "promtool test rules: {text}"
+    );
+}
