@@ -480,14 +480,19 @@ fn promtool_accepts_both_outputs_before_and_after_serving_and_the_metrics_move()
             &format!("roost_agent_worker_spawns_total{{launcher=\"{l}\"}}"),
         )
     };
-    eprintln!(
-        "cold starts: zygote {} direct {}; spawns: zygote {} direct {}; cold-start sum {:.3} s",
-        cold("zygote"),
-        cold("direct"),
-        spawns("zygote"),
-        spawns("direct"),
-        metric_sum(&agent, "roost_agent_cold_start_duration_seconds_sum")
-    );
+    let mean_ms = |metric: &str, l: &str| {
+        let series = |part: &str| format!("{metric}_{part}{{launcher=\"{l}\"}}");
+        1000.0 * sample(&agent, &series("sum")) / sample(&agent, &series("count")).max(1.0)
+    };
+    for l in ["zygote", "direct"] {
+        eprintln!(
+            "{l}: {} cold starts, mean {:.1} ms; {} spawns, mean spawn {:.1} ms",
+            cold(l),
+            mean_ms("roost_agent_cold_start_duration_seconds", l),
+            spawns(l),
+            mean_ms("roost_agent_worker_spawn_duration_seconds", l),
+        );
+    }
     assert_eq!(
         cold("zygote") + cold("direct"),
         3.0,
