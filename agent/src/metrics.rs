@@ -315,6 +315,7 @@ impl Metrics {
             if s.pid.is_some() {
                 by_state[if s.state == "ready" { 1 } else { 0 }] += 1;
             }
+            by_state[0] += s.candidate.is_some() as i64;
             by_state[2] += s.stopping.len() as i64;
         }
         for (state, n) in WORKER_STATES.iter().zip(by_state) {
@@ -405,6 +406,7 @@ mod tests {
             state,
             pid: Some(42),
             stopping: vec![43],
+            candidate: None,
             in_flight: 1,
             idle_for_secs: 0,
             memory_bytes: Some(1 << 20),

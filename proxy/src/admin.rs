@@ -41,6 +41,8 @@ impl AdminApp {
         }
         let table = self.router.table();
         m.nodes.set(table.nodes.nodes.len() as i64);
+        m.draining_nodes
+            .set(table.nodes.nodes.values().filter(|n| n.draining).count() as i64);
         m.set_nodes(table.nodes.nodes.keys().map(String::as_str));
         m.snapshot_staleness
             .set(self.router.staleness_ms() as f64 / 1000.0);

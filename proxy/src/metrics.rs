@@ -49,6 +49,7 @@ pub struct Metrics {
     pub sites: IntGauge,
     pub hosts: IntGauge,
     pub nodes: IntGauge,
+    pub draining_nodes: IntGauge,
     pub invalid_records: IntCounter,
     pub etcd_revision: IntGauge,
     pub snapshot_staleness: Gauge,
@@ -115,7 +116,14 @@ impl Metrics {
                 "roost_proxy_hosts",
                 "Host names in the routing table (site names, exact aliases, wildcard aliases)",
             ),
-            nodes: gauge("roost_proxy_nodes", "Live nodes in the routing table"),
+            nodes: gauge(
+                "roost_proxy_nodes",
+                "Live nodes in the routing table (registered under a live etcd lease, draining ones included)",
+            ),
+            draining_nodes: gauge(
+                "roost_proxy_draining_nodes",
+                "Live nodes that are draining: they serve what reaches them but get no new placements",
+            ),
             invalid_records: counter(
                 "roost_proxy_invalid_site_records_total",
                 "Invalid site records seen in etcd since start (skipped, never routed)",
@@ -167,6 +175,7 @@ impl Metrics {
             Box::new(m.sites.clone()),
             Box::new(m.hosts.clone()),
             Box::new(m.nodes.clone()),
+            Box::new(m.draining_nodes.clone()),
             Box::new(m.invalid_records.clone()),
             Box::new(m.etcd_revision.clone()),
             Box::new(m.snapshot_staleness.clone()),

@@ -601,6 +601,35 @@ fn the_proxy_counts_failovers_and_drops_a_dead_nodes_series() {
         "the dead node's series outlived it:\n{after}"
     );
     promtool_check_metrics("proxy after a node loss", &after);
+
+    // A node that joins draining (written by hand, as an operator may): counted as live and
+    // as draining, with its request series at 0 from the moment it is known; gone with it.
+    edge.etcd.put(
+        "/roost/nodes/node-d",
+        r#"{"addr": "127.0.0.1:9", "draining": true}"#,
+    );
+    assert!(
+        wait_until(SHOW, || p.metric("roost_proxy_nodes") == Some(2.0)),
+        "node-d never joined"
+    );
+    let joined = scrape(p.admin);
+    assert_eq!(
+        metric_value(&joined, "roost_proxy_draining_nodes"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &joined,
+            "roost_proxy_requests_total{class=\"2xx\",node=\"node-d\"}"
+        ),
+        0.0
+    );
+    edge.etcd.del("/roost/nodes/node-d");
+    assert!(
+        wait_until(SHOW, || p.metric("roost_proxy_draining_nodes") == Some(0.0)),
+        "node-d never left"
+    );
+    assert!(!scrape(p.admin).contains("node=\"node-d\""));
 }
 
 #[test]

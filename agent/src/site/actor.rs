@@ -916,6 +916,7 @@ impl Actor {
             state,
             pid: self.current.as_ref().map(|c| c.worker.pid()),
             stopping: self.retiring.iter().map(|p| p.worker.pid()).collect(),
+            candidate: self.candidate.as_ref().map(|c| c.worker.pid()),
             in_flight: self.in_flight,
             idle_for_secs: if self.in_flight == 0 {
                 self.last_active.elapsed().as_secs()

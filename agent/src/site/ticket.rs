@@ -232,6 +232,9 @@ pub struct SiteStatus {
     pub state: &'static str,
     pub pid: Option<i32>,
     pub stopping: Vec<i32>,
+    /// A changed spec's worker, starting beside the serving one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<i32>,
     pub in_flight: u32,
     pub idle_for_secs: u64,
     pub memory_bytes: Option<u64>,
