@@ -106,11 +106,16 @@ impl ServeHttp for AdminApp {
                 if seen > exported {
                     self.metrics.invalid_records.inc_by(seen - exported);
                 }
+                self.metrics.etcd_revision.set(snap.revision);
                 self.metrics
-                    .snapshot_staleness_ms
-                    .set(self.sites.staleness_ms() as i64);
-                self.metrics
-                    .set_site_series(&self.sites_here.status_running().await);
+                    .snapshot_staleness
+                    .set(self.sites.staleness_ms() as f64 / 1000.0);
+                let (slots_held, max_workers) = self.sites_here.capacity();
+                self.metrics.set_sites(
+                    &self.sites_here.status_running().await,
+                    slots_held,
+                    max_workers,
+                );
                 admin_reply(200, "text/plain; version=0.0.4", self.metrics.render())
             }
             "/sites" => {

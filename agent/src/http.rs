@@ -255,7 +255,7 @@ impl ProxyHttp for AgentHttp {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         if let Some(ticket) = &ctx.ticket {
-            ticket.mark_answered();
+            ticket.mark_answered(ctx.started);
         }
         Ok(())
     }
@@ -376,10 +376,14 @@ impl ProxyHttp for AgentHttp {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
         // Give the worker back first: the idle clock starts when the response is done.
-        ctx.ticket.take();
+        let reached_worker = ctx.ticket.take().is_some();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let class = status_class(status);
-        self.metrics.requests.with_label_values(&[class]).inc();
+        self.metrics.count_request(
+            class,
+            reached_worker.then_some(ctx.site.as_str()),
+            ctx.started.elapsed().as_secs_f64(),
+        );
         let req = session.req_header();
         info!(
             request_id = %ctx.request_id,

@@ -214,6 +214,11 @@ impl<S: Aliased> HostIndex<S> {
         self.sites == 0
     }
 
+    /// Names routed: site names and exact aliases, plus wildcard suffixes (O(1)).
+    pub fn names(&self) -> usize {
+        self.exact.len() + self.wildcard.len()
+    }
+
     /// Add or replace site `host`; `old` is its previous spec, if it was indexed.
     pub fn upsert(&mut self, host: &str, old: Option<&S>, spec: Arc<S>) {
         if let Some(old) = old {

@@ -8,8 +8,10 @@ use async_trait::async_trait;
 use http::Response;
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
+use prometheus::IntCounter;
 use roost_runtime::admin_reply;
 
+use crate::awaiting::AwaitingSites;
 use crate::metrics::Metrics;
 use crate::routes::Router;
 use crate::tls::CertStore;
@@ -20,32 +22,54 @@ pub struct AdminApp {
     pub certs: Option<Arc<CertStore>>,
     pub draining: Arc<AtomicBool>,
     pub in_flight: Arc<AtomicUsize>,
+    pub awaiting: Arc<AwaitingSites>,
 }
 
 impl AdminApp {
+    /// Set the gauges (and catch the counters kept elsewhere up) just before a scrape.
     fn refresh_gauges(&self) {
         let m = &self.metrics;
         if let Some(sites) = self.router.sites() {
-            m.sites.set(sites.snapshot().items.len() as i64);
-            m.invalid_records
-                .set(sites.stats.invalid_records.load(Ordering::Relaxed) as i64);
+            let snap = sites.snapshot();
+            m.sites.set(snap.items.len() as i64);
+            m.hosts.set(snap.index.names() as i64);
+            m.etcd_revision.set(snap.revision);
+            catch_up(
+                &m.invalid_records,
+                sites.stats.invalid_records.load(Ordering::Relaxed),
+            );
         }
-        if let Some(nodes) = self.router.nodes() {
-            m.nodes.set(nodes.snapshot().items.len() as i64);
-        }
-        m.snapshot_staleness_ms
-            .set(self.router.staleness_ms() as i64);
+        let table = self.router.table();
+        m.nodes.set(table.nodes.nodes.len() as i64);
+        m.draining_nodes
+            .set(table.nodes.nodes.values().filter(|n| n.draining).count() as i64);
+        m.set_nodes(table.nodes.nodes.keys().map(String::as_str));
+        m.snapshot_staleness
+            .set(self.router.staleness_ms() as f64 / 1000.0);
         m.in_flight
             .set(self.in_flight.load(Ordering::Relaxed) as i64);
+        m.sites_awaiting_response.set(self.awaiting.sites() as i64);
         m.suspect_nodes.set(self.router.suspect_count() as i64);
         m.draining.set(self.draining.load(Ordering::Relaxed) as i64);
         if let Some(certs) = &self.certs {
             m.certificates.set(certs.count() as i64);
-            m.invalid_certificates
-                .set(certs.invalid.load(Ordering::Relaxed) as i64);
-            m.tls_no_certificate
-                .set(certs.no_cert_handshakes.load(Ordering::Relaxed) as i64);
+            catch_up(
+                &m.invalid_certificates,
+                certs.invalid.load(Ordering::Relaxed),
+            );
+            catch_up(
+                &m.tls_no_certificate,
+                certs.no_cert_handshakes.load(Ordering::Relaxed),
+            );
         }
+    }
+}
+
+/// A counter kept as an atomic elsewhere: add what was counted since the last scrape.
+fn catch_up(counter: &IntCounter, seen: u64) {
+    let exported = counter.get();
+    if seen > exported {
+        counter.inc_by(seen - exported);
     }
 }
 

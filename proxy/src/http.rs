@@ -10,8 +10,10 @@
 //!    goes to the next one (bounded). Nothing reached that agent, so nothing runs twice.
 //! 5. `upstream_request_filter`: drop every client-sent internal header, add ours and the
 //!    forwarded headers; absolute-form becomes origin-form with its authority as `Host`.
-//! 6. `fail_to_proxy`: Roost's short error pages instead of pingora's.
-//! 7. `logging`: one line and the metrics per request.
+//! 6. `upstream_response_filter`: the agent's response header arrived: upstream latency,
+//!    and the site stops counting as awaiting an answer (the proxy's view of a cold start).
+//! 7. `fail_to_proxy`: Roost's short error pages instead of pingora's.
+//! 8. `logging`: one line and the metrics per request (by status class and node).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,6 +32,7 @@ use roost_proto::headers::{self, valid_request_id};
 use roost_proto::request_rules::{check_trailers, Refusal, Target};
 use tracing::{info, warn};
 
+use crate::awaiting::{AwaitingGuard, AwaitingSites};
 use crate::config::Config;
 use crate::forwarded::forwarded;
 use crate::metrics::Metrics;
@@ -47,6 +50,8 @@ pub struct EdgeHttp {
     pub metrics: Arc<Metrics>,
     /// Requests between `new_ctx` and the end of `logging`: what a drain waits for.
     pub in_flight: Arc<AtomicUsize>,
+    /// Sites with a request sent to an agent and no answer yet (a metric).
+    pub awaiting: Arc<AwaitingSites>,
 }
 
 /// Counts a request in flight for as long as its context lives.
@@ -79,6 +84,10 @@ pub struct RequestCtx {
     /// Why the proxy refused the request part-way (shown on the error page).
     refusal: Option<String>,
     client: String,
+    /// When the request was sent to an agent (the last attempt), if it was.
+    sent_upstream: Option<Instant>,
+    /// Held from sending to the agent until its response header arrives.
+    awaiting: Option<AwaitingGuard>,
     _in_flight: InFlight,
 }
 
@@ -225,6 +234,8 @@ impl ProxyHttp for EdgeHttp {
             body_bytes: 0,
             refusal: None,
             client: String::new(),
+            sent_upstream: None,
+            awaiting: None,
             _in_flight: InFlight(self.in_flight.clone()),
         }
     }
@@ -470,7 +481,7 @@ impl ProxyHttp for EdgeHttp {
         if next < ctx.nodes.len() && next < self.cfg.max_node_attempts {
             warn!(request_id = %ctx.request_id, site = %ctx.site, node = %node,
                 next = %ctx.nodes[next].0, error = %e, "node unreachable; trying the next node");
-            self.metrics.node_retries.inc();
+            self.metrics.failovers.inc();
             ctx.attempt = next;
             e.set_retry(true);
         } else {
@@ -502,6 +513,10 @@ impl ProxyHttp for EdgeHttp {
         upstream: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        ctx.sent_upstream = Some(Instant::now());
+        if ctx.awaiting.is_none() {
+            ctx.awaiting = Some(self.awaiting.begin(&ctx.site));
+        }
         strip_internal_headers(upstream);
         upstream.insert_header(headers::SITE, &ctx.site)?;
         upstream.insert_header(headers::REVISION, ctx.revision.to_string())?;
@@ -538,6 +553,21 @@ impl ProxyHttp for EdgeHttp {
         upstream.insert_header("x-forwarded-for", f.xff)?;
         upstream.insert_header("x-forwarded-proto", f.proto)?;
         upstream.insert_header("x-forwarded-host", f.host)?;
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        ctx.awaiting.take();
+        if let Some(sent) = ctx.sent_upstream {
+            self.metrics
+                .upstream_duration
+                .observe(sent.elapsed().as_secs_f64());
+        }
         Ok(())
     }
 
@@ -642,11 +672,13 @@ impl ProxyHttp for EdgeHttp {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let class = status_class(status);
         let elapsed = ctx.started.elapsed();
-        self.metrics.requests.with_label_values(&[class]).inc();
+        ctx.awaiting.take();
+        let node = ctx
+            .sent_upstream
+            .and_then(|_| ctx.nodes.get(ctx.attempt))
+            .map(|n| n.0.as_str());
         self.metrics
-            .duration
-            .with_label_values(&[class])
-            .observe(elapsed.as_secs_f64());
+            .count_request(class, node, elapsed.as_secs_f64());
         let req = session.req_header();
         info!(
             request_id = %ctx.request_id,

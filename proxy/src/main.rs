@@ -8,6 +8,7 @@
 //! (deploy/UPGRADE.md), then drains the same way.
 
 mod admin;
+mod awaiting;
 mod config;
 mod forwarded;
 mod http;
@@ -54,6 +55,7 @@ fn main() -> Result<()> {
     let metrics = Arc::new(metrics::Metrics::new());
     let draining = Arc::new(AtomicBool::new(false));
     let in_flight = Arc::new(AtomicUsize::new(0));
+    let awaiting = Arc::new(awaiting::AwaitingSites::default());
 
     let conf = ServerConf {
         threads: cfg.threads,
@@ -84,6 +86,7 @@ fn main() -> Result<()> {
             cfg: cfg.clone(),
             metrics: metrics.clone(),
             in_flight: in_flight.clone(),
+            awaiting: awaiting.clone(),
         },
     );
     // Every client connection goes through the tap, which lets the edge check chunked trailers.
@@ -105,6 +108,7 @@ fn main() -> Result<()> {
             certs: certs.clone(),
             draining: draining.clone(),
             in_flight: in_flight.clone(),
+            awaiting,
         },
     );
     admin.add_tcp(&cfg.admin);
@@ -170,7 +174,7 @@ impl BackgroundService for Control {
 
 impl Control {
     /// A log line while etcd has not confirmed the snapshot for `staleness_warn_secs`, and
-    /// one when it has again. The metric is `roost_proxy_snapshot_staleness_milliseconds`.
+    /// one when it has again. The metric is `roost_proxy_snapshot_staleness_seconds`.
     async fn watch_staleness(&self) {
         let warn_after = Duration::from_secs(self.cfg.staleness_warn_secs);
         let mut stale_since_warned: Option<Instant> = None;

@@ -1,27 +1,73 @@
-//! The proxy's Prometheus metrics (`roost_proxy_*`). Label sets are bounded: status class,
-//! outcome; never a host or a path.
+//! The proxy's Prometheus metrics (`roost_proxy_*`, base units, counters for counts).
+//!
+//! Label sets are bounded and exist from start at 0: status class, refusal reason, and the
+//! node a request went to (live nodes only: a node's series go when it leaves the node
+//! set). Never a host or a path.
 
+use std::collections::BTreeSet;
+
+use prometheus::core::Collector;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
+
+/// The status classes of `roost_runtime::status_class`; "none": no response was written.
+pub const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+
+/// The `node` label of a request the proxy answered itself, without reaching any node.
+pub const NO_NODE: &str = "none";
+
+/// Reasons the proxy answers a request itself (`EdgeHttp::refuse`), beyond the
+/// request-acceptance rules' own (`Refusal::LABELS`).
+pub const EDGE_REFUSALS: [&str; 8] = [
+    "bad_host",
+    "misdirected",
+    "not_synced",
+    "unknown_site",
+    "headers_too_large",
+    "body_too_large",
+    "no_node",
+    "malformed_chunked",
+];
+
+/// Request latency buckets (seconds): a warm request is milliseconds, a cold one up to the
+/// start timeout.
+const LATENCY_BUCKETS: [f64; 15] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
 
 pub struct Metrics {
     registry: Registry,
+    /// By status class and the node that answered (or [`NO_NODE`]).
     pub requests: IntCounterVec,
     pub duration: HistogramVec,
+    /// Request sent to an agent → its response header.
+    pub upstream_duration: Histogram,
     pub rejected: IntCounterVec,
-    pub node_retries: IntCounter,
+    pub failovers: IntCounter,
     pub sites: IntGauge,
+    pub hosts: IntGauge,
     pub nodes: IntGauge,
-    pub invalid_records: IntGauge,
-    pub snapshot_staleness_ms: IntGauge,
+    pub draining_nodes: IntGauge,
+    pub invalid_records: IntCounter,
+    pub etcd_revision: IntGauge,
+    pub snapshot_staleness: Gauge,
     pub in_flight: IntGauge,
+    pub sites_awaiting_response: IntGauge,
     pub suspect_nodes: IntGauge,
     pub certificates: IntGauge,
-    pub invalid_certificates: IntGauge,
-    pub tls_no_certificate: IntGauge,
+    pub invalid_certificates: IntCounter,
+    pub tls_no_certificate: IntCounter,
     pub draining: IntGauge,
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("valid metric")
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("valid metric")
 }
 
 impl Metrics {
@@ -29,86 +75,209 @@ impl Metrics {
         let m = Self {
             registry: Registry::new(),
             requests: IntCounterVec::new(
-                Opts::new("roost_proxy_requests_total", "Requests answered, by status class"),
-                &["class"],
+                Opts::new(
+                    "roost_proxy_requests_total",
+                    "Requests answered, by status class and by the node that answered (\"none\": the proxy answered itself)",
+                ),
+                &["class", "node"],
             )
-            .unwrap(),
+            .expect("valid metric"),
             duration: HistogramVec::new(
-                HistogramOpts::new("roost_proxy_request_duration_seconds", "Time to answer a request, by status class")
-                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+                HistogramOpts::new(
+                    "roost_proxy_request_duration_seconds",
+                    "Time to answer a request at the edge, by status class",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
                 &["class"],
             )
-            .unwrap(),
+            .expect("valid metric"),
+            upstream_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "roost_proxy_upstream_duration_seconds",
+                    "Time from sending a request to an agent to its response header (includes any cold start)",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            )
+            .expect("valid metric"),
             rejected: IntCounterVec::new(
-                Opts::new("roost_proxy_rejected_total", "Requests answered by the proxy itself, by reason"),
+                Opts::new(
+                    "roost_proxy_rejected_total",
+                    "Requests answered by the proxy itself, by reason",
+                ),
                 &["reason"],
             )
-            .unwrap(),
-            node_retries: IntCounter::new(
-                "roost_proxy_node_retries_total",
-                "Connections that failed and were retried on the next node of the ranking",
-            )
-            .unwrap(),
-            sites: IntGauge::new("roost_proxy_sites", "Valid sites in the proxy's snapshot").unwrap(),
-            nodes: IntGauge::new("roost_proxy_nodes", "Live nodes in the proxy's snapshot").unwrap(),
-            invalid_records: IntGauge::new(
+            .expect("valid metric"),
+            failovers: counter(
+                "roost_proxy_failovers_total",
+                "Connections to a node that failed and were retried on the next node of the site's ranking",
+            ),
+            sites: gauge("roost_proxy_sites", "Valid sites in the routing table"),
+            hosts: gauge(
+                "roost_proxy_hosts",
+                "Host names in the routing table (site names, exact aliases, wildcard aliases)",
+            ),
+            nodes: gauge(
+                "roost_proxy_nodes",
+                "Live nodes in the routing table (registered under a live etcd lease, draining ones included)",
+            ),
+            draining_nodes: gauge(
+                "roost_proxy_draining_nodes",
+                "Live nodes that are draining: they serve what reaches them but get no new placements",
+            ),
+            invalid_records: counter(
                 "roost_proxy_invalid_site_records_total",
-                "Invalid site records seen in etcd since start",
-            )
-            .unwrap(),
-            snapshot_staleness_ms: IntGauge::new(
-                "roost_proxy_snapshot_staleness_milliseconds",
+                "Invalid site records seen in etcd since start (skipped, never routed)",
+            ),
+            etcd_revision: gauge(
+                "roost_proxy_etcd_revision",
+                "The etcd revision of the site snapshot the proxy routes by",
+            ),
+            snapshot_staleness: Gauge::new(
+                "roost_proxy_snapshot_staleness_seconds",
                 "Time since etcd last confirmed the proxy's routing snapshot (sites and nodes); grows while etcd is unreachable",
             )
-            .unwrap(),
-            in_flight: IntGauge::new("roost_proxy_requests_in_flight", "Requests being answered now").unwrap(),
-            suspect_nodes: IntGauge::new(
+            .expect("valid metric"),
+            in_flight: gauge(
+                "roost_proxy_requests_in_flight",
+                "Requests being answered now",
+            ),
+            sites_awaiting_response: gauge(
+                "roost_proxy_sites_awaiting_response",
+                "Sites with a request sent to an agent and no response header yet: a warm site leaves within milliseconds, a site in cold start stays until its worker answers",
+            ),
+            suspect_nodes: gauge(
                 "roost_proxy_suspect_nodes",
                 "Nodes that refused a connection recently and are tried last",
-            )
-            .unwrap(),
-            certificates: IntGauge::new("roost_proxy_tls_certificates", "TLS certificates loaded (etcd and directory)")
-                .unwrap(),
-            invalid_certificates: IntGauge::new(
+            ),
+            certificates: gauge(
+                "roost_proxy_tls_certificates",
+                "TLS certificates loaded (etcd and directory)",
+            ),
+            invalid_certificates: counter(
                 "roost_proxy_tls_invalid_certificates_total",
                 "Certificates refused since start (unparsable, or the key does not match)",
-            )
-            .unwrap(),
-            tls_no_certificate: IntGauge::new(
-                "roost_proxy_tls_no_certificate_total",
+            ),
+            tls_no_certificate: counter(
+                "roost_proxy_tls_no_certificate_handshakes_total",
                 "TLS handshakes for a name with no certificate since start",
-            )
-            .unwrap(),
-            draining: IntGauge::new("roost_proxy_draining", "1 while the proxy drains after SIGTERM or SIGQUIT").unwrap(),
+            ),
+            draining: gauge(
+                "roost_proxy_draining",
+                "1 while the proxy drains after SIGTERM or SIGQUIT",
+            ),
         };
-        for c in [
-            Box::new(m.requests.clone()) as Box<dyn prometheus::core::Collector>,
+        let collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(m.requests.clone()),
             Box::new(m.duration.clone()),
+            Box::new(m.upstream_duration.clone()),
             Box::new(m.rejected.clone()),
-            Box::new(m.node_retries.clone()),
+            Box::new(m.failovers.clone()),
             Box::new(m.sites.clone()),
+            Box::new(m.hosts.clone()),
             Box::new(m.nodes.clone()),
+            Box::new(m.draining_nodes.clone()),
             Box::new(m.invalid_records.clone()),
-            Box::new(m.snapshot_staleness_ms.clone()),
+            Box::new(m.etcd_revision.clone()),
+            Box::new(m.snapshot_staleness.clone()),
             Box::new(m.in_flight.clone()),
+            Box::new(m.sites_awaiting_response.clone()),
             Box::new(m.suspect_nodes.clone()),
             Box::new(m.certificates.clone()),
             Box::new(m.invalid_certificates.clone()),
             Box::new(m.tls_no_certificate.clone()),
             Box::new(m.draining.clone()),
-        ] {
+        ];
+        for c in collectors {
             m.registry.register(c).expect("metric names are unique");
         }
-        // The request-acceptance refusals exist from start at 0, so a rate over them works.
-        for reason in roost_proto::request_rules::Refusal::LABELS {
+        // Every series of a bounded label set exists from start, so rates over them work
+        // (and dashboards show 0, not "no data") on a proxy that has served nothing.
+        for reason in roost_proto::request_rules::Refusal::LABELS
+            .iter()
+            .chain(EDGE_REFUSALS.iter())
+        {
             m.rejected.with_label_values(&[reason]);
         }
+        for class in STATUS_CLASSES {
+            m.duration.with_label_values(&[class]);
+            m.requests.with_label_values(&[class, NO_NODE]);
+        }
         m
+    }
+
+    /// Bring the per-node request series in line with the live nodes: a new node's series
+    /// start at 0, a node that left (or a late request's series for it) is dropped.
+    /// O(nodes), once per scrape.
+    pub fn set_nodes<'a>(&self, live: impl Iterator<Item = &'a str>) {
+        let live: BTreeSet<&str> = live.collect();
+        let exported: BTreeSet<String> = self
+            .requests
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .flat_map(|metric| metric.get_label())
+            .filter(|label| label.name() == "node")
+            .map(|label| label.value().to_string())
+            .collect();
+        for gone in exported
+            .iter()
+            .filter(|n| n.as_str() != NO_NODE && !live.contains(n.as_str()))
+        {
+            for class in STATUS_CLASSES {
+                let _ = self.requests.remove_label_values(&[class, gone]);
+            }
+        }
+        for node in live.iter().filter(|n| !exported.contains(**n)) {
+            for class in STATUS_CLASSES {
+                self.requests.with_label_values(&[class, node]);
+            }
+        }
+    }
+
+    /// Count one answered request; `node` is the node it went to, if any.
+    pub fn count_request(&self, class: &str, node: Option<&str>, seconds: f64) {
+        self.requests
+            .with_label_values(&[class, node.unwrap_or(NO_NODE)])
+            .inc();
+        self.duration.with_label_values(&[class]).observe(seconds);
     }
 
     pub fn render(&self) -> Vec<u8> {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         buf
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(m: &Metrics) -> String {
+        String::from_utf8(m.render()).unwrap()
+    }
+
+    #[test]
+    fn node_series_follow_the_live_nodes() {
+        let m = Metrics::new();
+        m.set_nodes(["a", "b"].into_iter());
+        let t = text(&m);
+        assert!(t.contains(r#"roost_proxy_requests_total{class="5xx",node="a"} 0"#));
+        assert!(t.contains(r#"roost_proxy_requests_total{class="2xx",node="b"} 0"#));
+        m.count_request("2xx", Some("a"), 0.01);
+        // b leaves; a request that was still on its way to b ends after that.
+        m.set_nodes(["a"].into_iter());
+        m.count_request("5xx", Some("b"), 0.01);
+        m.set_nodes(["a"].into_iter());
+        let t = text(&m);
+        assert!(t.contains(r#"roost_proxy_requests_total{class="2xx",node="a"} 1"#));
+        assert!(!t.contains(r#"node="b""#), "{t}");
+        assert!(t.contains(r#"roost_proxy_requests_total{class="4xx",node="none"} 0"#));
     }
 }

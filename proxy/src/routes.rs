@@ -98,10 +98,6 @@ impl Router {
         self.sites.get()
     }
 
-    pub fn nodes(&self) -> Option<&Arc<Informer<NodeInfo>>> {
-        self.nodes.get()
-    }
-
     pub fn table(&self) -> Arc<RouteTable> {
         self.table.load_full()
     }

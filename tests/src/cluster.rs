@@ -254,6 +254,14 @@ impl Cluster {
             .unwrap_or(0.0)
     }
 
+    /// The sum of every series of the agent's metric `name` (all label values).
+    pub fn agent_metric_sum(&self, name: &str) -> f64 {
+        let text = get(self.agent_admin, Some("localhost"), "/metrics", &[])
+            .map(|r| r.text())
+            .unwrap_or_default();
+        crate::edge::metric_sum(&text, name)
+    }
+
     /// The agent's `/sites` table.
     pub fn agent_sites(&self) -> serde_json::Value {
         get(self.agent_admin, Some("localhost"), "/sites", &[])

@@ -72,7 +72,7 @@ fn etcd_outage_keeps_known_sites_served_then_catches_up() {
                 Err(e) => failures.push(format!("{host}: {e}")),
             }
         }
-        if let Some(s) = p.metric("roost_proxy_snapshot_staleness_milliseconds") {
+        if let Some(s) = p.metric("roost_proxy_snapshot_staleness_seconds") {
             staleness.push((started.elapsed(), s));
         }
         assert_eq!(
@@ -99,7 +99,7 @@ fn etcd_outage_keeps_known_sites_served_then_catches_up() {
         .1;
     let last = staleness.last().expect("staleness samples").1;
     assert!(
-        last > first && last >= 8000.0,
+        last > first && last >= 8.0,
         "staleness did not grow during the outage: {first} -> {last}"
     );
     assert!(
@@ -125,10 +125,8 @@ fn etcd_outage_keeps_known_sites_served_then_catches_up() {
             .contains("etcd confirms the routing snapshot again")),
         "no recovery log line"
     );
-    let s = p
-        .metric("roost_proxy_snapshot_staleness_milliseconds")
-        .unwrap();
-    assert!(s < 5000.0, "staleness still {s} ms after recovery");
+    let s = p.metric("roost_proxy_snapshot_staleness_seconds").unwrap();
+    assert!(s < 5.0, "staleness still {s} s after recovery");
 }
 
 #[test]
@@ -149,8 +147,8 @@ fn changes_made_while_cut_off_are_caught_up_even_after_a_compaction() {
     let p = &edge.proxies[0];
     assert!(
         wait_until(SHOW, || p
-            .metric("roost_proxy_snapshot_staleness_milliseconds")
-            .is_some_and(|s| s >= 3000.0)),
+            .metric("roost_proxy_snapshot_staleness_seconds")
+            .is_some_and(|s| s >= 3.0)),
         "the proxy did not notice it was cut off"
     );
     // Meanwhile, directly in etcd: a removal, an addition, many revisions, then compaction.
@@ -287,7 +285,7 @@ fn a_dead_agent_fails_over_to_the_next_node_of_the_ranking() {
         .expect("no agent logged failover-1");
     let victim = edge.agents.iter().position(|a| a.id == first).unwrap();
     edge.agents[victim].kill();
-    let retries_before = p.metric("roost_proxy_node_retries_total").unwrap_or(0.0);
+    let retries_before = p.metric("roost_proxy_failovers_total").unwrap_or(0.0);
 
     let r = p
         .get_with("failover.example", "/", &[("X-Request-Id", "failover-2")])
@@ -298,7 +296,7 @@ fn a_dead_agent_fails_over_to_the_next_node_of_the_ranking() {
         .expect("no agent logged failover-2");
     assert_ne!(second, first, "served by the dead node?");
     assert!(p.log().contains("node unreachable; trying the next node"));
-    let retries = p.metric("roost_proxy_node_retries_total").unwrap();
+    let retries = p.metric("roost_proxy_failovers_total").unwrap();
     assert_eq!(
         retries,
         retries_before + 1.0,
@@ -315,7 +313,7 @@ fn a_dead_agent_fails_over_to_the_next_node_of_the_ranking() {
         assert_eq!(edge.served_by(&id).as_deref(), Some(second.as_str()));
     }
     assert_eq!(
-        p.metric("roost_proxy_node_retries_total").unwrap(),
+        p.metric("roost_proxy_failovers_total").unwrap(),
         retries,
         "a suspect node was tried first"
     );

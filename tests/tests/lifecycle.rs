@@ -124,7 +124,7 @@ fn concurrent_load_across_idle_drains_loses_no_request() {
         ok.load(Ordering::Relaxed),
         failed.load(Ordering::Relaxed),
         idle_stops,
-        c.agent_metric("roost_agent_worker_starts_total")
+        c.agent_metric_sum("roost_agent_worker_spawns_total")
     );
     assert_eq!(
         failed.load(Ordering::Relaxed),
@@ -325,7 +325,7 @@ fn a_memory_hog_is_killed_and_its_neighbour_keeps_answering() {
         "the next request is served by a fresh worker process"
     );
     assert!(
-        c.agent_metric("roost_agent_worker_oom_kills_total") >= 1.0,
+        c.agent_metric("roost_agent_worker_memory_limit_kills_total") >= 1.0,
         "{}",
         c.diagnostics()
     );

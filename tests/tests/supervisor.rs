@@ -436,7 +436,7 @@ fn max_workers_holds_under_fifty_concurrent_cold_starts() {
     eprintln!(
         "{SITES} sites, max_workers {MAX}: {ok} answered, {} refused; peak {peak} live workers in {samples} samples; {} starts",
         refused.len(),
-        c.agent_metric("roost_agent_worker_starts_total")
+        c.agent_metric_sum("roost_agent_worker_spawns_total")
     );
     assert!(samples > 100, "the sampler ran");
     assert!(peak <= MAX, "{peak} workers alive at once, limit {MAX}");

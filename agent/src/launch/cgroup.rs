@@ -237,6 +237,28 @@ impl SiteCgroup {
         fs::read_to_string(file).ok()?.trim().parse().ok()
     }
 
+    /// CPU time used by the group's processes, in seconds. v2 counts every process that was
+    /// ever in the group (`cpu.stat`); v1 has no cpuacct hierarchy of ours, so it sums the
+    /// processes in the group now and the children they reaped (`/proc/<pid>/stat`).
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        match &self.kind {
+            Kind::V2 { dir, .. } => {
+                let stat = fs::read_to_string(dir.join("cpu.stat")).ok()?;
+                Some(parse_counter(&stat, "usage_usec") as f64 / 1e6)
+            }
+            Kind::V1 { memory, .. } => {
+                let ticks = read_pids(&memory.join("cgroup.procs"))
+                    .into_iter()
+                    .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+                    .filter_map(|stat| process_cpu_ticks(&stat))
+                    .sum::<u64>();
+                // SAFETY: sysconf has no preconditions.
+                let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+                Some(ticks as f64 / hz)
+            }
+        }
+    }
+
     /// Remove the group (the site is gone); processes still in it are killed first.
     pub fn remove(&self) {
         match &self.kind {
@@ -427,6 +449,15 @@ fn remove_when_empty(dir: &Path) {
     warn!(cgroup = %dir.display(), "could not remove cgroup");
 }
 
+/// utime + stime + cutime + cstime of one `/proc/<pid>/stat` line, in clock ticks.
+fn process_cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name may contain spaces and parentheses: fields start after the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    // After the name: state is field 3 of stat(5), so utime (14) is index 11 here.
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<i64>().ok());
+    Some((ticks(11)? + ticks(12)? + ticks(13)?.max(0) + ticks(14)?.max(0)) as u64)
+}
+
 fn parse_counter(text: &str, name: &str) -> u64 {
     text.lines()
         .filter_map(|l| l.split_once(' '))
@@ -482,6 +513,15 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
             detect_from("proc /proc proc rw 0 0\n", "", "roost"),
             Cgroups::Unavailable
         ));
+    }
+
+    #[test]
+    fn cpu_ticks_are_read_after_a_command_name_with_spaces_and_parentheses() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
+        // utime stime cutime cstime ...
+        let stat = "42 (gunicorn: (a b)) S 1 42 42 0 -1 4194560 100 0 0 0 70 30 5 -1 20 0 1";
+        assert_eq!(process_cpu_ticks(stat), Some(105));
+        assert_eq!(process_cpu_ticks("garbage"), None);
     }
 
     #[test]

@@ -105,6 +105,13 @@ impl WorkerProc {
         self.pid
     }
 
+    pub fn launcher(&self) -> super::LauncherKind {
+        match self.how {
+            How::Direct(_) => super::LauncherKind::Direct,
+            How::Forked(_) => super::LauncherKind::Zygote,
+        }
+    }
+
     /// Wait for the worker to exit; the text describes how ("exit status: 3", "signal: 9").
     pub async fn wait(self) -> String {
         match self.how {

@@ -63,8 +63,29 @@ pub struct Exit {
     pub last_line: String,
 }
 
+/// How a worker process was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LauncherKind {
+    /// Forked from its interpreter's preloaded zygote.
+    Zygote,
+    /// Fork and exec (a `command` site, a site that opted out, or no zygote available).
+    Direct,
+}
+
+impl LauncherKind {
+    pub const ALL: [LauncherKind; 2] = [LauncherKind::Zygote, LauncherKind::Direct];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LauncherKind::Zygote => "zygote",
+            LauncherKind::Direct => "direct",
+        }
+    }
+}
+
 pub struct Started {
     pub worker: Arc<dyn Worker>,
+    pub launcher: LauncherKind,
     /// Resolves once the worker and everything in its process group are gone.
     pub exited: BoxFut<Exit>,
 }
@@ -113,6 +134,11 @@ pub trait Launcher: Send + Sync + 'static {
 
     /// Memory charged to `host`'s cgroup now.
     fn memory_bytes(&self, host: &str) -> BoxFut<Option<u64>>;
+
+    /// CPU time used by `host`'s workers, in seconds (None where it can't be read).
+    fn cpu_seconds(&self, _host: &str) -> BoxFut<Option<f64>> {
+        Box::pin(async { None })
+    }
 
     /// The agent stops: remove what it created for limits.
     fn shutdown(&self) -> BoxFut<()>;

@@ -268,6 +268,7 @@ impl Launcher for SystemLauncher {
         let starting = {
             let host = host.clone();
             self.on_launcher(move || {
+                let began = std::time::Instant::now();
                 let user = site_user(&host, &spec.user, &cfg, &metrics)?;
                 // The zygote runs as root: its interpreter is the operator's choice, and a
                 // site asking for another is refused, not started some other way.
@@ -296,6 +297,10 @@ impl Launcher for SystemLauncher {
                     zygote_interpreter: zygote_interpreter.as_deref(),
                 })
                 .map_err(|e| LaunchError(format!("cannot start the site's worker: {e}")))?;
+                metrics
+                    .spawn_duration
+                    .with_label_values(&[proc.launcher().as_str()])
+                    .observe(began.elapsed().as_secs_f64());
                 info!(site = %host, pid = proc.pid(), user = %user.name, uid = user.uid.as_raw(), "worker started");
                 Ok((proc, cfg.state_dir.clone(), output_drained))
             })
@@ -303,6 +308,7 @@ impl Launcher for SystemLauncher {
         Box::pin(async move {
             let (proc, state_dir, output_drained) = starting.await?;
             let pid = proc.pid();
+            let launcher = proc.launcher();
             let exited: BoxFut<Exit> = Box::pin(async move {
                 let status = proc.wait().await;
                 // Reap whatever the worker left in its process group (gunicorn's children).
@@ -332,6 +338,7 @@ impl Launcher for SystemLauncher {
             });
             Ok(Started {
                 worker: Arc::new(SystemWorker { pid }) as Arc<dyn Worker>,
+                launcher,
                 exited,
             })
         })
@@ -422,6 +429,17 @@ impl Launcher for SystemLauncher {
                     .flatten(),
                 None => None,
             }
+        })
+    }
+
+    fn cpu_seconds(&self, host: &str) -> BoxFut<Option<f64>> {
+        let cg = self.cgroup(host);
+        Box::pin(async move {
+            let cg = cg?;
+            tokio::task::spawn_blocking(move || cg.cpu_seconds())
+                .await
+                .ok()
+                .flatten()
         })
     }
 

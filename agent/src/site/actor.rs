@@ -29,7 +29,7 @@ use tracing::{info, warn};
 use super::capacity::{Capacity, Reservation, Running};
 use super::ticket::{AcquireError, SiteShared, SiteStatus, StopReason, Ticket};
 use super::Ctx;
-use crate::launch::{BoxFut, Exit, Listener, SocketRole, Started, Worker};
+use crate::launch::{BoxFut, Exit, LauncherKind, Listener, SocketRole, Started, Worker};
 
 pub enum Msg {
     /// A request wants a worker.
@@ -40,9 +40,10 @@ pub enum Msg {
     Release {
         generation: u64,
     },
-    /// A worker answered a request.
+    /// A worker answered a request accepted at `accepted`.
     Answered {
         generation: u64,
+        accepted: std::time::Instant,
     },
     /// A request timed out on this worker: replace it.
     Recycle {
@@ -108,6 +109,7 @@ pub struct Launch {
 struct Proc {
     generation: u64,
     worker: Arc<dyn Worker>,
+    launcher: LauncherKind,
     /// Its slot of the node's worker limit, given back when the process tree is gone.
     _reservation: Reservation,
     listener: Arc<Listener>,
@@ -252,7 +254,10 @@ impl Actor {
         match msg {
             Msg::Acquire { reply } => self.acquire(reply),
             Msg::Release { generation } => self.release(generation),
-            Msg::Answered { generation } => self.answered(generation),
+            Msg::Answered {
+                generation,
+                accepted,
+            } => self.answered(generation, accepted),
             Msg::Recycle { generation } => self.recycle(generation),
             Msg::SpecChanged(spec) => self.spec_changed(spec),
             Msg::Removed => self.stop_all(StopReason::Removed),
@@ -270,7 +275,7 @@ impl Actor {
                 if self.current.as_ref().is_some_and(|c| c.worker.pid() == pid) {
                     warn!(site = %self.host, pid, limit_mb = ?self.spec.memory_limit_mb,
                         "worker exceeds its memory limit (RSS watchdog); killing it");
-                    self.ctx.metrics.oom_kills.inc();
+                    self.ctx.metrics.memory_limit_kills.inc();
                     self.shared.failures().last_oom = Some(std::time::Instant::now());
                     self.stop_current(StopReason::MemoryLimit);
                     if let Some(p) = self.retiring.last() {
@@ -324,6 +329,9 @@ impl Actor {
                     waiting: self.in_flight,
                 })
             } else {
+                if !cur.answered {
+                    self.ctx.metrics.cold_waits.inc();
+                }
                 Ok(self.ticket())
             };
             let _ = reply.send(result);
@@ -335,6 +343,7 @@ impl Actor {
                     waiting: self.pending.len() as u32,
                 }));
             } else {
+                self.ctx.metrics.cold_waits.inc();
                 self.pending.push(reply);
             }
             return;
@@ -348,6 +357,7 @@ impl Actor {
             }));
             return;
         }
+        self.ctx.metrics.cold_waits.inc();
         self.pending.push(reply);
         self.begin_start();
     }
@@ -408,10 +418,16 @@ impl Actor {
             .find(|p| p.generation == generation)
     }
 
-    fn answered(&mut self, generation: u64) {
+    fn answered(&mut self, generation: u64, accepted: std::time::Instant) {
         if let Some(cur) = self.current.as_mut().filter(|c| c.generation == generation) {
             if !cur.answered {
                 cur.answered = true;
+                // The first answer of a new worker: one cold start, timed from the request.
+                self.ctx
+                    .metrics
+                    .cold_start
+                    .with_label_values(&[cur.launcher.as_str()])
+                    .observe(accepted.elapsed().as_secs_f64());
                 self.failures = 0;
                 self.retry_at = None;
                 self.shared
@@ -520,9 +536,16 @@ impl Actor {
             started,
             spec,
         } = launch;
-        let Started { worker, exited } = started;
-        self.ctx.metrics.worker_starts.inc();
-        self.ctx.metrics.workers.inc();
+        let Started {
+            worker,
+            launcher,
+            exited,
+        } = started;
+        self.ctx
+            .metrics
+            .spawns
+            .with_label_values(&[launcher.as_str()])
+            .inc();
         self.ctx.capacity.add_running(
             &self.host,
             Running {
@@ -535,6 +558,7 @@ impl Actor {
         Proc {
             generation,
             worker,
+            launcher,
             _reservation: reservation,
             listener,
             spec,
@@ -615,7 +639,6 @@ impl Actor {
     }
 
     fn exited(&mut self, generation: u64, exit: Exit, oom: bool) {
-        self.ctx.metrics.workers.dec();
         let why = if oom {
             format!(
                 "killed for exceeding its memory limit of {} MiB",
@@ -893,6 +916,7 @@ impl Actor {
             state,
             pid: self.current.as_ref().map(|c| c.worker.pid()),
             stopping: self.retiring.iter().map(|p| p.worker.pid()).collect(),
+            candidate: self.candidate.as_ref().map(|c| c.worker.pid()),
             in_flight: self.in_flight,
             idle_for_secs: if self.in_flight == 0 {
                 self.last_active.elapsed().as_secs()
@@ -900,6 +924,8 @@ impl Actor {
                 0
             },
             memory_bytes: None,
+            memory_limit_bytes: self.spec.memory_limit_mb.map(|mb| mb * 1024 * 1024),
+            cpu_seconds: None,
             failures: self.failures,
             note: self
                 .spec_failure

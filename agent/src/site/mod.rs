@@ -16,7 +16,7 @@ mod capacity;
 mod tests;
 mod ticket;
 
-pub use ticket::{AcquireError, SiteStatus, Ticket};
+pub use ticket::{AcquireError, SiteStatus, StopReason, Ticket};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -161,6 +161,11 @@ impl Sites {
         answer.await.map_err(|_| gone())?
     }
 
+    /// Worker slots held (starting, running or stopping workers) and the node's limit.
+    pub fn capacity(&self) -> (usize, usize) {
+        (self.ctx.capacity.live(), self.ctx.cfg().max_workers)
+    }
+
     /// Requests in flight on this node.
     pub fn in_flight(&self) -> u64 {
         self.ctx.in_flight.load(Ordering::Acquire)
@@ -219,6 +224,7 @@ impl Sites {
         }
         for s in out.iter_mut().filter(|s| s.pid.is_some()) {
             s.memory_bytes = self.ctx.launcher.memory_bytes(&s.host).await;
+            s.cpu_seconds = self.ctx.launcher.cpu_seconds(&s.host).await;
         }
         out.sort_by(|a, b| a.host.cmp(&b.host));
         out

@@ -20,7 +20,9 @@ use tokio::sync::oneshot;
 use super::actor::Msg;
 use super::{AcquireError, Sites};
 use crate::config::{Args, Config};
-use crate::launch::{BoxFut, Exit, LaunchError, Launcher, Listener, SocketRole, Started, Worker};
+use crate::launch::{
+    BoxFut, Exit, LaunchError, Launcher, LauncherKind, Listener, SocketRole, Started, Worker,
+};
 use crate::metrics::Metrics;
 
 const BROKEN_EXIT_AFTER: Duration = Duration::from_millis(100);
@@ -137,6 +139,7 @@ impl Launcher for Fake {
         Box::pin(async move {
             Ok(Started {
                 worker: worker as Arc<dyn Worker>,
+                launcher: LauncherKind::Zygote,
                 exited,
             })
         })
@@ -283,7 +286,7 @@ async fn a_cold_start_answers_then_stops_when_idle() {
     let t = n.sites.acquire("a.example", &s).await.unwrap();
     assert_eq!(t.generation, 1);
     assert_eq!(n.state("a.example").await.state, "starting");
-    t.mark_answered();
+    t.mark_answered(std::time::Instant::now());
     settle(1).await;
     assert_eq!(n.state("a.example").await.state, "ready");
     drop(t);
@@ -313,7 +316,7 @@ async fn requests_waiting_for_a_start_are_bounded() {
         matches!(third, Err(AcquireError::StartQueueFull { waiting: 2 })),
         "{third:?}"
     );
-    _a.mark_answered();
+    _a.mark_answered(std::time::Instant::now());
     settle(1).await;
     assert!(
         n.sites.acquire("q.example", &s).await.is_ok(),
@@ -371,7 +374,7 @@ async fn a_crash_after_answering_restarts_for_the_waiting_requests() {
     let n = node(|_| {});
     let s = spec("ok:app", 60);
     let t = n.sites.acquire("c.example", &s).await.unwrap();
-    t.mark_answered();
+    t.mark_answered(std::time::Instant::now());
     settle(1).await;
     let pid = n.state("c.example").await.pid.unwrap();
     // The worker dies on its own with a request in flight.
@@ -407,7 +410,7 @@ async fn a_full_node_evicts_the_least_recently_used_idle_worker_or_refuses() {
     let s = spec("ok:app", 600);
     for host in ["a.example", "b.example"] {
         let t = n.sites.acquire(host, &s).await.unwrap();
-        t.mark_answered();
+        t.mark_answered(std::time::Instant::now());
         settle(10).await;
     }
     // Full: c's start asks a (least recently used) to stop and waits for its exit.
@@ -438,7 +441,7 @@ async fn concurrent_cold_starts_never_exceed_max_workers() {
                 let host = format!("s{i}.example");
                 let t = sites.acquire(&host, &s).await;
                 if let Ok(t) = &t {
-                    t.mark_answered();
+                    t.mark_answered(std::time::Instant::now());
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 t.is_ok()
@@ -460,7 +463,7 @@ async fn a_changed_spec_whose_worker_fails_leaves_the_old_one_serving() {
     let n = node(|_| {});
     let v1 = spec("ok:app", 600);
     let t = n.sites.acquire("d.example", &v1).await.unwrap();
-    t.mark_answered();
+    t.mark_answered(std::time::Instant::now());
     settle(1).await;
     let old_pid = n.state("d.example").await.pid.unwrap();
 
@@ -520,7 +523,7 @@ async fn a_changed_spec_with_no_worker_applies_at_once() {
         .acquire("e.example", &spec("ok:app", 1))
         .await
         .unwrap();
-    t.mark_answered();
+    t.mark_answered(std::time::Instant::now());
     drop(t);
     settle(1_500).await;
     assert_eq!(n.alive(), 0);
@@ -544,7 +547,7 @@ async fn shutdown_stops_every_worker_and_refuses_with_503_not_404() {
     let s = spec("ok:app", 600);
     for host in ["f.example", "g.example"] {
         let t = n.sites.acquire(host, &s).await.unwrap();
-        t.mark_answered();
+        t.mark_answered(std::time::Instant::now());
     }
     settle(1).await;
     assert_eq!(n.alive(), 2);
@@ -566,7 +569,7 @@ async fn a_removed_site_stops_and_refuses() {
     let n = node(|_| {});
     let s = spec("ok:app", 600);
     let t = n.sites.acquire("h.example", &s).await.unwrap();
-    t.mark_answered();
+    t.mark_answered(std::time::Instant::now());
     drop(t);
     settle(1).await;
     n.send("h.example", Msg::Removed);
@@ -584,7 +587,7 @@ async fn a_worker_that_ignores_sigterm_is_killed_after_the_grace() {
     let n = node(|c| c.stop_grace = Duration::from_secs(2));
     let s = spec("ok:app", 1);
     let t = n.sites.acquire("i.example", &s).await.unwrap();
-    t.mark_answered();
+    t.mark_answered(std::time::Instant::now());
     drop(t);
     // This worker ignores SIGTERM: take its exit away from `terminate`.
     let exit = n.fake.table().alive.remove(&1).unwrap();
@@ -598,4 +601,40 @@ async fn a_worker_that_ignores_sigterm_is_killed_after_the_grace() {
         n.events()
     );
     drop(exit);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_start_is_timed_once_per_new_worker_from_its_first_answer() {
+    let n = node(|_| {});
+    let s = spec("ok:app", 10);
+    let cold = || {
+        n.metrics
+            .cold_start
+            .with_label_values(&["zygote"])
+            .get_sample_count()
+    };
+    let (t1, t2) = (
+        n.sites.acquire("a.example", &s).await.unwrap(),
+        n.sites.acquire("a.example", &s).await.unwrap(),
+    );
+    assert_eq!(n.metrics.cold_waits.get(), 2, "both waited for the start");
+    // Both requests' answers arrive; only the worker's first counts.
+    t1.mark_answered(std::time::Instant::now());
+    t2.mark_answered(std::time::Instant::now());
+    settle(1).await;
+    assert_eq!(cold(), 1);
+    let t3 = n.sites.acquire("a.example", &s).await.unwrap();
+    t3.mark_answered(std::time::Instant::now());
+    settle(1).await;
+    assert_eq!(cold(), 1, "a warm request is no cold start");
+    assert_eq!(n.metrics.cold_waits.get(), 2);
+    assert_eq!(n.metrics.spawns.with_label_values(&["zygote"]).get(), 1);
+    drop((t1, t2, t3));
+    // Idle stop, then the next request starts (and times) a new worker.
+    settle(11_000).await;
+    let t4 = n.sites.acquire("a.example", &s).await.unwrap();
+    t4.mark_answered(std::time::Instant::now());
+    settle(1).await;
+    assert_eq!(cold(), 2);
+    assert_eq!(n.metrics.worker_stops.with_label_values(&["idle"]).get(), 1);
 }

@@ -46,6 +46,18 @@ pub enum StopReason {
 }
 
 impl StopReason {
+    pub const ALL: [StopReason; 9] = [
+        StopReason::Idle,
+        StopReason::Replaced,
+        StopReason::Recycled,
+        StopReason::Evicted,
+        StopReason::Removed,
+        StopReason::Shutdown,
+        StopReason::StartTimeout,
+        StopReason::MemoryLimit,
+        StopReason::SpecFailed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             StopReason::Idle => "idle",
@@ -112,7 +124,7 @@ impl SiteShared {
         let new = kills - f.oom_seen;
         f.oom_seen = kills;
         f.last_oom = Some(Instant::now());
-        ctx.metrics.oom_kills.inc_by(new);
+        ctx.metrics.memory_limit_kills.inc_by(new);
         tracing::warn!(site = %self.host, kills = new, limit_mb = ?memory_limit_mb,
             "the kernel killed a worker process for exceeding the site's memory limit");
         true
@@ -133,11 +145,13 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// The worker answered (a response header arrived): it has started.
-    pub fn mark_answered(&self) {
+    /// The worker answered (a response header arrived): it has started. `accepted` is when
+    /// the agent accepted the request, so a new worker's first answer times its cold start.
+    pub fn mark_answered(&self, accepted: Instant) {
         if self.shared.answered_generation.load(Ordering::Acquire) != self.generation {
             let _ = self.tx.send(Msg::Answered {
                 generation: self.generation,
+                accepted,
             });
         }
     }
@@ -218,9 +232,16 @@ pub struct SiteStatus {
     pub state: &'static str,
     pub pid: Option<i32>,
     pub stopping: Vec<i32>,
+    /// A changed spec's worker, starting beside the serving one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<i32>,
     pub in_flight: u32,
     pub idle_for_secs: u64,
     pub memory_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_limit_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<f64>,
     pub failures: u32,
     /// Set while a changed spec's worker failed and the previous spec's worker serves:
     /// "serving the previous spec: <reason>".
