@@ -544,3 +544,51 @@ fn command_stdout(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_else(|e| panic!("run {cmd}: {e}"));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// `Max open files` (soft, hard) from `/proc/<pid>/limits`.
+fn open_file_limit(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/limits: {e}"));
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let mut f = line["Max open files".len()..].split_whitespace();
+    (
+        f.next().unwrap_or_default().to_string(),
+        f.next().unwrap_or_default().to_string(),
+    )
+}
+
+/// deploy/systemd gives the agent a large LimitNOFILE; its workers get `worker_nofile`
+/// instead, whether forked from a zygote or started directly, and cannot raise it.
+#[test]
+fn workers_get_their_own_open_file_limit_apart_from_the_agent() {
+    use roost_tests::cluster::PREFIX;
+    use roost_tests::{ensure_user, Cluster, Options};
+    let alice = ensure_user("roost-t-alice");
+    let c = Cluster::start_with(Options {
+        agent_config: Some("worker_nofile = 1536\n".into()),
+    });
+    let agent = open_file_limit(c.agent_pid());
+    for (host, spawn) in [("zygote.example", "zygote"), ("direct.example", "direct")] {
+        let dir = c.echo_site_dir(&alice, host);
+        let record = serde_json::json!({
+            "user": alice.name, "app": roost_tests::ECHO_ENTRY, "dir": dir, "spawn": spawn,
+        });
+        c.etcd
+            .put(&format!("{PREFIX}/sites/{host}"), &record.to_string());
+        let r = c
+            .wait_for_status(host, 200, WARM_TIMEOUT)
+            .unwrap_or_else(|last| panic!("{host} never 200: {last}\n{}", c.diagnostics()));
+        let pid = r.json()["pid"].as_u64().expect("pid in the echo answer") as u32;
+        let worker = open_file_limit(pid);
+        eprintln!("[worker_nofile] agent {agent:?}, {spawn} worker {pid}: {worker:?}");
+        assert_eq!(
+            worker,
+            ("1536".into(), "1536".into()),
+            "{spawn} worker {pid}"
+        );
+    }
+    assert_ne!(agent.1, "1536", "the agent's own limit must be its own");
+}
