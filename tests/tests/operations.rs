@@ -592,3 +592,153 @@ fn workers_get_their_own_open_file_limit_apart_from_the_agent() {
     }
     assert_ne!(agent.1, "1536", "the agent's own limit must be its own");
 }
+
+/// The capabilities `CapabilityBoundingSet=` in deploy/systemd/roost-agent.service leaves.
+fn agent_unit_capabilities() -> Vec<String> {
+    let unit = std::fs::read_to_string(
+        roost_tests::bins::workspace_root().join("deploy/systemd/roost-agent.service"),
+    )
+    .expect("read deploy/systemd/roost-agent.service");
+    unit.lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the agent unit sets CapabilityBoundingSet=")
+        .split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_ascii_lowercase())
+        .collect()
+}
+
+/// Bit numbers (linux/capability.h) of the capabilities the agent unit may name.
+fn capability_bit(name: &str) -> u32 {
+    match name {
+        "chown" => 0,
+        "dac_override" => 1,
+        "dac_read_search" => 2,
+        "fowner" => 3,
+        "kill" => 5,
+        "setgid" => 6,
+        "setuid" => 7,
+        "net_bind_service" => 10,
+        "sys_ptrace" => 19,
+        "sys_admin" => 21,
+        "sys_nice" => 23,
+        "sys_resource" => 24,
+        other => panic!("capability_bit: add {other} to the table"),
+    }
+}
+
+fn own_bounding_set() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .expect("read /proc/self/status")
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
+        .expect("CapBnd in /proc/self/status")
+}
+
+/// The agent unit's capability bounding set is enough: the agent, started as root with only
+/// those capabilities (setpriv, as systemd would bound it), starts a zygote-forked and a
+/// direct worker as the site's user, each in its site cgroup, and serves them.
+#[test]
+fn the_agent_serves_with_only_the_capabilities_its_unit_leaves_it() {
+    use roost_tests::bins::{bin, AGENT};
+    use roost_tests::edge::{Edge, ProxyOpts, PREFIX};
+    use roost_tests::ensure_user;
+    use roost_tests::ports::free_addr;
+    use roost_tests::process::Proc;
+
+    let caps = agent_unit_capabilities();
+    let alice = ensure_user("roost-t-alice");
+    let mut edge = Edge::new("caps");
+    let (listen, admin) = (free_addr(), free_addr());
+    let state_dir = edge.root().join("state-caps");
+    let secret_file = edge.root().join("secret");
+    let bounding = format!(
+        "-all,{}",
+        caps.iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut cmd = Command::new("setpriv");
+    cmd.arg(format!("--bounding-set={bounding}"))
+        .arg("--")
+        .arg(bin(AGENT))
+        .arg("--etcd")
+        .arg(edge.etcd.url())
+        .args(["--node-id", "caps"])
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--admin")
+        .arg(admin.to_string())
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .arg("--secret-file")
+        .arg(&secret_file)
+        .env("RUST_LOG", "info");
+    let mut agent = Proc::spawn(
+        "agent (bounded)",
+        cmd,
+        &edge.root().join("agent-caps.log"),
+        Signal::SIGTERM,
+    );
+    let registered = wait_until(Duration::from_secs(30), || {
+        agent.exited().is_some() || !edge.etcd.keys(&format!("{PREFIX}/nodes/caps")).is_empty()
+    });
+    assert!(
+        registered && agent.exited().is_none(),
+        "bounded agent did not register ({:?}):\n{}",
+        agent.exited(),
+        agent.log()
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).expect("status");
+    let cap_bnd = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .map(|s| u64::from_str_radix(s.trim(), 16).expect("hex CapBnd"))
+        .expect("CapBnd");
+    // What the unit allows, within what this machine grants at all (a container may lack
+    // some, e.g. CAP_SYS_RESOURCE).
+    let own = own_bounding_set();
+    let unit_mask = caps.iter().fold(0u64, |m, c| m | 1 << capability_bit(c));
+    assert_eq!(
+        cap_bnd,
+        unit_mask & own,
+        "the agent runs with {cap_bnd:#x}, not just {caps:?} ({unit_mask:#x}) within this \
+         machine's {own:#x}"
+    );
+    edge.start_proxy(ProxyOpts::default());
+    for (host, spawn) in [("zygote.caps", "zygote"), ("direct.caps", "direct")] {
+        // A short idle timeout: the agent must also be able to stop the worker (a signal
+        // to another uid).
+        edge.put_echo_site(
+            host,
+            &alice,
+            serde_json::json!({ "spawn": spawn, "idle_timeout": 2 }),
+        );
+        let r = edge.proxies[0]
+            .wait_status(host, "/", 200, WARM_TIMEOUT)
+            .unwrap_or_else(|last| panic!("{host} never 200: {last}\n{}", agent.log()));
+        let v = r.json();
+        assert_eq!(v["uid"].as_u64(), Some(alice.uid as u64), "{spawn}: {v}");
+        let pid = v["pid"].as_u64().expect("pid") as u32;
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        assert!(
+            cgroups.contains("/roost-caps-"),
+            "{spawn} worker {pid} is not in a site cgroup of the bounded agent:\n{cgroups}\n{}",
+            agent.log()
+        );
+        let stopped = wait_until(Duration::from_secs(15), || !pid_exists(pid));
+        assert!(
+            stopped && agent.exited().is_none(),
+            "the bounded agent did not stop idle {spawn} worker {pid}:\n{}",
+            agent.log()
+        );
+        eprintln!(
+            "[capabilities] {spawn} worker {pid} ran as uid {} in its site cgroup and was \
+             stopped when idle; agent CapBnd {cap_bnd:#x} ({})",
+            alice.uid,
+            caps.join(" ")
+        );
+    }
+    agent.stop();
+}
