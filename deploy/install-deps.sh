@@ -26,6 +26,7 @@ packages=(
   python3-gunicorn  # the WSGI server the workers run
   passwd            # useradd, for the demo's and tests' site users
   curl              # the demo waits for its servers with it
+  iproute2          # deploy/cluster.sh: a network namespace, veth and bridge per agent (ip)
   # the tests
   openssl           # they make certificates and check handshakes with it
   util-linux        # setpriv, to run a tenant's code as the tenant
