@@ -17,6 +17,8 @@
 # While it runs:  kill -USR1 <launcher pid>   adds a node (it joins the placement at once)
 #                 kill -KILL <agent pid>      a node dies (its lease expires after --lease-ttl)
 #                 kill -TERM <agent pid>      a node drains and leaves
+# (A script that starts it in the background must stop it with SIGTERM: bash ignores SIGINT
+# in background jobs of non-interactive shells.)
 # --state-file FILE gets JSON (rewritten on each change, "ready": true once everything
 # answers): every process's pid and addresses, for scripts and the integration tests.
 set -euo pipefail
@@ -35,7 +37,7 @@ build=1
 use_netns=1
 [ "$(id -u)" -eq 0 ] || use_netns=0
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 while (($#)); do
   case $1 in
     --agents) agents=$2; shift 2 ;;
@@ -329,7 +331,7 @@ p1=$((port_base + 10))
 cat <<MSG
 
 Roost cluster is running: etcd, $agents agents (nodes), $proxies proxies, $sites sites.
-$(if ((use_netns)); then echo "Each agent is in its own network namespace (roost-$tag-nN) on $subnet.0/24."; else echo "Each agent listens on its own loopback address (127.0.0.1x)."; fi)
+$(if ((use_netns)); then echo "Each agent is in its own network namespace (roost-$tag-nN) on $subnet.0/24."; else echo "Each agent listens on its own loopback address (127.0.0.11, .12, ...)."; fi)
 
   curl -H 'Host: site-001.localhost' http://127.0.0.1:$p1/    # through proxy 1 (of $proxies: ports $p1, $((p1 + 2)), ...)
   ${ctl[*]} where site-001.localhost    # which node serves it, and the fallbacks in order
