@@ -181,14 +181,24 @@ fail() {
   exit 1
 }
 
-wait_for() { # url, what
+wait_for() { # url, what, pid of the server
   local _
   for _ in $(seq 1 300); do
     curl -fsS -o /dev/null --max-time 1 "$1" 2>/dev/null && return 0
+    kill -0 "$3" 2>/dev/null || fail "$2 exited before it answered at $1"
     sleep 0.1
   done
   fail "$2 did not come up at $1"
 }
+
+# Refuse ports something else already listens on, before starting anything.
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for p in "$port_base" $((port_base + 1)) $(seq $((port_base + 10)) $((port_base + 9 + 2 * proxies))); do
+  if port_in_use "$p"; then
+    echo "error: port $p is in use; choose other ports with --port-base (now $port_base)" >&2
+    exit 1
+  fi
+done
 
 # --- the network: a bridge on a free private /24, one namespace + veth per agent --------------
 setup_bridge() {
@@ -257,7 +267,7 @@ add_node() {
   echo "adding node-$n..."
   ready=false
   start_agent "$n"
-  wait_for "http://${agent_addrs[n - 1]}:7101/readyz" "node-$n"
+  wait_for "http://${agent_addrs[n - 1]}:7101/readyz" "node-$n" "${agent_pids[n - 1]}"
   ready=true
   write_state
   echo "node-$n is up at ${agent_addrs[n - 1]}:7100 (pid ${agent_pids[n - 1]})"
@@ -280,7 +290,7 @@ setsid etcd --name roost-cluster --data-dir "$run_dir/etcd" \
   >"$run_dir/etcd.log" 2>&1 &
 etcd_pid=$!
 write_state
-wait_for "$ETCD/health" etcd
+wait_for "$ETCD/health" etcd "$etcd_pid"
 
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$run_dir/secret"
 chmod 600 "$run_dir/secret"
@@ -294,8 +304,8 @@ for ((i = 0; i < proxies; i++)); do
   proxy_pids+=($!)
 done
 write_state
-for addr in "${agent_addrs[@]}"; do wait_for "http://$addr:7101/readyz" "agent at $addr"; done
-for ((i = 0; i < proxies; i++)); do wait_for "http://127.0.0.1:$((port_base + 11 + 2 * i))/readyz" "proxy $((i + 1))"; done
+for i in "${!agent_addrs[@]}"; do wait_for "http://${agent_addrs[i]}:7101/readyz" "${agent_ids[i]}" "${agent_pids[i]}"; done
+for ((i = 0; i < proxies; i++)); do wait_for "http://127.0.0.1:$((port_base + 11 + 2 * i))/readyz" "proxy $((i + 1))" "${proxy_pids[i]}"; done
 
 # --- sample sites: two users, K sites alternating between them --------------------------------
 ctl=("$bin_dir/roostctl" --etcd "$ETCD")
