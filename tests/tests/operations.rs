@@ -3,6 +3,8 @@
 //! proxies, 100 sites of two users), under bounded client loops over the 100 sites:
 //! a node joins, a node dies, a node drains; the proxies agree on placement; and the
 //! launcher leaves nothing behind. Each scenario prints its figures (eprintln).
+//! Also what deploy/systemd promises: the agent serves with only the capabilities its unit
+//! leaves it, and workers get their own open-file limit.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
