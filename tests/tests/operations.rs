@@ -123,6 +123,18 @@ fn proxy_node_counts(c: &Launched) -> Vec<Option<f64>> {
         .collect()
 }
 
+/// The sum of every series of `name` (all label values) in Prometheus text.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let metric = series.split('{').next()?;
+            (metric == name).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
 fn wait_proxies_see_nodes(c: &Launched, n: usize) {
     let seen = wait_until(Duration::from_secs(20), || {
         proxy_node_counts(c).iter().all(|v| *v == Some(n as f64))
@@ -176,10 +188,17 @@ fn proxies_agree_on_placement_and_a_fourth_node_takes_a_quarter_without_a_failur
         .values()
         .filter(|w| w.iter().any(|(n, _)| *n == new.id))
         .count();
+    // The new node's own metrics agree: one spawn and one cold start per worker it has.
+    let metrics = get(new.admin, Some("localhost"), "/metrics", &[])
+        .map(|r| r.text())
+        .unwrap_or_default();
+    let spawns = metric_sum(&metrics, "roost_agent_worker_spawns_total");
+    let cold_starts = metric_sum(&metrics, "roost_agent_cold_start_duration_seconds_count");
     eprintln!(
         "[scenario 1: rolling addition] {} requests over {:.1}s through 2 proxies, {} failed; \
          {} joined and both proxies routed to it {:.2}s after the launcher was asked; \
-         {}/{} sites moved ({} to {}), {} sites now have a worker there",
+         {}/{} sites moved ({} to {}), {} sites now have a worker there; its metrics: {spawns} \
+         spawns, {cold_starts} cold starts",
         report.requests(),
         report.outcomes.last().map_or(0.0, |o| o.at.as_secs_f64()),
         report.failures().len(),
@@ -207,6 +226,12 @@ fn proxies_agree_on_placement_and_a_fourth_node_takes_a_quarter_without_a_failur
         (12..=40).contains(&moved.len()),
         "about a quarter of 100 sites should move to the 4th node, {} did",
         moved.len()
+    );
+    assert_eq!(
+        (spawns, cold_starts),
+        (hits_on_new as f64, hits_on_new as f64),
+        "{}'s spawns and cold-start histogram count should each equal its workers",
+        new.id
     );
     assert!(
         hits_on_new >= moved.len(),
