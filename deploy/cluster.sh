@@ -7,11 +7,13 @@
 #                     [--state-file FILE] [--run-dir DIR] [--bin-dir DIR] [--no-build] [--no-netns]
 #
 # Each agent is a node with an address of its own:
-#   as root:   a network namespace per agent, joined by a veth pair to a bridge on a private
+#   by default: a network namespace per agent, joined by a veth pair to a bridge on a private
 #              /24 (10.213.X.0/24, X picked free); the agent listens inside its namespace on
 #              10.213.X.(10+i), and reaches etcd on the bridge's 10.213.X.1. Killing a node's
 #              agent then looks to the proxies like a machine going away.
-#   otherwise: 127.0.0.(10+i) (one loopback address per agent).
+#   otherwise: 127.0.0.(10+i) (one loopback address per agent): with --no-netns, or where
+#              namespaces can't be made (a container without CAP_NET_ADMIN).
+# It runs as root, as roost-agent must (it starts each site as the site's user).
 # Proxies listen on 127.0.0.1: port-base+10+2i (HTTP) and +11+2i (admin); etcd on port-base.
 #
 # While it runs:  kill -USR1 <launcher pid>   adds a node (it joins the placement at once)
@@ -35,7 +37,6 @@ run_dir=
 bin_dir=
 build=1
 use_netns=1
-[ "$(id -u)" -eq 0 ] || use_netns=0
 
 usage() { sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 while (($#)); do
@@ -60,7 +61,20 @@ done
 ((agents >= 1 && agents <= 200)) || { echo "error: --agents must be 1..200" >&2; exit 2; }
 ((proxies >= 1 && proxies <= 20)) || { echo "error: --proxies must be 1..20" >&2; exit 2; }
 if [ "$(id -u)" -ne 0 ]; then
-  echo "warning: not root: agents can start sites only as the user running them; use sudo for the full cluster" >&2
+  echo "error: the cluster needs root (roost-agent starts each site as its own user); run: sudo $0" >&2
+  exit 1
+fi
+# Namespaces need CAP_NET_ADMIN and iproute2: try one, else fall back to loopback addresses.
+if ((use_netns)); then
+  probe="roost-probe-$$"
+  if ip netns add "$probe" 2>/dev/null &&
+    ip link add "rp$$" type veth peer name eth0 netns "$probe" 2>/dev/null; then
+    ip netns del "$probe" # and with it the veth pair
+  else
+    ip netns del "$probe" 2>/dev/null || true
+    echo "note: cannot create network namespaces here; agents get 127.0.0.x addresses instead" >&2
+    use_netns=0
+  fi
 fi
 
 if ((build)); then
@@ -316,7 +330,6 @@ if ((sites > 0)); then
     uid=$(id -u "$user" 2>/dev/null || echo none)
     if [ "$uid" != none ] && [ "$uid" -lt 1000 ]; then userdel "$user"; uid=none; fi
     if [ "$uid" = none ]; then
-      [ "$(id -u)" -eq 0 ] || fail "user $user is missing and only root can create it"
       useradd --create-home --shell /usr/sbin/nologin "$user" 2>/dev/null || id -u "$user" >/dev/null ||
         fail "cannot create user $user"
     fi
@@ -324,7 +337,7 @@ if ((sites > 0)); then
     mkdir -p "$dir"
     chmod 755 "$run_dir/sites"
     sed "s/__WHO__/$who/" "$repo/deploy/demo-app.py" >"$dir/app.py"
-    if [ "$(id -u)" -eq 0 ]; then chown -R "$user:" "$dir"; fi
+    chown -R "$user:" "$dir"
     chmod 750 "$dir"
   done
   for ((s = 1; s <= sites; s++)); do
