@@ -21,6 +21,8 @@
 #                 kill -TERM <agent pid>      a node drains and leaves
 # (A script that starts it in the background must stop it with SIGTERM: bash ignores SIGINT
 # in background jobs of non-interactive shells.)
+# --run-dir DIR puts logs, agents' state and sites there and keeps it (default: a temp dir,
+# removed on exit). --bin-dir DIR: the binaries (default target/debug, built unless --no-build).
 # --state-file FILE gets JSON (rewritten on each change, "ready": true once everything
 # answers): every process's pid and addresses, for scripts and the integration tests.
 set -euo pipefail
