@@ -769,3 +769,106 @@ fn the_agent_serves_with_only_the_capabilities_its_unit_leaves_it() {
     }
     agent.stop();
 }
+
+/// What deploy/systemd/roost-proxy.service gives the proxy is enough: no root, a uid of its
+/// own, and CAP_NET_BIND_SERVICE as its only (ambient) capability, to listen on a port below
+/// 1024 and proxy a site. (setpriv stands in for DynamicUser= and AmbientCapabilities=.)
+#[test]
+fn the_proxy_serves_a_low_port_as_an_unprivileged_user_with_only_cap_net_bind_service() {
+    use roost_tests::bins::{bin, PROXY};
+    use roost_tests::edge::Edge;
+    use roost_tests::ensure_user;
+    use roost_tests::ports::free_addr;
+    use roost_tests::process::Proc;
+    use std::os::unix::fs::PermissionsExt;
+
+    let alice = ensure_user("roost-t-alice");
+    let mut edge = Edge::new("proxy-caps");
+    edge.start_agent("n1", "");
+    let host = "lowport.example";
+    edge.put_echo_site(host, &alice, serde_json::json!({}));
+    // A free privileged port (below 1024).
+    let port = (700..1000u16)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below 1024");
+    let listen: SocketAddr = ([127, 0, 0, 1], port).into();
+    let admin = free_addr();
+    // The unit hands the proxy a copy of the secret readable by its user only.
+    let nobody = 65534u32;
+    let secret = edge.root().join("proxy-secret");
+    std::fs::write(&secret, &edge.secret).expect("write secret");
+    nix::unistd::chown(&secret, Some(nobody.into()), Some(nobody.into())).expect("chown");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o400)).expect("chmod");
+
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--bounding-set=-all,+net_bind_service",
+        "--inh-caps=-all,+net_bind_service",
+        "--ambient-caps=-all,+net_bind_service",
+        "--no-new-privs",
+        "--",
+    ])
+    .arg(bin(PROXY))
+    .arg("--etcd")
+    .arg(edge.etcd.url())
+    .arg("--listen")
+    .arg(listen.to_string())
+    .arg("--admin")
+    .arg(admin.to_string())
+    .arg("--secret-file")
+    .arg(&secret)
+    .current_dir("/")
+    .env("RUST_LOG", "info");
+    let mut proxy = Proc::spawn(
+        "proxy (unprivileged)",
+        cmd,
+        &edge.root().join("proxy-unprivileged.log"),
+        Signal::SIGTERM,
+    );
+    let ready = wait_until(Duration::from_secs(30), || {
+        proxy.exited().is_some()
+            || get(admin, Some("localhost"), "/readyz", &[]).is_ok_and(|r| r.status == 200)
+    });
+    assert!(
+        ready && proxy.exited().is_none(),
+        "unprivileged proxy not ready ({:?}):\n{}",
+        proxy.exited(),
+        proxy.log()
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", proxy.pid())).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    // CAP_NET_BIND_SERVICE is bit 10: 0x400.
+    assert_eq!(
+        (field("Uid:"), field("CapEff:"), field("CapBnd:")),
+        (
+            "65534".into(),
+            "0000000000000400".into(),
+            "0000000000000400".into()
+        ),
+        "the proxy should run as uid 65534 with CAP_NET_BIND_SERVICE alone"
+    );
+    let mut last = String::new();
+    let served = wait_until(WARM_TIMEOUT, || match get(listen, Some(host), "/", &[]) {
+        Ok(r) if r.status == 200 => true,
+        Ok(r) => {
+            last = format!("{}: {}", r.status, r.text());
+            false
+        }
+        Err(e) => {
+            last = e.to_string();
+            false
+        }
+    });
+    assert!(served, "{host} via port {port}: {last}\n{}", proxy.log());
+    eprintln!("[proxy capabilities] uid 65534, CapEff 0x400 (net_bind_service), served {host} on port {port}");
+    proxy.stop();
+}
