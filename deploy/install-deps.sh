@@ -26,11 +26,12 @@ packages=(
   python3-gunicorn  # the WSGI server the workers run
   passwd            # useradd, for the demo's and tests' site users
   curl              # the demo waits for its servers with it
+  iproute2          # deploy/cluster.sh: a network namespace, veth and bridge per agent (ip)
   # the tests
   openssl           # they make certificates and check handshakes with it
   util-linux        # setpriv, to run a tenant's code as the tenant
   fatrace           # deploy/check-deps.sh: records which system files a run opens
-  prometheus        # promtool, for tests/metrics.rs: checks /metrics and dashboards/alerts.yml (its server is not needed)
+  prometheus        # promtool, for tests/metrics.rs: checks /metrics and dashboards/alerts.yml; the server scrapes a cluster in tests/operations.rs
   # the cgroup v2 VM test (deploy/vm-test.sh, run by deploy/test.sh --vm)
   qemu-system-x86   # qemu-system-x86_64 boots the guest (KVM when usable, else TCG)
   linux-image-amd64 # Debian's own kernel (and its 9p/virtio/overlay modules) for the guest

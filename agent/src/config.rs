@@ -72,6 +72,7 @@ struct FileConfig {
     min_site_uid: Option<u32>,
     site_group: Option<String>,
     interpreters: Option<Vec<PathBuf>>,
+    worker_nofile: Option<u64>,
 }
 
 /// Settings in force.
@@ -117,6 +118,9 @@ pub struct Config {
     /// The Python executables zygotes (which run as root) may be; a site's `python`, or
     /// its virtualenv's `home`, must name one of them (`launch/interpreters.rs`).
     pub interpreters: Vec<PathBuf>,
+    /// RLIMIT_NOFILE (soft and hard) of every worker, apart from the agent's own
+    /// (`launch/rlimit.rs`); fixed at start.
+    pub worker_nofile: u64,
 }
 
 /// The unix users a site may name: uid at least `min_uid` (Debian's `UID_MIN`, 1000, by
@@ -159,6 +163,7 @@ impl Config {
             ("capacity", new.capacity != self.capacity),
             ("cgroups", new.cgroups != self.cgroups),
             ("preload", new.preload != self.preload),
+            ("worker_nofile", new.worker_nofile != self.worker_nofile),
             (
                 "request_threads",
                 new.request_threads != self.request_threads,
@@ -183,6 +188,7 @@ impl Config {
         new.capacity = self.capacity;
         new.cgroups = self.cgroups;
         new.preload = self.preload.clone();
+        new.worker_nofile = self.worker_nofile;
         new.request_threads = self.request_threads;
         Ok(new)
     }
@@ -263,6 +269,7 @@ impl Config {
             interpreters: file
                 .interpreters
                 .unwrap_or_else(|| vec![roost_proto::site::DEFAULT_PYTHON.into()]),
+            worker_nofile: file.worker_nofile.unwrap_or(4096).max(64),
         })
     }
 }

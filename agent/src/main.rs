@@ -53,6 +53,7 @@ fn main() -> Result<()> {
     let layout = Layout::new(&cfg.prefix);
     let sites =
         control.block_on(async { Informer::<SiteSpec>::start(&cfg.etcd, &layout.sites_prefix()) });
+    launch::rlimit::set_worker_nofile(cfg.worker_nofile);
     let settings = Arc::new(arc_swap::ArcSwap::new(cfg.clone()));
     let launcher = SystemLauncher::new(settings.clone(), metrics.clone(), control.handle().clone())
         .with_context(|| format!("preparing state directory {}", cfg.state_dir.display()))?;

@@ -191,6 +191,7 @@ pub fn spawn_direct(launch: &Launch) -> io::Result<WorkerProc> {
     let listen_fd = listener.as_raw_fd();
     let parent = std::process::id() as libc::pid_t;
     let log_err = log.try_clone()?;
+    let nofile = super::rlimit::worker_nofile();
 
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
@@ -228,6 +229,8 @@ pub fn spawn_direct(launch: &Launch) -> io::Result<WorkerProc> {
                 libc::c_uint::MAX,
                 libc::CLOSE_RANGE_CLOEXEC,
             ) as libc::c_int)?;
+            // As root, before the uid change: the worker cannot raise it back.
+            super::rlimit::apply_in_child(nofile)?;
             check(libc::setgroups(groups.len(), groups.as_ptr()))?;
             check(libc::setgid(gid))?;
             check(libc::setuid(uid))?;

@@ -14,6 +14,7 @@ pub mod cgroup;
 pub mod direct;
 pub mod fdpass;
 pub mod interpreters;
+pub mod rlimit;
 pub mod socket;
 pub mod system;
 pub mod users;

@@ -498,6 +498,8 @@ impl Manager {
             (self.lifeline.as_raw_fd(), LIFELINE_FD),
         ];
         let parent = std::process::id() as libc::pid_t;
+        // The workers' open-file limit: every fork of this zygote inherits it.
+        let nofile = super::rlimit::worker_nofile();
         let mut cmd = Command::new(interp);
         cmd.arg("-I")
             .arg(&self.script)
@@ -518,6 +520,7 @@ impl Manager {
                 if libc::getppid() != parent {
                     return Err(io::Error::other("agent exited during spawn"));
                 }
+                super::rlimit::apply_in_child(nofile)?;
                 // Out of the way first, then into place (dup2 clears close-on-exec).
                 let mut high = [0; 3];
                 for (i, (src, _)) in fds.iter().enumerate() {
