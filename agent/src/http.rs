@@ -78,6 +78,32 @@ impl AgentHttp {
     }
 }
 
+impl AgentHttp {
+    /// A proxy's warm call (it saw the site named in a TLS ClientHello, or a head whose body
+    /// is still coming): start the site's worker if none runs, and answer at once, so the
+    /// start overlaps the round trips before the real request arrives.
+    async fn answer_warm_call(
+        &self,
+        session: &mut Session,
+        site: String,
+        spec: Arc<SiteSpec>,
+    ) -> Result<bool> {
+        self.metrics.warm_calls.inc();
+        let sites = self.supervisor.clone();
+        tokio::spawn(async move {
+            // The ticket is dropped at once: a started worker then waits for requests until
+            // its idle timeout, as after any request.
+            if let Err(e) = sites.acquire(&site, &spec).await {
+                tracing::debug!(site = %site, error = %e, "warm call could not start the worker");
+            }
+        });
+        let mut resp = ResponseHeader::build(204, Some(1))?;
+        resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+        session.write_response_header(Box::new(resp), true).await?;
+        Ok(true)
+    }
+}
+
 fn header_str<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
     req.headers.get(name).and_then(|v| v.to_str().ok())
 }
@@ -148,6 +174,9 @@ impl ProxyHttp for AgentHttp {
                 )
                 .await;
         };
+        if session.req_header().headers.contains_key(headers::WARM) {
+            return self.answer_warm_call(session, site, spec).await;
+        }
         match self.supervisor.acquire(&site, &spec).await {
             Ok(ticket) => {
                 ctx.ticket = Some(ticket);

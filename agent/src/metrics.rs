@@ -75,6 +75,7 @@ pub struct Metrics {
     pub limit_failures: IntCounter,
     site_requests: IntCounterVec,
     site_duration: HistogramVec,
+    pub warm_calls: IntCounter,
     site_in_flight: IntGaugeVec,
     site_memory_bytes: IntGaugeVec,
     site_memory_limit_bytes: IntGaugeVec,
@@ -208,6 +209,10 @@ impl Metrics {
                 "roost_agent_limit_failures_total",
                 "Workers started without kernel limits because their cgroup could not be set up",
             ),
+            warm_calls: counter(
+                "roost_agent_warm_calls_total",
+                "Proxies' warm calls: start a site's worker ahead of its request",
+            ),
             site_requests: counter_vec(
                 "roost_agent_site_requests_total",
                 "Requests answered, per site with a worker (the series goes with the worker)",
@@ -265,6 +270,7 @@ impl Metrics {
             Box::new(m.limit_failures.clone()),
             Box::new(m.site_requests.clone()),
             Box::new(m.site_duration.clone()),
+            Box::new(m.warm_calls.clone()),
             Box::new(m.site_in_flight.clone()),
             Box::new(m.site_memory_bytes.clone()),
             Box::new(m.site_memory_limit_bytes.clone()),

@@ -12,6 +12,8 @@ pub const SITE: &str = "x-roost-site";
 pub const AUTH: &str = "x-roost-auth";
 /// The proxy's snapshot revision when it routed; an agent that is behind waits to catch up.
 pub const REVISION: &str = "x-roost-revision";
+/// Set on a proxy's *warm call*: start the site's worker if none runs, and answer at once.
+pub const WARM: &str = "x-roost-warm";
 /// Request id, kept from the client when present and well-formed, else generated.
 pub const REQUEST_ID: &str = "x-request-id";
 

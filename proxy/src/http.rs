@@ -39,6 +39,7 @@ use crate::metrics::Metrics;
 use crate::routes::Router;
 use crate::tap::{self, ReadAhead, Trailers};
 use crate::tls::TlsInfo;
+use crate::warm::Warmer;
 use roost_runtime::{check_request_head, respond, status_class, strip_internal_headers, Origin};
 
 /// How long a request that arrives before the first etcd sync waits for it.
@@ -47,6 +48,7 @@ const STARTUP_WAIT: Duration = Duration::from_secs(5);
 pub struct EdgeHttp {
     pub router: Arc<Router>,
     pub cfg: Arc<Config>,
+    pub warmer: Arc<Warmer>,
     pub metrics: Arc<Metrics>,
     /// Requests between `new_ctx` and the end of `logging`: what a drain waits for.
     pub in_flight: Arc<AtomicUsize>,
@@ -204,6 +206,16 @@ async fn linger(session: &mut Session) {
 }
 
 /// Bytes of the request head as a client sent it (near enough: names, values, separators).
+/// How the proxy reaches the agent at `addr`: for requests and for warm calls alike.
+pub fn agent_peer(cfg: &Config, addr: SocketAddr, io_timeout: Duration) -> HttpPeer {
+    let mut peer = HttpPeer::new(addr, false, String::new());
+    peer.options.connection_timeout = Some(Duration::from_millis(cfg.connect_timeout_ms));
+    peer.options.read_timeout = Some(io_timeout);
+    peer.options.write_timeout = Some(io_timeout);
+    peer.options.idle_timeout = Some(Duration::from_secs(cfg.upstream_idle_secs));
+    peer
+}
+
 fn header_bytes(req: &RequestHeader) -> usize {
     let line = req.method.as_str().len() + req.uri.to_string().len() + 12;
     line + req
@@ -376,6 +388,16 @@ impl ProxyHttp for EdgeHttp {
             .req_header()
             .headers
             .contains_key(http::header::TRANSFER_ENCODING);
+        if !session.downstream_session.is_body_empty() {
+            // The body is still to come (and a chunked one is read ahead below): let the
+            // site's worker start meanwhile.
+            let client = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip());
+            self.warmer
+                .warm(&route.host, client.map(|ip| ip.to_canonical()));
+        }
         if let Some(rec) = &recording {
             if !chunked && !session.downstream_session.is_body_empty() {
                 rec.lock().unwrap_or_else(|e| e.into_inner()).pause();
@@ -451,12 +473,12 @@ impl ProxyHttp for EdgeHttp {
                 format!("node {node} has a bad address"),
             )
         })?;
-        let mut peer = HttpPeer::new(sockaddr, false, String::new());
-        peer.options.connection_timeout = Some(Duration::from_millis(self.cfg.connect_timeout_ms));
         // The agent answers 504 at the site's own timeout; wait a little longer for that.
-        peer.options.read_timeout = Some(ctx.request_timeout + Duration::from_secs(5));
-        peer.options.write_timeout = Some(ctx.request_timeout + Duration::from_secs(5));
-        peer.options.idle_timeout = Some(Duration::from_secs(self.cfg.upstream_idle_secs));
+        let peer = agent_peer(
+            &self.cfg,
+            sockaddr,
+            ctx.request_timeout + Duration::from_secs(5),
+        );
         Ok(Box::new(peer))
     }
 

@@ -16,6 +16,7 @@ mod metrics;
 mod routes;
 mod tap;
 mod tls;
+mod warm;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -79,11 +80,13 @@ fn main() -> Result<()> {
     server.bootstrap();
     let phases = server.watch_execution_phase();
 
+    let warmer = warm::Warmer::new(router.clone(), cfg.clone(), metrics.clone());
     let proxy = pingora_proxy::http_proxy(
         &server.configuration,
         http::EdgeHttp {
             router: router.clone(),
             cfg: cfg.clone(),
+            warmer: warmer.clone(),
             metrics: metrics.clone(),
             in_flight: in_flight.clone(),
             awaiting: awaiting.clone(),
@@ -98,6 +101,9 @@ fn main() -> Result<()> {
         }))
         .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
         settings.enable_h2();
+        // The ClientHello names the site a round trip before its request: start it now.
+        edge.endpoints()
+            .set_pre_tls_callback(Arc::new(warm::ClientHelloPeek { warmer }));
         edge.add_tls_with_settings(addr, None, settings);
     }
     let mut admin = Service::new(

@@ -60,6 +60,7 @@ pub struct Metrics {
     pub invalid_certificates: IntCounter,
     pub tls_no_certificate: IntCounter,
     pub draining: IntGauge,
+    pub warm_calls: IntCounterVec,
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -165,6 +166,14 @@ impl Metrics {
                 "roost_proxy_draining",
                 "1 while the proxy drains after SIGTERM or SIGQUIT",
             ),
+            warm_calls: IntCounterVec::new(
+                Opts::new(
+                    "roost_proxy_warm_calls_total",
+                    "Warm calls (start a site's worker ahead of its request, from the TLS SNI or a head whose body follows), by outcome",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.requests.clone()),
@@ -186,6 +195,7 @@ impl Metrics {
             Box::new(m.invalid_certificates.clone()),
             Box::new(m.tls_no_certificate.clone()),
             Box::new(m.draining.clone()),
+            Box::new(m.warm_calls.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
@@ -197,6 +207,9 @@ impl Metrics {
             .chain(EDGE_REFUSALS.iter())
         {
             m.rejected.with_label_values(&[reason]);
+        }
+        for outcome in crate::warm::Outcome::ALL {
+            m.warm_calls.with_label_values(&[outcome.label()]);
         }
         for class in STATUS_CLASSES {
             m.duration.with_label_values(&[class]);

@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod edge;
 pub mod etcd;
 pub mod http;
+pub mod latency;
 pub mod launcher;
 pub mod load;
 pub mod ports;
