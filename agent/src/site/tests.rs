@@ -166,7 +166,8 @@ impl Launcher for Fake {
         Ok(listener.path.clone())
     }
 
-    fn forget(&self, _host: &str) -> BoxFut<()> {
+    fn forget(&self, host: &str) -> BoxFut<()> {
+        self.table().events.push(format!("forget {host}"));
         Box::pin(async {})
     }
 
@@ -637,4 +638,116 @@ async fn a_cold_start_is_timed_once_per_new_worker_from_its_first_answer() {
     settle(1).await;
     assert_eq!(cold(), 2);
     assert_eq!(n.metrics.worker_stops.with_label_values(&["idle"]).get(), 1);
+}
+
+/// A snapshot of one site pinned to `pin`, and the nodes `node-a` (this one) and `node-b`.
+fn placed(
+    host: &str,
+    spec: &Arc<SiteSpec>,
+    pin: &str,
+) -> (
+    roost_proto::Snapshot<SiteSpec>,
+    std::collections::BTreeMap<String, roost_proto::NodeInfo>,
+) {
+    let mut pinned = (**spec).clone();
+    pinned.node = Some(pin.to_string());
+    let mut snap = roost_proto::Snapshot::<SiteSpec>::default();
+    snap.items.insert(host.to_string(), Arc::new(pinned));
+    let nodes = ["node-a", "node-b"]
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            (
+                id.to_string(),
+                roost_proto::NodeInfo::new(&format!("127.0.0.1:{}", 7000 + i)),
+            )
+        })
+        .collect();
+    (snap, nodes)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_site_placed_elsewhere_is_given_back_once_idle_and_a_late_request_restarts_it() {
+    let n = node(|c| c.node_id = "node-a".into());
+    let s = spec("ok:app", 600);
+    let host = "m.example";
+    let (snap, _) = placed(host, &s, "node-a");
+    let s = snap.items.get(host).unwrap().clone();
+    let t = n.sites.acquire(host, &s).await.unwrap();
+    t.mark_answered(std::time::Instant::now());
+    settle(1).await;
+
+    // Pinned to this node: nothing happens.
+    let (snap, nodes) = placed(host, &s, "node-a");
+    n.sites.reconcile(&snap, &nodes);
+    settle(1).await;
+    assert_eq!(n.alive(), 1);
+
+    // Moved to node-b while a request is in flight: the request finishes first.
+    let (snap, nodes) = placed(host, &s, "node-b");
+    n.sites.reconcile(&snap, &nodes);
+    settle(1).await;
+    assert_eq!(n.alive(), 1, "given back with a request in flight");
+    assert_eq!(
+        n.state(host).await.note.as_deref(),
+        Some("placed on another node: given back once idle")
+    );
+    drop(t);
+    settle(1).await;
+    assert_eq!(n.alive(), 0, "{:?}", n.events());
+    assert_eq!(
+        n.events(),
+        vec!["start 1 ok:app", "term 1", "forget m.example"]
+    );
+    assert!(n.sites.ctx.actors.get(host).is_none(), "actor ended");
+    assert_eq!(
+        n.metrics.worker_stops.with_label_values(&["moved"]).get(),
+        1
+    );
+    assert_eq!(n.sites.ctx.capacity.live(), 0, "the slot came back");
+
+    // A proxy that has not seen the move yet: the request is served by a fresh actor.
+    let t = n.sites.acquire(host, &s).await.unwrap();
+    assert_eq!(t.generation, 1, "a new actor");
+    t.mark_answered(std::time::Instant::now());
+    drop(t);
+    settle(1).await;
+    assert_eq!(n.alive(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_site_placed_back_before_it_was_idle_is_kept() {
+    let n = node(|c| c.node_id = "node-a".into());
+    let s = spec("ok:app", 600);
+    let host = "k.example";
+    // The spec stays the same; the node set changes under it.
+    let (snap, mut nodes) = placed(host, &s, "node-b");
+    let s = snap.items.get(host).unwrap().clone();
+    let t = n.sites.acquire(host, &s).await.unwrap();
+    t.mark_answered(std::time::Instant::now());
+    n.sites.reconcile(&snap, &nodes);
+    settle(1).await;
+    assert!(n.state(host).await.note.is_some(), "leaving");
+    // node-b drains: the pin no longer holds, and node-a is the only candidate.
+    nodes.get_mut("node-b").unwrap().draining = true;
+    n.sites.reconcile(&snap, &nodes);
+    settle(1).await;
+    drop(t);
+    settle(1).await;
+    assert_eq!(n.alive(), 1, "{:?}", n.events());
+    assert_eq!(n.state(host).await.note, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_this_node_in_the_node_set_nothing_is_given_back() {
+    let n = node(|c| c.node_id = "node-c".into());
+    let s = spec("ok:app", 600);
+    let host = "u.example";
+    let t = n.sites.acquire(host, &s).await.unwrap();
+    t.mark_answered(std::time::Instant::now());
+    drop(t);
+    let (snap, nodes) = placed(host, &s, "node-b");
+    n.sites.reconcile(&snap, &nodes);
+    settle(1).await;
+    assert_eq!(n.alive(), 1, "{:?}", n.events());
 }

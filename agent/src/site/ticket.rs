@@ -2,7 +2,7 @@
 //! per-site state that readers outside the site's actor may see without asking it.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,8 @@ pub enum StopReason {
     MemoryLimit,
     /// A new spec's worker that failed before answering.
     SpecFailed,
+    /// Placement moved the site to another node.
+    Moved,
 }
 
 impl StopReason {
@@ -69,6 +71,7 @@ impl StopReason {
             StopReason::StartTimeout => "start_timeout",
             StopReason::MemoryLimit => "memory_limit",
             StopReason::SpecFailed => "spec_failed",
+            StopReason::Moved => "moved",
         }
     }
 }
@@ -87,6 +90,11 @@ pub struct SiteShared {
     /// The first generation known to have answered (so tickets tell the actor only once).
     pub answered_generation: AtomicU64,
     pub failures: Mutex<Failures>,
+    /// The actor is giving the site back (placed on another node), as reconcile last told it
+    /// or a request since undid.
+    pub leaving: AtomicBool,
+    /// The actor ended by giving the site back: a request that still reached it retries.
+    pub gave_back: AtomicBool,
 }
 
 #[derive(Default)]
@@ -108,6 +116,8 @@ impl SiteShared {
             current_pid: AtomicI32::new(0),
             answered_generation: AtomicU64::new(0),
             failures: Mutex::new(Failures::default()),
+            leaving: AtomicBool::new(false),
+            gave_back: AtomicBool::new(false),
         }
     }
 
