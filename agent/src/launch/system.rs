@@ -19,7 +19,7 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use super::cgroup::{Cgroups, SiteCgroup};
+use super::cgroup::{Cgroups, Limits, SiteCgroup};
 use super::direct as worker;
 use super::interpreters;
 use super::socket;
@@ -159,8 +159,14 @@ impl CgroupSetup {
                 return Vec::new();
             }
         };
-        let memory = spec.memory_limit_mb.map(|mb| mb * MIB);
-        if let Err(e) = cg.set_limits(memory, Some(cfg.pids_max)) {
+        let limits = site_limits(spec, cfg);
+        if limits.cpu_cores.is_some() && !self.cgroups.has_cpu() {
+            warn!(site = %host, "no cpu cgroup controller on this node: the site's cpu_limit is not applied");
+        }
+        if spec.io_weight.is_some() && !self.cgroups.has_io() {
+            info!(site = %host, "no io/blkio cgroup controller on this node: the site's io_weight is not applied");
+        }
+        if let Err(e) = cg.set_limits(&limits) {
             self.metrics.limit_failures.inc();
             tracing::error!(site = %host, error = %e, "cannot set the site's limits; starting without kernel limits");
             return Vec::new();
@@ -168,6 +174,18 @@ impl CgroupSetup {
         let files = cg.procs_files();
         self.site_cgroups.insert(host.to_string(), cg);
         files
+    }
+}
+
+/// The site's kernel limits: its record's, else the node's defaults.
+fn site_limits(spec: &SiteSpec, cfg: &Config) -> Limits {
+    let d = &cfg.site_limits;
+    Limits {
+        memory_bytes: spec.memory_limit_mb.map(|mb| mb * MIB),
+        pids_max: Some(cfg.pids_max),
+        cpu_cores: spec.cpu_limit.map(|c| c.0).or(d.cpu_limit),
+        cpu_weight: d.cpu_weight,
+        io_weight: spec.io_weight.unwrap_or(d.io_weight),
     }
 }
 

@@ -351,7 +351,20 @@ impl Actor {
             let _ = reply.send(Err(self.gone()));
             return;
         }
-        let limit = self.ctx.cfg().start_queue_limit;
+        // The site's entry-process limit: refused here, before any worker (or thread of one)
+        // is taken or started for the request.
+        let cfg = self.ctx.cfg();
+        if let Some(max) = self
+            .spec
+            .max_concurrent_requests
+            .or(cfg.site_limits.max_concurrent_requests)
+        {
+            if self.in_flight + self.pending.len() as u32 >= max {
+                let _ = reply.send(Err(AcquireError::TooManyRequests { limit: max }));
+                return;
+            }
+        }
+        let limit = cfg.start_queue_limit;
         if self.forgetting {
             // Its socket is being removed: the request waits, then gets a fresh one.
             if self.pending.len() as u32 >= limit {

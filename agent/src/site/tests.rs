@@ -751,3 +751,48 @@ async fn without_this_node_in_the_node_set_nothing_is_given_back() {
     settle(1).await;
     assert_eq!(n.alive(), 1, "{:?}", n.events());
 }
+
+#[tokio::test(start_paused = true)]
+async fn requests_past_the_sites_concurrency_limit_are_refused_without_a_start() {
+    let n = node(|_| {});
+    let mut limited = (*spec("ok:app", 600)).clone();
+    limited.max_concurrent_requests = Some(2);
+    let s = Arc::new(limited);
+    // Two wait for the start; the third is refused at once, before any worker is asked.
+    let (a, b, c) = tokio::join!(
+        n.sites.acquire("c.example", &s),
+        n.sites.acquire("c.example", &s),
+        async {
+            settle(0).await;
+            n.sites.acquire("c.example", &s).await
+        }
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(
+        matches!(c, Err(AcquireError::TooManyRequests { limit: 2 })),
+        "{c:?}"
+    );
+    assert_eq!(n.events(), vec!["start 1 ok:app"]);
+    a.mark_answered(std::time::Instant::now());
+    drop(a);
+    settle(1).await;
+    // One finished: there is room for one more.
+    let d = n.sites.acquire("c.example", &s).await.unwrap();
+    assert!(matches!(
+        n.sites.acquire("c.example", &s).await,
+        Err(AcquireError::TooManyRequests { .. })
+    ));
+    drop((b, d));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_nodes_default_concurrency_limit_applies_to_sites_that_name_none() {
+    let n = node(|c| c.site_limits.max_concurrent_requests = Some(1));
+    let s = spec("ok:app", 600);
+    let t = n.sites.acquire("d.example", &s).await.unwrap();
+    assert!(matches!(
+        n.sites.acquire("d.example", &s).await,
+        Err(AcquireError::TooManyRequests { limit: 1 })
+    ));
+    drop(t);
+}

@@ -28,6 +28,8 @@ pub enum AcquireError {
     StartQueueFull { waiting: u32 },
     #[error("the node is at capacity and no idle worker can be stopped")]
     AtCapacity,
+    #[error("{limit} requests are in flight, the site's limit of concurrent requests")]
+    TooManyRequests { limit: u32 },
 }
 
 /// Why a worker is being stopped, for logs and metrics.
@@ -48,7 +50,7 @@ pub enum StopReason {
 }
 
 impl StopReason {
-    pub const ALL: [StopReason; 9] = [
+    pub const ALL: [StopReason; 10] = [
         StopReason::Idle,
         StopReason::Replaced,
         StopReason::Recycled,
@@ -58,6 +60,7 @@ impl StopReason {
         StopReason::StartTimeout,
         StopReason::MemoryLimit,
         StopReason::SpecFailed,
+        StopReason::Moved,
     ];
 
     pub fn as_str(self) -> &'static str {
