@@ -125,6 +125,16 @@ fn cpu_cap(pid: u64) -> (String, String) {
     }
 }
 
+/// The group's CPU weight as the kernel holds it: v1 `cpu.shares`, v2 `cpu.weight`.
+fn cpu_weight(pid: u64) -> String {
+    let cpu = cgroup_dir(pid, "cpu");
+    std::fs::read_to_string(format!("{cpu}/cpu.shares"))
+        .or_else(|_| std::fs::read_to_string(format!("{cpu}/cpu.weight")))
+        .expect("cpu.shares or cpu.weight")
+        .trim()
+        .to_string()
+}
+
 #[test]
 fn a_site_capped_at_half_a_core_spinning_8_processes_uses_about_half_a_core() {
     let c = Cluster::start();
@@ -149,6 +159,12 @@ fn a_site_capped_at_half_a_core_spinning_8_processes_uses_about_half_a_core() {
         ("50000".to_string(), "100000".to_string()),
         "the kernel's cap for 0.5 core"
     );
+    // It booted at the lowest weight; once it answered it has every site's equal weight
+    // (the agent's default, 100: v1 shares 1024).
+    let raised = roost_tests::wait_until(Duration::from_secs(5), || {
+        matches!(cpu_weight(worker).as_str(), "1024" | "100")
+    });
+    assert!(raised, "the site's CPU weight is {}", cpu_weight(worker));
     // The neighbour has no cap.
     let calm = c.get("calm.example", "/").unwrap().json()["pid"]
         .as_u64()

@@ -29,7 +29,9 @@ use tracing::{info, warn};
 use super::capacity::{Capacity, Reservation, Running};
 use super::ticket::{AcquireError, SiteShared, SiteStatus, StopReason, Ticket};
 use super::Ctx;
-use crate::launch::{BoxFut, Exit, LauncherKind, Listener, SocketRole, Started, Worker};
+use crate::launch::{
+    BootWeight, BoxFut, Exit, LauncherKind, Listener, SocketRole, Started, Worker,
+};
 
 pub enum Msg {
     /// A request wants a worker.
@@ -110,6 +112,7 @@ pub struct Launch {
     listener: Arc<Listener>,
     started: Started,
     spec: Arc<SiteSpec>,
+    weight: BootWeight,
 }
 
 /// A live worker process.
@@ -123,6 +126,8 @@ struct Proc {
     spec: Arc<SiteSpec>,
     started: Instant,
     answered: bool,
+    /// The CPU weight it booted with; `Lowest` is raised when it answers.
+    weight: BootWeight,
     /// Requests holding a ticket for this worker.
     in_flight: u32,
     /// Asked to stop (SIGTERM sent), and why.
@@ -487,6 +492,10 @@ impl Actor {
                     .cold_start
                     .with_label_values(&[cur.launcher.as_str()])
                     .observe(accepted.elapsed().as_secs_f64());
+                if cur.weight == BootWeight::Lowest {
+                    let (ctx, host) = (self.ctx.clone(), self.host.clone());
+                    tokio::spawn(async move { ctx.launcher.answered(&host).await });
+                }
                 self.failures = 0;
                 self.retry_at = None;
                 self.shared
@@ -599,8 +608,16 @@ impl Actor {
             self.tx.clone(),
         );
         let listener = self.serving.as_ref().map(|(l, _)| l.clone());
+        // Alone in the site's group, a booting worker gets the least CPU, so a storm of
+        // cold starts can't slow the sites that already serve.
+        let alone = self.current.is_none() && self.candidate.is_none() && self.retiring.is_empty();
+        let weight = if alone {
+            BootWeight::Lowest
+        } else {
+            BootWeight::Site
+        };
         tokio::spawn(async move {
-            let result = launch(&ctx, &host, spec, listener, SocketRole::Serving).await;
+            let result = launch(&ctx, &host, spec, listener, SocketRole::Serving, weight).await;
             report_launch(&tx, generation, Role::Serving, result);
         });
     }
@@ -665,6 +682,7 @@ impl Actor {
             listener,
             started,
             spec,
+            weight,
         } = launch;
         let Started {
             worker,
@@ -694,6 +712,7 @@ impl Actor {
             spec,
             started: Instant::now(),
             answered: false,
+            weight,
             in_flight: 0,
             stopping: None,
             drain_then_stop: None,
@@ -933,7 +952,15 @@ impl Actor {
         self.candidate_starting = Some(generation);
         let (ctx, host, tx) = (self.ctx.clone(), self.host.clone(), self.tx.clone());
         tokio::spawn(async move {
-            let result = launch(&ctx, &host, spec, None, SocketRole::Candidate).await;
+            let result = launch(
+                &ctx,
+                &host,
+                spec,
+                None,
+                SocketRole::Candidate,
+                BootWeight::Site,
+            )
+            .await;
             report_launch(&tx, generation, Role::Candidate, result);
         });
     }
@@ -1086,6 +1113,7 @@ async fn launch(
     spec: Arc<SiteSpec>,
     listener: Option<Arc<Listener>>,
     role: SocketRole,
+    weight: BootWeight,
 ) -> Result<Launch, AcquireError> {
     let reservation = Capacity::reserve(ctx, host).await?;
     let listener = match listener {
@@ -1098,7 +1126,7 @@ async fn launch(
     };
     let started = ctx
         .launcher
-        .start(host, &spec, &listener)
+        .start(host, &spec, &listener, weight)
         .await
         .map_err(|e| AcquireError::Start(e.0))?;
     Ok(Launch {
@@ -1106,6 +1134,7 @@ async fn launch(
         listener,
         started,
         spec,
+        weight,
     })
 }
 

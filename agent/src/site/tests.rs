@@ -21,7 +21,8 @@ use super::actor::Msg;
 use super::{AcquireError, Sites};
 use crate::config::{Args, Config};
 use crate::launch::{
-    BoxFut, Exit, LaunchError, Launcher, LauncherKind, Listener, SocketRole, Started, Worker,
+    BootWeight, BoxFut, Exit, LaunchError, Launcher, LauncherKind, Listener, SocketRole, Started,
+    Worker,
 };
 use crate::metrics::Metrics;
 
@@ -39,6 +40,8 @@ struct Table {
     sockets: u32,
     /// Which app the latest worker on each socket runs.
     serves: HashMap<PathBuf, String>,
+    /// "lowest <pid>" for a start at the lowest CPU weight, "raised <host>" when it answered.
+    boot_weights: Vec<String>,
 }
 
 struct Fake {
@@ -104,6 +107,7 @@ impl Launcher for Fake {
         _host: &str,
         spec: &Arc<SiteSpec>,
         listener: &Arc<Listener>,
+        weight: BootWeight,
     ) -> BoxFut<Result<Started, LaunchError>> {
         let app = spec.app.clone().unwrap_or_default();
         self.table()
@@ -117,6 +121,9 @@ impl Launcher for Fake {
             t.alive.insert(pid, tx);
             t.peak = t.peak.max(t.alive.len());
             t.events.push(format!("start {pid} {app}"));
+            if weight == BootWeight::Lowest {
+                t.boot_weights.push(format!("lowest {pid}"));
+            }
             pid
         };
         let worker = Arc::new(FakeWorker {
@@ -164,6 +171,11 @@ impl Launcher for Fake {
 
     fn promote(&self, _host: &str, listener: &Listener) -> Result<PathBuf, String> {
         Ok(listener.path.clone())
+    }
+
+    fn answered(&self, host: &str) -> BoxFut<()> {
+        self.table().boot_weights.push(format!("raised {host}"));
+        Box::pin(async {})
     }
 
     fn forget(&self, host: &str) -> BoxFut<()> {
@@ -794,5 +806,36 @@ async fn the_nodes_default_concurrency_limit_applies_to_sites_that_name_none() {
         n.sites.acquire("d.example", &s).await,
         Err(AcquireError::TooManyRequests { limit: 1 })
     ));
+    drop(t);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_start_boots_at_the_lowest_cpu_weight_until_it_answers_and_a_candidate_never_does() {
+    let n = node(|_| {});
+    let t = n
+        .sites
+        .acquire("w.example", &spec("ok:app", 600))
+        .await
+        .unwrap();
+    settle(1).await;
+    assert_eq!(n.fake.table().boot_weights, ["lowest 1"]);
+    t.mark_answered(std::time::Instant::now());
+    settle(1).await;
+    assert_eq!(
+        n.fake.table().boot_weights,
+        ["lowest 1", "raised w.example"]
+    );
+    // A new spec's worker boots beside the serving one, in the same group: no lowering.
+    n.send("w.example", Msg::SpecChanged(spec("ok:app2", 600)));
+    settle(1).await;
+    assert!(
+        n.events().contains(&"start 2 ok:app2".to_string()),
+        "{:?}",
+        n.events()
+    );
+    assert_eq!(
+        n.fake.table().boot_weights,
+        ["lowest 1", "raised w.example"]
+    );
     drop(t);
 }
