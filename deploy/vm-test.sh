@@ -6,11 +6,12 @@
 # runs the very test binary, roost binaries, etcd, python3 and gunicorn built and installed here.
 # A tiny initramfs (busybox-static + the kernel's 9p/virtio/overlay modules) mounts that, and
 # deploy/vm/guest.sh mounts ONLY cgroup2 with memory, pids, cpu and io enabled, runs the tests
-# named below from tests/tests/lifecycle.rs, writes their output to a shared folder, and powers
-# off. The same tests run on the (v1) host in the ordinary suite.
+# named below (from tests/tests/lifecycle.rs, or `BINARY:NAME` from tests/tests/BINARY.rs), writes
+# their output to a shared folder, and powers off. The same tests run on the (v1) host in the
+# ordinary suite.
 #
 #   deploy/vm-test.sh                 # the cgroup scenarios
-#   deploy/vm-test.sh TEST_NAME...    # other lifecycle tests, by exact name
+#   deploy/vm-test.sh TEST_NAME...    # other tests, by exact name (lifecycle's, or BINARY:NAME)
 # Env: ROOST_VM_TIMEOUT (seconds, default 900), ROOST_VM_ACCEL (kvm|tcg, default: try kvm, then tcg),
 #      ROOST_VM_KEEP=1 keeps the work folder (initramfs, console log, results).
 set -euo pipefail
@@ -23,6 +24,7 @@ scenarios=(
   the_agent_sits_in_a_leaf_and_sites_in_its_delegated_group
   a_restarted_agent_cleans_up_what_its_predecessor_left
   a_killed_agents_workers_do_not_live_on
+  limits:a_site_capped_at_half_a_core_spinning_8_processes_uses_about_half_a_core
 )
 (($#)) && scenarios=("$@")
 timeout_s=${ROOST_VM_TIMEOUT:-900}
@@ -47,15 +49,27 @@ off, size, n = struct.unpack_from("<Q", h, 32)[0], *struct.unpack_from("<HH", h,
 sys.exit(0 if any(struct.unpack_from("<I", h, off + i * size)[0] == 3 for i in range(n)) else 1)' "$1"; }
 [ -x "$busybox" ] && ! has_interp "$busybox" || die "no static busybox at $busybox (deploy/install-deps.sh installs busybox-static)"
 
-echo "vm-test: building the binaries and the lifecycle test binary"
+# Scenarios grouped by test binary: "lifecycle" unless named as BINARY:NAME.
+declare -A names_of=()
+for s in "${scenarios[@]}"; do
+  case "$s" in
+    *:*) names_of[${s%%:*}]+=" ${s#*:}" ;;
+    *) names_of[lifecycle]+=" $s" ;;
+  esac
+done
+echo "vm-test: building the binaries and the test binaries: ${!names_of[*]}"
 cargo build --workspace --bins -q
-testbin=$(cargo test -p roost-tests --test lifecycle --no-run --message-format=json -q \
-  | python3 -c 'import json,sys
+declare -A testbin_of=()
+for binary in "${!names_of[@]}"; do
+  testbin=$(cargo test -p roost-tests --test "$binary" --no-run --message-format=json -q \
+    | python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "lifecycle":
-        print(m["executable"])')
-[ -x "$testbin" ] || die "cargo did not produce the lifecycle test binary"
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$binary")
+  [ -x "$testbin" ] || die "cargo did not produce the $binary test binary"
+  testbin_of[$binary]=$testbin
+done
 
 work=$(mktemp -d /tmp/roost-vm.XXXXXX)
 qemu_pid=
@@ -116,9 +130,15 @@ cp deploy/vm/guest.sh "$results/guest.sh"
   # over 9p while the agent's fork request times out on it.
   echo "python3 -c 'import gunicorn.app.base, gunicorn.workers.gthread, json, ssl' || true"
   echo "cat target/debug/roost-agent target/debug/roost-proxy target/debug/roostctl /usr/bin/etcd > /dev/null"
-  printf 'exec %q --exact --test-threads=1' "$testbin"
-  printf ' %q' "${scenarios[@]}"
-  echo
+  # Every binary runs; the run fails if any of them does.
+  echo "failed=0"
+  for binary in "${!names_of[@]}"; do
+    printf '%q --exact --test-threads=1' "${testbin_of[$binary]}"
+    # shellcheck disable=SC2086 # one word per test name
+    printf ' %q' ${names_of[$binary]}
+    echo " || failed=1"
+  done
+  echo 'exit $failed'
 } > "$results/run.sh"
 
 # --- boot ---------------------------------------------------------------------------------------

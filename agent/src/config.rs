@@ -73,6 +73,10 @@ struct FileConfig {
     site_group: Option<String>,
     interpreters: Option<Vec<PathBuf>>,
     worker_nofile: Option<u64>,
+    default_cpu_limit: Option<f64>,
+    cpu_weight: Option<u32>,
+    default_io_weight: Option<u32>,
+    default_max_concurrent_requests: Option<u32>,
 }
 
 /// Settings in force.
@@ -121,6 +125,53 @@ pub struct Config {
     /// RLIMIT_NOFILE (soft and hard) of every worker, apart from the agent's own
     /// (`launch/rlimit.rs`); fixed at start.
     pub worker_nofile: u64,
+    /// CPU, I/O and concurrency limits for sites whose record names none (issue 10).
+    pub site_limits: SiteLimitDefaults,
+}
+
+/// Per-site limits a site record may override. Weights are cgroup v2's scale (1..=10000,
+/// 100 the kernel's default); on cgroup v1 they are converted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SiteLimitDefaults {
+    /// CPU cap in cores; `None`: no cap.
+    pub cpu_limit: Option<f64>,
+    /// Every site's CPU weight: equal, so a busy site can't take more than its share from
+    /// its neighbours when the node is contended.
+    pub cpu_weight: u32,
+    pub io_weight: u32,
+    /// Requests one site may have in flight; `None`: no limit beyond the worker's threads.
+    pub max_concurrent_requests: Option<u32>,
+}
+
+impl SiteLimitDefaults {
+    fn from_file(file: &FileConfig) -> Result<Self> {
+        use roost_proto::site::{check_cpu_limit, MAX_CONCURRENT_REQUESTS, MAX_WEIGHT};
+        if let Some(cores) = file.default_cpu_limit {
+            check_cpu_limit(cores).map_err(|e| anyhow::anyhow!("default_cpu_limit: {e}"))?;
+        }
+        let weight = |name: &str, v: Option<u32>| -> Result<u32> {
+            match v {
+                Some(w) if !(1..=MAX_WEIGHT).contains(&w) => {
+                    anyhow::bail!("{name}: {w} is outside 1..={MAX_WEIGHT}")
+                }
+                Some(w) => Ok(w),
+                None => Ok(100),
+            }
+        };
+        if let Some(n) = file.default_max_concurrent_requests {
+            if !(1..=MAX_CONCURRENT_REQUESTS).contains(&n) {
+                anyhow::bail!(
+                    "default_max_concurrent_requests: {n} is outside 1..={MAX_CONCURRENT_REQUESTS}"
+                );
+            }
+        }
+        Ok(Self {
+            cpu_limit: file.default_cpu_limit,
+            cpu_weight: weight("cpu_weight", file.cpu_weight)?,
+            io_weight: weight("default_io_weight", file.default_io_weight)?,
+            max_concurrent_requests: file.default_max_concurrent_requests,
+        })
+    }
 }
 
 /// The unix users a site may name: uid at least `min_uid` (Debian's `UID_MIN`, 1000, by
@@ -198,6 +249,7 @@ impl Config {
             Some(path) => read_file_config(path)?,
             None => FileConfig::default(),
         };
+        let site_limits = SiteLimitDefaults::from_file(&file)?;
         let node_id = args
             .node_id
             .or(file.node_id)
@@ -270,6 +322,7 @@ impl Config {
                 .interpreters
                 .unwrap_or_else(|| vec![roost_proto::site::DEFAULT_PYTHON.into()]),
             worker_nofile: file.worker_nofile.unwrap_or(4096).max(64),
+            site_limits,
         })
     }
 }

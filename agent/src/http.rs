@@ -223,6 +223,16 @@ impl ProxyHttp for AgentHttp {
                 )
                 .await
             }
+            Err(e @ AcquireError::TooManyRequests { .. }) => {
+                self.refuse(
+                    session,
+                    ctx,
+                    503,
+                    "too_many_requests",
+                    &format!("site {site} is busy: {e}"),
+                )
+                .await
+            }
             Err(e @ AcquireError::AtCapacity) => {
                 self.refuse(
                     session,

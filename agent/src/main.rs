@@ -19,7 +19,7 @@ use clap::Parser;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora_core::services::listening::Service;
-use roost_proto::{Informer, Layout, SiteSpec};
+use roost_proto::{Informer, Layout, NodeInfo, SiteSpec};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
@@ -53,6 +53,9 @@ fn main() -> Result<()> {
     let layout = Layout::new(&cfg.prefix);
     let sites =
         control.block_on(async { Informer::<SiteSpec>::start(&cfg.etcd, &layout.sites_prefix()) });
+    // Placement needs the live nodes: a site placed on another node is given back here.
+    let nodes =
+        control.block_on(async { Informer::<NodeInfo>::start(&cfg.etcd, &layout.nodes_prefix()) });
     launch::rlimit::set_worker_nofile(cfg.worker_nofile);
     let settings = Arc::new(arc_swap::ArcSwap::new(cfg.clone()));
     let launcher = SystemLauncher::new(settings.clone(), metrics.clone(), control.handle().clone())
@@ -72,7 +75,7 @@ fn main() -> Result<()> {
     }
     let registration = Registration::new(cfg.clone());
     control.spawn(registration.clone().run(metrics.clone()));
-    control.spawn(site::run(supervisor.clone(), sites.clone()));
+    control.spawn(site::run(supervisor.clone(), sites.clone(), nodes));
 
     let conf = ServerConf {
         threads: cfg.request_threads,

@@ -21,9 +21,9 @@ use crate::site::{SiteStatus, StopReason};
 pub const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 
 /// Reasons the agent answers a request itself (`AgentHttp::refuse`), beyond the
-/// request-acceptance rules' own (`Refusal::LABELS`). The last four are refusals while a
-/// site is cold.
-pub const AGENT_REFUSALS: [&str; 8] = [
+/// request-acceptance rules' own (`Refusal::LABELS`). `crash_loop` to `start_failed` are
+/// refusals while a site is cold; `too_many_requests` is a site's concurrency limit.
+pub const AGENT_REFUSALS: [&str; 9] = [
     "forbidden",
     "no_site",
     "unknown_site",
@@ -32,6 +32,7 @@ pub const AGENT_REFUSALS: [&str; 8] = [
     "start_queue_full",
     "at_capacity",
     "start_failed",
+    "too_many_requests",
 ];
 
 /// The worker states of `roost_agent_workers`.

@@ -166,6 +166,15 @@ struct SetArgs {
     /// Remove the memory limit.
     #[arg(long, conflicts_with = "memory_limit_mb")]
     clear_memory_limit: bool,
+    /// Remove the CPU limit (the node's default applies).
+    #[arg(long, conflicts_with = "cpu_limit")]
+    clear_cpu_limit: bool,
+    /// Remove the I/O weight (the node's default applies).
+    #[arg(long, conflicts_with = "io_weight")]
+    clear_io_weight: bool,
+    /// Remove the limit of concurrent requests (the node's default applies).
+    #[arg(long, conflicts_with = "max_concurrent_requests")]
+    clear_max_concurrent_requests: bool,
     /// Go back to the default interpreter.
     #[arg(long, conflicts_with = "python")]
     clear_python: bool,
@@ -204,6 +213,9 @@ impl SetArgs {
             flags: self.flags.clone(),
             clear_node: self.clear_node,
             clear_memory_limit: self.clear_memory_limit,
+            clear_cpu_limit: self.clear_cpu_limit,
+            clear_io_weight: self.clear_io_weight,
+            clear_max_concurrent_requests: self.clear_max_concurrent_requests,
             clear_python: self.clear_python,
             clear_virtualenv: self.clear_virtualenv,
             remove_aliases: self.remove_alias.clone(),

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Context;
 use clap::Args;
+use roost_proto::site::Cores;
 use roost_proto::{canonical_host, SiteSpec};
 
 /// What a site runs: a WSGI app or a plain command.
@@ -39,6 +40,15 @@ pub struct SiteFlags {
     /// Memory limit of the site's processes, in MiB.
     #[arg(long, value_name = "N")]
     pub memory_limit_mb: Option<u64>,
+    /// CPU the site may use, in cores (0.5 = half a core).
+    #[arg(long, value_name = "CORES")]
+    pub cpu_limit: Option<f64>,
+    /// Block I/O weight against other sites, 1..=10000 (100 is the default).
+    #[arg(long, value_name = "N")]
+    pub io_weight: Option<u32>,
+    /// Requests in flight at once on a node; more get 503 with Retry-After.
+    #[arg(long, value_name = "N")]
+    pub max_concurrent_requests: Option<u32>,
     /// Python interpreter for an --app site (default: the system python3).
     #[arg(long, value_name = "PATH")]
     pub python: Option<String>,
@@ -65,6 +75,9 @@ pub struct SitePatch {
     pub flags: SiteFlags,
     pub clear_node: bool,
     pub clear_memory_limit: bool,
+    pub clear_cpu_limit: bool,
+    pub clear_io_weight: bool,
+    pub clear_max_concurrent_requests: bool,
     pub clear_python: bool,
     pub clear_virtualenv: bool,
     pub remove_aliases: Vec<String>,
@@ -83,6 +96,9 @@ impl SitePatch {
             && f.workers.is_none()
             && f.threads.is_none()
             && f.memory_limit_mb.is_none()
+            && f.cpu_limit.is_none()
+            && f.io_weight.is_none()
+            && f.max_concurrent_requests.is_none()
             && f.python.is_none()
             && f.virtualenv.is_none()
             && f.aliases.is_empty()
@@ -90,6 +106,9 @@ impl SitePatch {
             && f.env.is_empty()
             && !self.clear_node
             && !self.clear_memory_limit
+            && !self.clear_cpu_limit
+            && !self.clear_io_weight
+            && !self.clear_max_concurrent_requests
             && !self.clear_python
             && !self.clear_virtualenv
             && self.remove_aliases.is_empty()
@@ -112,6 +131,15 @@ impl SitePatch {
         }
         if self.clear_memory_limit {
             spec.memory_limit_mb = None;
+        }
+        if self.clear_cpu_limit {
+            spec.cpu_limit = None;
+        }
+        if self.clear_io_weight {
+            spec.io_weight = None;
+        }
+        if self.clear_max_concurrent_requests {
+            spec.max_concurrent_requests = None;
         }
         if self.clear_python {
             spec.python = None;
@@ -171,6 +199,15 @@ fn apply_flags(spec: &mut SiteSpec, f: &SiteFlags) -> anyhow::Result<()> {
     }
     if let Some(v) = f.memory_limit_mb {
         spec.memory_limit_mb = Some(v);
+    }
+    if let Some(v) = f.cpu_limit {
+        spec.cpu_limit = Some(Cores(v));
+    }
+    if let Some(v) = f.io_weight {
+        spec.io_weight = Some(v);
+    }
+    if let Some(v) = f.max_concurrent_requests {
+        spec.max_concurrent_requests = Some(v);
     }
     if let Some(v) = &f.python {
         spec.python = Some(v.clone());
@@ -400,6 +437,9 @@ mod tests {
             workers: Some(2),
             threads: Some(8),
             memory_limit_mb: Some(256),
+            cpu_limit: Some(0.5),
+            io_weight: Some(200),
+            max_concurrent_requests: Some(20),
             python: Some("/opt/py/bin/python3".into()),
             virtualenv: Some("/srv/venv".into()),
             aliases: vec![
@@ -431,6 +471,9 @@ mod tests {
             (30, 10, 2, 8)
         );
         assert_eq!(s.memory_limit_mb, Some(256));
+        assert_eq!(s.cpu_limit, Some(Cores(0.5)));
+        assert_eq!(s.io_weight, Some(200));
+        assert_eq!(s.max_concurrent_requests, Some(20));
         assert_eq!(s.python.as_deref(), Some("/opt/py/bin/python3"));
         assert_eq!(s.virtualenv.as_deref(), Some("/srv/venv"));
         assert_eq!(s.aliases, ["www.example.com", "*.example.com"]);
@@ -461,6 +504,41 @@ mod tests {
         };
         let s = build("alice", Program::App("a:b".into()), "/x", &f).unwrap();
         assert_eq!(s.validate().unwrap_err().field, "workers");
+    }
+
+    #[test]
+    fn limits_are_set_and_cleared_and_bad_ones_name_their_field() {
+        let mut s = SiteSpec::new_app("alice", "a:b", "/x");
+        let set = SitePatch {
+            flags: SiteFlags {
+                cpu_limit: Some(1.5),
+                io_weight: Some(50),
+                max_concurrent_requests: Some(4),
+                ..flags()
+            },
+            ..SitePatch::default()
+        };
+        assert!(!set.is_empty());
+        set.apply(&mut s).unwrap();
+        assert_eq!(
+            (s.cpu_limit, s.io_weight, s.max_concurrent_requests),
+            (Some(Cores(1.5)), Some(50), Some(4))
+        );
+        let clear = SitePatch {
+            clear_cpu_limit: true,
+            clear_io_weight: true,
+            clear_max_concurrent_requests: true,
+            ..SitePatch::default()
+        };
+        assert!(!clear.is_empty());
+        clear.apply(&mut s).unwrap();
+        assert_eq!(s, SiteSpec::new_app("alice", "a:b", "/x"));
+        let f = SiteFlags {
+            cpu_limit: Some(0.001),
+            ..flags()
+        };
+        let s = build("alice", Program::App("a:b".into()), "/x", &f).unwrap();
+        assert_eq!(s.validate().unwrap_err().field, "cpu_limit");
     }
 
     #[test]

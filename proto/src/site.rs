@@ -56,6 +56,18 @@ pub struct SiteSpec {
     /// Memory limit of the site's worker processes, in MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_limit_mb: Option<u64>,
+    /// CPU the site's processes may use together, in cores (0.5: half of one core), over
+    /// the node's default. A cap, not a reservation: sites share spare CPU by weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<Cores>,
+    /// Block I/O weight against the node's other sites, cgroup v2's scale: 1..=10000, 100
+    /// for a site that names none (over the node's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_weight: Option<u32>,
+    /// Requests the site may have in flight on a node at once (CloudLinux's "entry
+    /// processes"); past it the agent answers 503 with `Retry-After`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_requests: Option<u32>,
     /// Environment of the worker (on top of a small clean base).
     #[serde(default, skip_serializing_if = "EnvVars::is_empty")]
     pub env: EnvVars,
@@ -65,6 +77,21 @@ pub struct SiteSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spawn: Option<SpawnMode>,
 }
+
+/// A share of CPU time in cores. Validated finite and positive, so it compares as `Eq`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Cores(pub f64);
+
+impl Eq for Cores {}
+
+/// The smallest CPU cap: the kernel's minimum quota (1 ms) in its default 100 ms period.
+pub const MIN_CPU_LIMIT: f64 = 0.01;
+/// The largest: more cores than any node of ours has.
+pub const MAX_CPU_LIMIT: f64 = 1024.0;
+/// cgroup v2's weight range (`cpu.weight`, `io.weight`); 100 is the default.
+pub const MAX_WEIGHT: u32 = 10_000;
+pub const MAX_CONCURRENT_REQUESTS: u32 = 100_000;
 
 /// How an `app` site's worker is started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +153,9 @@ impl SiteSpec {
             idle_timeout: default_idle_timeout(),
             request_timeout: default_request_timeout(),
             memory_limit_mb: None,
+            cpu_limit: None,
+            io_weight: None,
+            max_concurrent_requests: None,
             env: EnvVars::new(),
             spawn: None,
         }
@@ -246,6 +276,20 @@ impl SiteSpec {
         if let Some(mb) = self.memory_limit_mb {
             check_range("memory_limit_mb", mb, 16, 1 << 20)?;
         }
+        if let Some(Cores(cores)) = self.cpu_limit {
+            check_cpu_limit(cores).map_err(|reason| SpecError::new("cpu_limit", reason))?;
+        }
+        if let Some(w) = self.io_weight {
+            check_range("io_weight", w as u64, 1, MAX_WEIGHT as u64)?;
+        }
+        if let Some(n) = self.max_concurrent_requests {
+            check_range(
+                "max_concurrent_requests",
+                n as u64,
+                1,
+                MAX_CONCURRENT_REQUESTS as u64,
+            )?;
+        }
         for (k, v) in &self.env {
             let field = format!("env.{k}");
             if !valid_env_name(k) {
@@ -295,6 +339,16 @@ fn check_range(field: &str, v: u64, min: u64, max: u64) -> Result<(), SpecError>
         return Err(SpecError::new(
             field,
             format!("{v} is outside {min}..={max}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A CPU cap in cores, as a site or an agent's default gives it; the error is the reason.
+pub fn check_cpu_limit(cores: f64) -> Result<(), String> {
+    if !(MIN_CPU_LIMIT..=MAX_CPU_LIMIT).contains(&cores) {
+        return Err(format!(
+            "{cores} is outside {MIN_CPU_LIMIT}..={MAX_CPU_LIMIT} cores"
         ));
     }
     Ok(())
@@ -441,6 +495,43 @@ mod tests {
         );
         assert_eq!(err(r#"not json"#).field, "(record)");
         assert_eq!(err(r#"[1,2]"#).field, "(record)");
+    }
+
+    #[test]
+    fn cpu_io_and_concurrency_limits_decode_and_are_checked() {
+        let s = SiteSpec::from_json(
+            br#"{"user":"alice","app":"a:b","dir":"/x","cpu_limit":0.5,"io_weight":50,"max_concurrent_requests":8}"#,
+        )
+        .unwrap();
+        assert_eq!(s.cpu_limit, Some(Cores(0.5)));
+        assert_eq!(s.io_weight, Some(50));
+        assert_eq!(s.max_concurrent_requests, Some(8));
+        assert_eq!(SiteSpec::from_json(s.to_json().as_bytes()).unwrap(), s);
+        // Whole cores are written as integers by operators.
+        let two = SiteSpec::from_json(br#"{"user":"alice","app":"a:b","dir":"/x","cpu_limit":2}"#)
+            .unwrap();
+        assert_eq!(two.cpu_limit, Some(Cores(2.0)));
+        let bad = |extra: &str| {
+            err(&format!(
+                r#"{{"user":"alice","app":"a:b","dir":"/x",{extra}}}"#
+            ))
+        };
+        let e = bad(r#""cpu_limit":0"#);
+        assert_eq!(e.field, "cpu_limit");
+        assert_eq!(e.reason, "0 is outside 0.01..=1024 cores");
+        assert_eq!(bad(r#""cpu_limit":-1"#).field, "cpu_limit");
+        assert_eq!(bad(r#""cpu_limit":5000"#).field, "cpu_limit");
+        assert_eq!(bad(r#""cpu_limit":"half""#).field, "cpu_limit");
+        assert_eq!(bad(r#""io_weight":0"#).field, "io_weight");
+        assert_eq!(bad(r#""io_weight":10001"#).field, "io_weight");
+        assert_eq!(
+            bad(r#""max_concurrent_requests":0"#).field,
+            "max_concurrent_requests"
+        );
+        assert_eq!(
+            bad(r#""max_concurrent_requests":-3"#).field,
+            "max_concurrent_requests"
+        );
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Per-site resource limits through the kernel's cgroups (DESIGN.md, decision 5).
 //!
 //! - cgroup v2, where `/sys/fs/cgroup` is the unified hierarchy with the memory controller:
-//!   `memory.max`, `memory.swap.max`, `pids.max`, OOM kills counted in `memory.events`.
-//! - cgroup v1, where the memory (and pids) hierarchies are mounted separately, as on our
-//!   test machines: `memory.limit_in_bytes` (+ `memsw` when present), `pids.max`, OOM kills
-//!   counted in `memory.oom_control`.
+//!   `memory.max`, `memory.swap.max`, `pids.max`, OOM kills counted in `memory.events`;
+//!   `cpu.max` and `cpu.weight`, `io.weight` where those controllers are available.
+//! - cgroup v1, where the memory (and pids, cpu, cpuacct, blkio) hierarchies are mounted
+//!   separately, as on our test machines: `memory.limit_in_bytes` (+ `memsw` when present),
+//!   `pids.max`, OOM kills counted in `memory.oom_control`; `cpu.cfs_quota_us` and
+//!   `cpu.shares`, `blkio.bfq.weight` (or `blkio.weight`), CPU time in `cpuacct.usage`.
 //! - neither writable: no kernel limits; the supervisor falls back to an RSS watchdog.
 //!
 //! Site groups nest under the agent's own cgroup, the way a delegated systemd service does it,
@@ -29,15 +31,79 @@ use tracing::{info, warn};
 pub enum Cgroups {
     V2 {
         base: PathBuf,
-        /// Whether the pids controller is enabled for the sites (`pids.max`).
-        pids: bool,
+        /// The optional controllers enabled for the sites.
+        has: V2Controllers,
     },
-    V1 {
-        memory: PathBuf,
-        pids: Option<PathBuf>,
-    },
+    /// The agent's group in each v1 hierarchy.
+    V1(V1Groups),
     Unavailable,
 }
+
+/// cgroup v2 controllers besides memory, when the kernel hands them to the sites.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct V2Controllers {
+    pub pids: bool,
+    pub cpu: bool,
+    pub io: bool,
+}
+
+/// One group per cgroup v1 hierarchy. Hierarchies mounted together (`cpu,cpuacct`) share
+/// a path; memory is required, the others are used where mounted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct V1Groups {
+    pub memory: PathBuf,
+    pub pids: Option<PathBuf>,
+    pub cpu: Option<PathBuf>,
+    pub cpuacct: Option<PathBuf>,
+    pub blkio: Option<PathBuf>,
+}
+
+impl V1Groups {
+    /// The same groups one level down (a site's, under the agent's).
+    fn join(&self, name: &str) -> Self {
+        let j = |p: &Option<PathBuf>| p.as_ref().map(|p| p.join(name));
+        Self {
+            memory: self.memory.join(name),
+            pids: j(&self.pids),
+            cpu: j(&self.cpu),
+            cpuacct: j(&self.cpuacct),
+            blkio: j(&self.blkio),
+        }
+    }
+
+    /// Every distinct directory, memory first.
+    fn dirs(&self) -> Vec<&PathBuf> {
+        let mut out = vec![&self.memory];
+        for p in [&self.pids, &self.cpu, &self.cpuacct, &self.blkio]
+            .into_iter()
+            .flatten()
+        {
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+        out
+    }
+}
+
+/// What a site's group is limited to. Weights are cgroup v2's scale (1..=10000, default 100).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub memory_bytes: Option<u64>,
+    pub pids_max: Option<u64>,
+    /// CPU cap in cores; `None`: no cap.
+    pub cpu_cores: Option<f64>,
+    pub cpu_weight: u32,
+    pub io_weight: u32,
+}
+
+/// The CPU weight of a site whose worker is still starting: the lowest there is, so a
+/// storm of cold starts can't take CPU from sites that already serve (issue 11).
+pub const STARTING_CPU_WEIGHT: u32 = 1;
+/// The period `cpu_cores` is a share of (the kernel's default, 100 ms).
+const CPU_PERIOD_US: u64 = 100_000;
+/// The kernel's smallest quota.
+const MIN_CPU_QUOTA_US: u64 = 1_000;
 
 /// One site's cgroup(s).
 #[derive(Debug, Clone)]
@@ -47,14 +113,8 @@ pub struct SiteCgroup {
 
 #[derive(Debug, Clone)]
 enum Kind {
-    V2 {
-        dir: PathBuf,
-        pids: bool,
-    },
-    V1 {
-        memory: PathBuf,
-        pids: Option<PathBuf>,
-    },
+    V2 { dir: PathBuf, has: V2Controllers },
+    V1(V1Groups),
 }
 
 impl Cgroups {
@@ -69,14 +129,19 @@ impl Cgroups {
         let found = detect_from(&mounts, &own, name);
         let ready = match found {
             Cgroups::V2 { base, .. } => prepare_v2(&base, name),
-            Cgroups::V1 { memory, pids } => fs::create_dir_all(&memory)
-                .and_then(|_| pids.as_ref().map_or(Ok(()), fs::create_dir_all))
-                .map(|_| Cgroups::V1 { memory, pids }),
+            Cgroups::V1(groups) => groups
+                .dirs()
+                .into_iter()
+                .try_for_each(|d| fs::create_dir_all(d).map_err(|e| with_path(e, d)))
+                .map(|_| Cgroups::V1(groups)),
             Cgroups::Unavailable => Ok(Cgroups::Unavailable),
         };
         match ready {
             Ok(found) => {
                 info!(cgroups = ?found, "per-site limits");
+                if !matches!(found, Cgroups::Unavailable) && !found.has_io() {
+                    info!("no io/blkio cgroup controller: sites' io_weight is not applied");
+                }
                 found
             }
             Err(e) => {
@@ -86,36 +151,71 @@ impl Cgroups {
         }
     }
 
-    pub fn describe(&self) -> &'static str {
+    /// "cgroup v1 (memory, pids, cpu, cpuacct)", for the log.
+    pub fn describe(&self) -> String {
+        let (version, names): (&str, Vec<&str>) = match self {
+            Cgroups::V2 { has, .. } => (
+                "v2",
+                [
+                    ("memory", true),
+                    ("pids", has.pids),
+                    ("cpu", has.cpu),
+                    ("io", has.io),
+                ]
+                .into_iter()
+                .filter_map(|(n, on)| on.then_some(n))
+                .collect(),
+            ),
+            Cgroups::V1(g) => (
+                "v1",
+                [
+                    ("memory", true),
+                    ("pids", g.pids.is_some()),
+                    ("cpu", g.cpu.is_some()),
+                    ("cpuacct", g.cpuacct.is_some()),
+                    ("blkio", g.blkio.is_some()),
+                ]
+                .into_iter()
+                .filter_map(|(n, on)| on.then_some(n))
+                .collect(),
+            ),
+            Cgroups::Unavailable => return "none (RSS watchdog)".into(),
+        };
+        format!("cgroup {version} ({})", names.join(", "))
+    }
+
+    /// Whether sites' block I/O can be weighted here.
+    pub fn has_io(&self) -> bool {
         match self {
-            Cgroups::V2 { pids: true, .. } => "cgroup v2 (memory, pids)",
-            Cgroups::V2 { pids: false, .. } => "cgroup v2 (memory)",
-            Cgroups::V1 { pids: Some(_), .. } => "cgroup v1 (memory, pids)",
-            Cgroups::V1 { pids: None, .. } => "cgroup v1 (memory)",
-            Cgroups::Unavailable => "none (RSS watchdog)",
+            Cgroups::V2 { has, .. } => has.io,
+            Cgroups::V1(g) => g.blkio.is_some(),
+            Cgroups::Unavailable => false,
+        }
+    }
+
+    /// Whether sites' CPU can be capped and weighted here.
+    pub fn has_cpu(&self) -> bool {
+        match self {
+            Cgroups::V2 { has, .. } => has.cpu,
+            Cgroups::V1(g) => g.cpu.is_some(),
+            Cgroups::Unavailable => false,
         }
     }
 
     /// The cgroup of `host`, created if missing; `None` without cgroups.
     pub fn site(&self, host: &str) -> io::Result<Option<SiteCgroup>> {
         let kind = match self {
-            Cgroups::V2 { base, pids } => {
+            Cgroups::V2 { base, has } => {
                 let dir = base.join(host);
-                fs::create_dir_all(&dir)?;
-                Kind::V2 { dir, pids: *pids }
+                fs::create_dir_all(&dir).map_err(|e| with_path(e, &dir))?;
+                Kind::V2 { dir, has: *has }
             }
-            Cgroups::V1 { memory, pids } => {
-                let m = memory.join(host);
-                fs::create_dir_all(&m)?;
-                let p = match pids {
-                    Some(p) => {
-                        let d = p.join(host);
-                        fs::create_dir_all(&d)?;
-                        Some(d)
-                    }
-                    None => None,
-                };
-                Kind::V1 { memory: m, pids: p }
+            Cgroups::V1(groups) => {
+                let site = groups.join(host);
+                for d in site.dirs() {
+                    fs::create_dir_all(d).map_err(|e| with_path(e, d))?;
+                }
+                Kind::V1(site)
             }
             Cgroups::Unavailable => return Ok(None),
         };
@@ -127,7 +227,7 @@ impl Cgroups {
     pub fn clean_leftovers(&self) -> usize {
         let bases: Vec<&PathBuf> = match self {
             Cgroups::V2 { base, .. } => vec![base],
-            Cgroups::V1 { memory, pids } => std::iter::once(memory).chain(pids.iter()).collect(),
+            Cgroups::V1(groups) => groups.dirs(),
             Cgroups::Unavailable => vec![],
         };
         let mut killed = 0;
@@ -155,12 +255,7 @@ impl Cgroups {
         self.clean_leftovers();
         match self {
             Cgroups::V2 { base, .. } => remove_when_empty(base),
-            Cgroups::V1 { memory, pids } => {
-                remove_when_empty(memory);
-                if let Some(p) = pids {
-                    remove_when_empty(p);
-                }
-            }
+            Cgroups::V1(groups) => groups.dirs().into_iter().for_each(|d| remove_when_empty(d)),
             Cgroups::Unavailable => {}
         }
     }
@@ -169,10 +264,14 @@ impl Cgroups {
 impl SiteCgroup {
     /// Apply the site's limits; `None` removes a limit. Call while the group is empty or
     /// before raising usage (lowering a v1 limit below current usage fails with EBUSY).
-    pub fn set_limits(&self, memory_bytes: Option<u64>, pids_max: Option<u64>) -> io::Result<()> {
+    /// Block I/O weight is best effort: a kernel without it (or whose disk scheduler takes
+    /// no weights) is logged, and the site starts anyway.
+    pub fn set_limits(&self, limits: &Limits) -> io::Result<()> {
         match &self.kind {
-            Kind::V2 { dir, pids } => {
-                let mem = memory_bytes.map_or("max".to_string(), |b| b.to_string());
+            Kind::V2 { dir, has } => {
+                let mem = limits
+                    .memory_bytes
+                    .map_or("max".to_string(), |b| b.to_string());
                 write_file(&dir.join("memory.max"), &mem)?;
                 // Swap would let a site exceed its limit slowly instead of being stopped. The
                 // file is missing only when the kernel accounts no swap (then none is used).
@@ -180,42 +279,88 @@ impl SiteCgroup {
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     r => r.map_err(|e| with_path(e, &dir.join("memory.swap.max")))?,
                 }
-                if *pids {
-                    let v = pids_max.map_or("max".to_string(), |p| p.to_string());
+                if has.pids {
+                    let v = limits.pids_max.map_or("max".to_string(), |p| p.to_string());
                     write_file(&dir.join("pids.max"), &v)?;
                 }
+                if has.cpu {
+                    let quota = limits
+                        .cpu_cores
+                        .map_or("max".to_string(), |c| cpu_quota_us(c).to_string());
+                    write_file(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
+                }
+                if has.io {
+                    best_effort_io(
+                        &dir.join("io.weight"),
+                        &format!("default {}", limits.io_weight),
+                    );
+                }
             }
-            Kind::V1 { memory, pids } => {
-                let mem = memory_bytes.map_or("-1".to_string(), |b| b.to_string());
+            Kind::V1(g) => {
+                let memory = &g.memory;
+                let mem = limits
+                    .memory_bytes
+                    .map_or("-1".to_string(), |b| b.to_string());
                 let memsw = memory.join("memory.memsw.limit_in_bytes");
                 // memsw must stay >= the memory limit: order the writes accordingly.
-                if memory_bytes.is_some() {
-                    fs::write(memory.join("memory.limit_in_bytes"), &mem)?;
+                if limits.memory_bytes.is_some() {
+                    write_file(&memory.join("memory.limit_in_bytes"), &mem)?;
                     if memsw.exists() {
-                        fs::write(&memsw, &mem)?;
+                        write_file(&memsw, &mem)?;
                     }
                 } else {
                     if memsw.exists() {
-                        fs::write(&memsw, "-1")?;
+                        write_file(&memsw, "-1")?;
                     }
-                    fs::write(memory.join("memory.limit_in_bytes"), &mem)?;
+                    write_file(&memory.join("memory.limit_in_bytes"), &mem)?;
                 }
-                if let Some(p) = pids {
-                    let v = pids_max.map_or("max".to_string(), |n| n.to_string());
-                    fs::write(p.join("pids.max"), v)?;
+                if let Some(p) = &g.pids {
+                    let v = limits.pids_max.map_or("max".to_string(), |n| n.to_string());
+                    write_file(&p.join("pids.max"), &v)?;
+                }
+                if let Some(cpu) = &g.cpu {
+                    write_file(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                    let quota = limits
+                        .cpu_cores
+                        .map_or("-1".to_string(), |c| cpu_quota_us(c).to_string());
+                    write_file(&cpu.join("cpu.cfs_quota_us"), &quota)?;
+                }
+                if let Some(blkio) = &g.blkio {
+                    // BFQ's weight (1..=1000, default 100) where the kernel has BFQ; CFQ's
+                    // (10..=1000, default 500) otherwise, as systemd converts them.
+                    let bfq = blkio.join("blkio.bfq.weight");
+                    if bfq.exists() {
+                        best_effort_io(&bfq, &limits.io_weight.clamp(1, 1000).to_string());
+                    } else {
+                        let cfq = (limits.io_weight as u64 * 5).clamp(10, 1000);
+                        best_effort_io(&blkio.join("blkio.weight"), &cfq.to_string());
+                    }
                 }
             }
         }
-        Ok(())
+        self.set_cpu_weight(limits.cpu_weight)
+    }
+
+    /// The group's CPU weight (v2 scale): what it gets against its siblings when the CPU is
+    /// contended. Raised and lowered while workers run (a starting worker gets the least).
+    pub fn set_cpu_weight(&self, weight: u32) -> io::Result<()> {
+        match &self.kind {
+            Kind::V2 { dir, has } if has.cpu => write_file(
+                &dir.join("cpu.weight"),
+                &weight.clamp(1, 10_000).to_string(),
+            ),
+            Kind::V1(V1Groups { cpu: Some(cpu), .. }) => {
+                write_file(&cpu.join("cpu.shares"), &cpu_shares(weight).to_string())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The `cgroup.procs` files a new worker writes its pid to.
     pub fn procs_files(&self) -> Vec<PathBuf> {
         match &self.kind {
             Kind::V2 { dir, .. } => vec![dir.join("cgroup.procs")],
-            Kind::V1 { memory, pids } => std::iter::once(memory.join("cgroup.procs"))
-                .chain(pids.iter().map(|p| p.join("cgroup.procs")))
-                .collect(),
+            Kind::V1(g) => g.dirs().iter().map(|d| d.join("cgroup.procs")).collect(),
         }
     }
 
@@ -223,7 +368,7 @@ impl SiteCgroup {
     pub fn oom_kills(&self) -> u64 {
         let (file, _) = match &self.kind {
             Kind::V2 { dir, .. } => (dir.join("memory.events"), ()),
-            Kind::V1 { memory, .. } => (memory.join("memory.oom_control"), ()),
+            Kind::V1(g) => (g.memory.join("memory.oom_control"), ()),
         };
         parse_counter(&fs::read_to_string(file).unwrap_or_default(), "oom_kill")
     }
@@ -232,21 +377,33 @@ impl SiteCgroup {
     pub fn memory_bytes(&self) -> Option<u64> {
         let file = match &self.kind {
             Kind::V2 { dir, .. } => dir.join("memory.current"),
-            Kind::V1 { memory, .. } => memory.join("memory.usage_in_bytes"),
+            Kind::V1(g) => g.memory.join("memory.usage_in_bytes"),
         };
         fs::read_to_string(file).ok()?.trim().parse().ok()
     }
 
     /// CPU time used by the group's processes, in seconds. v2 counts every process that was
-    /// ever in the group (`cpu.stat`); v1 has no cpuacct hierarchy of ours, so it sums the
-    /// processes in the group now and the children they reaped (`/proc/<pid>/stat`).
+    /// ever in the group (`cpu.stat`), and so does v1's `cpuacct.usage` where the cpuacct
+    /// hierarchy is mounted; without it, the processes in the group now and the children they
+    /// reaped (`/proc/<pid>/stat`).
     pub fn cpu_seconds(&self) -> Option<f64> {
         match &self.kind {
             Kind::V2 { dir, .. } => {
                 let stat = fs::read_to_string(dir.join("cpu.stat")).ok()?;
                 Some(parse_counter(&stat, "usage_usec") as f64 / 1e6)
             }
-            Kind::V1 { memory, .. } => {
+            Kind::V1(V1Groups {
+                cpuacct: Some(acct),
+                ..
+            }) => {
+                let ns: u64 = fs::read_to_string(acct.join("cpuacct.usage"))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                Some(ns as f64 / 1e9)
+            }
+            Kind::V1(V1Groups { memory, .. }) => {
                 let ticks = read_pids(&memory.join("cgroup.procs"))
                     .into_iter()
                     .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/stat")).ok())
@@ -266,11 +423,10 @@ impl SiteCgroup {
                 kill_all_in(dir);
                 remove_when_empty(dir)
             }
-            Kind::V1 { memory, pids } => {
-                kill_all_in(memory);
-                remove_when_empty(memory);
-                if let Some(p) = pids {
-                    remove_when_empty(p);
+            Kind::V1(g) => {
+                kill_all_in(&g.memory);
+                for d in g.dirs() {
+                    remove_when_empty(d);
                 }
             }
         }
@@ -282,8 +438,8 @@ impl SiteCgroup {
 /// group, which [`prepare_v2`] arranges.
 fn detect_from(mounts: &str, own: &str, name: &str) -> Cgroups {
     let mut v2_mount = None;
-    let mut v1_memory = None;
-    let mut v1_pids = None;
+    // v1 hierarchy mount points by controller.
+    let mut v1: std::collections::HashMap<&str, String> = std::collections::HashMap::new();
     for line in mounts.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
         if f.len() < 4 {
@@ -294,11 +450,10 @@ fn detect_from(mounts: &str, own: &str, name: &str) -> Cgroups {
             "cgroup2" => v2_mount = v2_mount.or(Some(dir.to_string())),
             "cgroup" => {
                 let opts: Vec<&str> = opts.split(',').collect();
-                if opts.contains(&"memory") {
-                    v1_memory = Some(dir.to_string());
-                }
-                if opts.contains(&"pids") {
-                    v1_pids = Some(dir.to_string());
+                for c in ["memory", "pids", "cpu", "cpuacct", "blkio"] {
+                    if opts.contains(&c) {
+                        v1.insert(c, dir.to_string());
+                    }
                 }
             }
             _ => {}
@@ -319,18 +474,33 @@ fn detect_from(mounts: &str, own: &str, name: &str) -> Cgroups {
             .next()
             .unwrap_or_default()
     };
-    if let Some(memory) = v1_memory {
-        let base = Path::new(&memory).join(own_path(Some("memory"))).join(name);
-        let pids = v1_pids.map(|p| Path::new(&p).join(own_path(Some("pids"))).join(name));
-        return Cgroups::V1 { memory: base, pids };
+    if let Some(memory) = v1.get("memory") {
+        let group = |c: &str| {
+            v1.get(c)
+                .map(|mount| Path::new(mount).join(own_path(Some(c))).join(name))
+        };
+        return Cgroups::V1(V1Groups {
+            memory: Path::new(memory).join(own_path(Some("memory"))).join(name),
+            pids: group("pids"),
+            cpu: group("cpu"),
+            cpuacct: group("cpuacct"),
+            blkio: group("blkio"),
+        });
     }
     if let Some(root) = v2_mount {
         let controllers =
             fs::read_to_string(Path::new(&root).join("cgroup.controllers")).unwrap_or_default();
         if controllers.split_whitespace().any(|c| c == "memory") {
             let base = Path::new(&root).join(delegated_group(&own_path(None)));
-            let pids = controllers.split_whitespace().any(|c| c == "pids");
-            return Cgroups::V2 { base, pids };
+            let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
+            return Cgroups::V2 {
+                base,
+                has: V2Controllers {
+                    pids: has("pids"),
+                    cpu: has("cpu"),
+                    io: has("io"),
+                },
+            };
         }
     }
     Cgroups::Unavailable
@@ -372,22 +542,29 @@ fn prepare_v2(delegated: &Path, name: &str) -> io::Result<Cgroups> {
         // One write moves every thread of the agent.
         write_file(&leaf.join("cgroup.procs"), &me.to_string())?;
     }
-    let pids = enable_controllers(delegated)?;
+    let delegated_has = enable_controllers(delegated)?;
     let sites = delegated.join(name);
     fs::create_dir_all(&sites).map_err(|e| with_path(e, &sites))?;
-    enable_controllers(&sites)?;
-    if !pids {
+    let has = enable_controllers(&sites)?;
+    if !delegated_has.pids {
         warn!(cgroup = %delegated.display(), "cgroup v2 without the pids controller: no per-site process limit");
+    }
+    if !has.cpu {
+        warn!(cgroup = %delegated.display(), "cgroup v2 without the cpu controller: no per-site cpu_limit or CPU weight");
+    }
+    if !has.io {
+        info!(cgroup = %delegated.display(), "cgroup v2 without the io controller: io_weight is not applied");
     }
     if !delegated.join(name).join("memory.swap.max").exists() {
         info!("the kernel accounts no swap for cgroups (no memory.swap.max): memory.max alone bounds a site");
     }
-    Ok(Cgroups::V2 { base: sites, pids })
+    Ok(Cgroups::V2 { base: sites, has })
 }
 
-/// Hand memory, and pids where available, to `group`'s children. Memory is required; returns
-/// whether pids is on. Each controller is its own write: one the parent lacks fails alone.
-fn enable_controllers(group: &Path) -> io::Result<bool> {
+/// Hand memory, and pids, cpu and io where available, to `group`'s children. Memory is
+/// required; returns which others are on. Each controller is its own write: one the parent
+/// lacks fails alone.
+fn enable_controllers(group: &Path) -> io::Result<V2Controllers> {
     let control = group.join("cgroup.subtree_control");
     let available = fs::read_to_string(group.join("cgroup.controllers"))
         .map_err(|e| with_path(e, &group.join("cgroup.controllers")))?;
@@ -400,7 +577,33 @@ fn enable_controllers(group: &Path) -> io::Result<bool> {
         )));
     }
     write_file(&control, "+memory")?;
-    Ok(has("pids") && write_file(&control, "+pids").is_ok())
+    let enable = |c: &str| has(c) && write_file(&control, &format!("+{c}")).is_ok();
+    Ok(V2Controllers {
+        pids: enable("pids"),
+        cpu: enable("cpu"),
+        io: enable("io"),
+    })
+}
+
+/// The quota of `cores` per [`CPU_PERIOD_US`].
+fn cpu_quota_us(cores: f64) -> u64 {
+    ((cores * CPU_PERIOD_US as f64).round() as u64).max(MIN_CPU_QUOTA_US)
+}
+
+/// A v2 weight as v1 `cpu.shares` (default 1024 for 100; the kernel's range 2..=262144).
+/// The starting weight maps to the kernel's minimum, 2.
+fn cpu_shares(weight: u32) -> u64 {
+    if weight <= STARTING_CPU_WEIGHT {
+        return 2;
+    }
+    (weight as u64 * 1024 / 100).clamp(2, 262_144)
+}
+
+/// Block I/O weights are best effort: the controller may take none for this disk scheduler.
+fn best_effort_io(file: &Path, value: &str) {
+    if let Err(e) = fs::write(file, value) {
+        warn!(file = %file.display(), error = %e, "cannot set the site's I/O weight; it runs with the default");
+    }
 }
 
 /// Kill every process in `dir`. cgroup v2's `cgroup.kill` (Linux 5.14) takes the group at once,
@@ -473,22 +676,49 @@ mod tests {
     const V1_MOUNTS: &str = "tmpfs /sys/fs/cgroup tmpfs rw 0 0
 cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0
 cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0
+cgroup /sys/fs/cgroup/cpu,cpuacct cgroup rw,relatime,cpu,cpuacct 0 0
 cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
 ";
-    const V1_OWN: &str = "8:pids:/\n4:memory:/process_api/abc\n0::/\n";
+    const V1_OWN: &str = "8:pids:/\n5:cpu,cpuacct:/\n4:memory:/process_api/abc\n0::/\n";
 
     #[test]
     fn v1_hierarchies_nest_under_the_agents_own_group() {
         match detect_from(V1_MOUNTS, V1_OWN, "roost-n1") {
-            Cgroups::V1 { memory, pids } => {
+            Cgroups::V1(g) => {
                 assert_eq!(
-                    memory,
+                    g.memory,
                     PathBuf::from("/sys/fs/cgroup/memory/process_api/abc/roost-n1")
                 );
-                assert_eq!(pids, Some(PathBuf::from("/sys/fs/cgroup/pids/roost-n1")));
+                assert_eq!(g.pids, Some(PathBuf::from("/sys/fs/cgroup/pids/roost-n1")));
+                // cpu and cpuacct mounted together: one group serves both.
+                assert_eq!(
+                    g.cpu,
+                    Some(PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/roost-n1"))
+                );
+                assert_eq!(g.cpuacct, g.cpu);
+                assert_eq!(g.blkio, None);
+                assert_eq!(g.dirs().len(), 3);
+                let site = g.join("a.example");
+                assert_eq!(
+                    site.cpu,
+                    Some(PathBuf::from(
+                        "/sys/fs/cgroup/cpu,cpuacct/roost-n1/a.example"
+                    ))
+                );
             }
             other => panic!("expected v1, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn cpu_limits_and_weights_convert_to_the_kernels_units() {
+        assert_eq!(cpu_quota_us(0.5), 50_000);
+        assert_eq!(cpu_quota_us(2.0), 200_000);
+        assert_eq!(cpu_quota_us(0.001), MIN_CPU_QUOTA_US);
+        assert_eq!(cpu_shares(100), 1024);
+        assert_eq!(cpu_shares(STARTING_CPU_WEIGHT), 2);
+        assert_eq!(cpu_shares(50), 512);
+        assert_eq!(cpu_shares(10_000), 102_400);
     }
 
     #[test]

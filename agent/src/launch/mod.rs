@@ -46,6 +46,18 @@ pub enum SocketRole {
     Candidate,
 }
 
+/// How much CPU a worker may take while it boots (issue 11: warm sites keep their latency
+/// during a storm of cold starts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootWeight {
+    /// No other worker of the site runs: its group boots at the lowest CPU weight, and gets
+    /// the site's own once the worker answers ([`Launcher::answered`]).
+    Lowest,
+    /// Another worker of the site serves from the same group (a new spec's candidate, a
+    /// replacement): the group keeps the site's weight.
+    Site,
+}
+
 /// A running worker process (the leader of its process group).
 pub trait Worker: Send + Sync {
     fn pid(&self) -> i32;
@@ -117,7 +129,12 @@ pub trait Launcher: Send + Sync + 'static {
         host: &str,
         spec: &Arc<SiteSpec>,
         listener: &Arc<Listener>,
+        weight: BootWeight,
     ) -> BoxFut<Result<Started, LaunchError>>;
+
+    /// `host`'s worker answered its first request: give its group the site's CPU weight
+    /// again (after a start at [`BootWeight::Lowest`]).
+    fn answered(&self, host: &str) -> BoxFut<()>;
 
     /// Send one request to whatever serves `listener`; `Ok` once it answered anything.
     fn probe(&self, host: &str, listener: &Arc<Listener>) -> BoxFut<Result<(), String>>;

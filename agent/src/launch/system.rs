@@ -19,12 +19,14 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use super::cgroup::{Cgroups, SiteCgroup};
+use super::cgroup::{Cgroups, Limits, SiteCgroup, STARTING_CPU_WEIGHT};
 use super::direct as worker;
 use super::interpreters;
 use super::socket;
 use super::users::SiteUser;
-use super::{BoxFut, Exit, LaunchError, Launcher, Listener, SocketRole, Started, Worker};
+use super::{
+    BootWeight, BoxFut, Exit, LaunchError, Launcher, Listener, SocketRole, Started, Worker,
+};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::sitelog::{self, SiteLog};
@@ -148,7 +150,13 @@ struct CgroupSetup {
 impl CgroupSetup {
     /// The site's cgroup with the spec's limits applied; the files a new worker joins.
     /// A cgroup that can't be set up is logged and the worker runs without it.
-    fn prepare(&self, host: &str, spec: &SiteSpec, cfg: &Config) -> Vec<std::path::PathBuf> {
+    fn prepare(
+        &self,
+        host: &str,
+        spec: &SiteSpec,
+        cfg: &Config,
+        weight: BootWeight,
+    ) -> Vec<std::path::PathBuf> {
         // Created (again) at every start: cheap, and it heals a group someone removed.
         let cg = match self.cgroups.site(host) {
             Ok(Some(cg)) => cg,
@@ -159,8 +167,17 @@ impl CgroupSetup {
                 return Vec::new();
             }
         };
-        let memory = spec.memory_limit_mb.map(|mb| mb * MIB);
-        if let Err(e) = cg.set_limits(memory, Some(cfg.pids_max)) {
+        let mut limits = site_limits(spec, cfg);
+        if weight == BootWeight::Lowest {
+            limits.cpu_weight = STARTING_CPU_WEIGHT;
+        }
+        if limits.cpu_cores.is_some() && !self.cgroups.has_cpu() {
+            warn!(site = %host, "no cpu cgroup controller on this node: the site's cpu_limit is not applied");
+        }
+        if spec.io_weight.is_some() && !self.cgroups.has_io() {
+            info!(site = %host, "no io/blkio cgroup controller on this node: the site's io_weight is not applied");
+        }
+        if let Err(e) = cg.set_limits(&limits) {
             self.metrics.limit_failures.inc();
             tracing::error!(site = %host, error = %e, "cannot set the site's limits; starting without kernel limits");
             return Vec::new();
@@ -168,6 +185,18 @@ impl CgroupSetup {
         let files = cg.procs_files();
         self.site_cgroups.insert(host.to_string(), cg);
         files
+    }
+}
+
+/// The site's kernel limits: its record's, else the node's defaults.
+fn site_limits(spec: &SiteSpec, cfg: &Config) -> Limits {
+    let d = &cfg.site_limits;
+    Limits {
+        memory_bytes: spec.memory_limit_mb.map(|mb| mb * MIB),
+        pids_max: Some(cfg.pids_max),
+        cpu_cores: spec.cpu_limit.map(|c| c.0).or(d.cpu_limit),
+        cpu_weight: d.cpu_weight,
+        io_weight: spec.io_weight.unwrap_or(d.io_weight),
     }
 }
 
@@ -255,6 +284,7 @@ impl Launcher for SystemLauncher {
         host: &str,
         spec: &Arc<SiteSpec>,
         listener: &Arc<Listener>,
+        weight: BootWeight,
     ) -> BoxFut<Result<Started, LaunchError>> {
         let (host, spec, listener) = (host.to_string(), spec.clone(), listener.clone());
         let setup = CgroupSetup {
@@ -282,7 +312,7 @@ impl Launcher for SystemLauncher {
                 } else {
                     None
                 };
-                let procs = setup.prepare(&host, &spec, &cfg);
+                let procs = setup.prepare(&host, &spec, &cfg, weight);
                 let (log, output_drained) = site_log(&logs, &cfg, &host)
                     .and_then(|log| sitelog::pump(&host, log))
                     .map_err(|e| LaunchError(format!("cannot open the site's log: {e}")))?;
@@ -373,6 +403,18 @@ impl Launcher for SystemLauncher {
                 Ok(())
             } else {
                 Err("the new worker's first answer is not HTTP".into())
+            }
+        })
+    }
+
+    fn answered(&self, host: &str) -> BoxFut<()> {
+        let (cg, weight) = (self.cgroup(host), self.cfg.load().site_limits.cpu_weight);
+        let host = host.to_string();
+        Box::pin(async move {
+            let Some(cg) = cg else { return };
+            let raised = tokio::task::spawn_blocking(move || cg.set_cpu_weight(weight)).await;
+            if let Ok(Err(e)) = raised {
+                warn!(site = %host, error = %e, "cannot give the site's cgroup its CPU weight back after its start");
             }
         })
     }

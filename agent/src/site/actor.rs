@@ -29,7 +29,9 @@ use tracing::{info, warn};
 use super::capacity::{Capacity, Reservation, Running};
 use super::ticket::{AcquireError, SiteShared, SiteStatus, StopReason, Ticket};
 use super::Ctx;
-use crate::launch::{BoxFut, Exit, LauncherKind, Listener, SocketRole, Started, Worker};
+use crate::launch::{
+    BootWeight, BoxFut, Exit, LauncherKind, Listener, SocketRole, Started, Worker,
+};
 
 pub enum Msg {
     /// A request wants a worker.
@@ -51,6 +53,13 @@ pub enum Msg {
     },
     SpecChanged(Arc<SiteSpec>),
     Removed,
+    /// Whether placement puts the site on this node; `false` gives the site back once it is
+    /// idle (its worker, socket and cgroup), `true` keeps it after all.
+    Placement {
+        here: bool,
+    },
+    /// The site's socket directory and cgroup are removed (it is being given back).
+    Forgotten,
     /// The node is full: stop the worker if it is idle; the answer says whether it did.
     Evict {
         reply: oneshot::Sender<bool>,
@@ -103,6 +112,7 @@ pub struct Launch {
     listener: Arc<Listener>,
     started: Started,
     spec: Arc<SiteSpec>,
+    weight: BootWeight,
 }
 
 /// A live worker process.
@@ -116,6 +126,8 @@ struct Proc {
     spec: Arc<SiteSpec>,
     started: Instant,
     answered: bool,
+    /// The CPU weight it booted with; `Lowest` is raised when it answers.
+    weight: BootWeight,
     /// Requests holding a ticket for this worker.
     in_flight: u32,
     /// Asked to stop (SIGTERM sent), and why.
@@ -154,6 +166,12 @@ pub struct Actor {
     spec_failure: Option<String>,
     removed: bool,
     shutting_down: bool,
+    /// Placed on another node: give the site back once nothing is in flight or starting.
+    leaving: bool,
+    /// Its socket directory and cgroup are being removed; requests wait for `Forgotten`.
+    forgetting: bool,
+    /// Given back: the actor ends, and a later request here starts a fresh one.
+    left: bool,
     done: Vec<oneshot::Sender<()>>,
 }
 
@@ -187,6 +205,9 @@ impl Actor {
             spec_failure: None,
             removed: false,
             shutting_down: false,
+            leaving: false,
+            forgetting: false,
+            left: false,
             done: Vec::new(),
         }
     }
@@ -203,20 +224,31 @@ impl Actor {
             };
             let Some(msg) = msg else { break };
             self.handle(msg);
+            self.give_back_when_idle();
             if self.finished() {
                 break;
             }
+        }
+        let unregister = |ctx: &Ctx| {
+            ctx.actors
+                .remove_if(&self.host, |_, h| h.tx.same_channel(&self.tx))
+        };
+        if self.left {
+            // Out of the registry first: a request from now on starts a fresh actor, and one
+            // that reached this actor anyway is told to retry (its reply is dropped unsent).
+            self.shared.gave_back.store(true, Ordering::Release);
+            unregister(&self.ctx);
         }
         // Whatever arrives from now on finds the channel closed.
         rx.close();
         while let Ok(msg) = rx.try_recv() {
             if let Msg::Acquire { reply } = msg {
-                let _ = reply.send(Err(self.gone()));
+                if !self.left {
+                    let _ = reply.send(Err(self.gone()));
+                }
             }
         }
-        self.ctx
-            .actors
-            .remove_if(&self.host, |_, h| h.tx.same_channel(&self.tx));
+        unregister(&self.ctx);
         if self.removed {
             self.ctx.launcher.forget(&self.host).await;
             info!(site = %self.host, "site removed from this node");
@@ -233,7 +265,7 @@ impl Actor {
     }
 
     fn finished(&self) -> bool {
-        (self.removed || self.shutting_down)
+        (self.removed || self.shutting_down || self.left)
             && self.current.is_none()
             && self.candidate.is_none()
             && self.retiring.is_empty()
@@ -261,6 +293,8 @@ impl Actor {
             Msg::Recycle { generation } => self.recycle(generation),
             Msg::SpecChanged(spec) => self.spec_changed(spec),
             Msg::Removed => self.stop_all(StopReason::Removed),
+            Msg::Placement { here } => self.placement(here),
+            Msg::Forgotten => self.forgotten(),
             Msg::Evict { reply } => {
                 let idle = self.in_flight == 0
                     && self.candidate.is_none()
@@ -322,7 +356,37 @@ impl Actor {
             let _ = reply.send(Err(self.gone()));
             return;
         }
-        let limit = self.ctx.cfg().start_queue_limit;
+        // The site's entry-process limit: refused here, before any worker (or thread of one)
+        // is taken or started for the request.
+        let cfg = self.ctx.cfg();
+        if let Some(max) = self
+            .spec
+            .max_concurrent_requests
+            .or(cfg.site_limits.max_concurrent_requests)
+        {
+            if self.in_flight + self.pending.len() as u32 >= max {
+                let _ = reply.send(Err(AcquireError::TooManyRequests { limit: max }));
+                return;
+            }
+        }
+        let limit = cfg.start_queue_limit;
+        if self.forgetting {
+            // Its socket is being removed: the request waits, then gets a fresh one.
+            if self.pending.len() as u32 >= limit {
+                let _ = reply.send(Err(AcquireError::StartQueueFull {
+                    waiting: self.pending.len() as u32,
+                }));
+            } else {
+                self.pending.push(reply);
+            }
+            return;
+        }
+        if self.leaving {
+            // A proxy still sends it here (one behind on the node set, or failing over):
+            // serve it; the next placement change decides again.
+            info!(site = %self.host, "a request arrived for a site placed on another node; keeping it here");
+            self.stay();
+        }
         if let Some(cur) = &self.current {
             let result = if !cur.answered && self.in_flight >= limit {
                 Err(AcquireError::StartQueueFull {
@@ -428,6 +492,10 @@ impl Actor {
                     .cold_start
                     .with_label_values(&[cur.launcher.as_str()])
                     .observe(accepted.elapsed().as_secs_f64());
+                if cur.weight == BootWeight::Lowest {
+                    let (ctx, host) = (self.ctx.clone(), self.host.clone());
+                    tokio::spawn(async move { ctx.launcher.answered(&host).await });
+                }
                 self.failures = 0;
                 self.retry_at = None;
                 self.shared
@@ -452,6 +520,77 @@ impl Actor {
         }
     }
 
+    fn placement(&mut self, here: bool) {
+        if self.removed || self.shutting_down || self.left {
+            return;
+        }
+        if here {
+            // While its files are being removed the give-back completes; `forgotten` decides.
+            if self.leaving && !self.forgetting {
+                info!(site = %self.host, "the site is placed on this node again; keeping it");
+                self.stay();
+            }
+            return;
+        }
+        if !self.leaving {
+            info!(site = %self.host, in_flight = self.in_flight,
+                "the site is placed on another node now; giving it back here once idle");
+            self.leaving = true;
+            self.shared.leaving.store(true, Ordering::Release);
+        }
+    }
+
+    fn stay(&mut self) {
+        self.leaving = false;
+        self.shared.leaving.store(false, Ordering::Release);
+    }
+
+    /// Once a site placed elsewhere has nothing in flight and nothing starting: stop its
+    /// worker, then (when every process is gone) remove its socket directory and cgroup.
+    /// Runs after every message, so the last release or exit moves it on.
+    fn give_back_when_idle(&mut self) {
+        if !self.leaving || self.forgetting || self.left || self.removed || self.shutting_down {
+            return;
+        }
+        let busy = self.in_flight > 0
+            || !self.pending.is_empty()
+            || self.starting.is_some()
+            || self.candidate_starting.is_some()
+            || self.candidate.is_some();
+        if busy {
+            return;
+        }
+        self.stop_current(StopReason::Moved);
+        if !self.retiring.is_empty() {
+            return; // the last exit comes back here
+        }
+        self.forgetting = true;
+        // The agent's end of the socket closes before its directory goes.
+        self.serving = None;
+        let (ctx, host, tx) = (self.ctx.clone(), self.host.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            ctx.launcher.forget(&host).await;
+            let _ = tx.send(Msg::Forgotten);
+        });
+    }
+
+    fn forgotten(&mut self) {
+        self.forgetting = false;
+        if self.removed || self.shutting_down {
+            return;
+        }
+        if self.pending.is_empty() {
+            self.left = true;
+            info!(site = %self.host, "site given back: it is placed on another node");
+            return;
+        }
+        // Requests came while its files were removed: serve them from a new socket.
+        info!(site = %self.host, waiting = self.pending.len(),
+            "requests arrived while the site was being given back; keeping it here");
+        self.stay();
+        self.begin_start();
+    }
+
     fn next_generation(&mut self) -> u64 {
         let g = self.next_generation;
         self.next_generation += 1;
@@ -469,8 +608,16 @@ impl Actor {
             self.tx.clone(),
         );
         let listener = self.serving.as_ref().map(|(l, _)| l.clone());
+        // Alone in the site's group, a booting worker gets the least CPU, so a storm of
+        // cold starts can't slow the sites that already serve.
+        let alone = self.current.is_none() && self.candidate.is_none() && self.retiring.is_empty();
+        let weight = if alone {
+            BootWeight::Lowest
+        } else {
+            BootWeight::Site
+        };
         tokio::spawn(async move {
-            let result = launch(&ctx, &host, spec, listener, SocketRole::Serving).await;
+            let result = launch(&ctx, &host, spec, listener, SocketRole::Serving, weight).await;
             report_launch(&tx, generation, Role::Serving, result);
         });
     }
@@ -535,6 +682,7 @@ impl Actor {
             listener,
             started,
             spec,
+            weight,
         } = launch;
         let Started {
             worker,
@@ -564,6 +712,7 @@ impl Actor {
             spec,
             started: Instant::now(),
             answered: false,
+            weight,
             in_flight: 0,
             stopping: None,
             drain_then_stop: None,
@@ -764,6 +913,19 @@ impl Actor {
         info!(site = %self.host, "site spec changed");
         self.stop_candidate(StopReason::Replaced);
         self.spec_failure = None;
+        if self.leaving {
+            // Placed on another node (a changed pin, typically): no new worker here. The
+            // current one finishes its requests; the spec applies if the site is kept.
+            self.new_spec = None;
+            self.spec = spec;
+            if let Some(mut old) = self.current.take() {
+                old.drain_then_stop = Some(StopReason::Moved);
+                self.retiring.push(old);
+                self.publish_current();
+                self.stop_drained();
+            }
+            return;
+        }
         let serving = self
             .current
             .as_ref()
@@ -790,7 +952,15 @@ impl Actor {
         self.candidate_starting = Some(generation);
         let (ctx, host, tx) = (self.ctx.clone(), self.host.clone(), self.tx.clone());
         tokio::spawn(async move {
-            let result = launch(&ctx, &host, spec, None, SocketRole::Candidate).await;
+            let result = launch(
+                &ctx,
+                &host,
+                spec,
+                None,
+                SocketRole::Candidate,
+                BootWeight::Site,
+            )
+            .await;
             report_launch(&tx, generation, Role::Candidate, result);
         });
     }
@@ -927,10 +1097,11 @@ impl Actor {
             memory_limit_bytes: self.spec.memory_limit_mb.map(|mb| mb * 1024 * 1024),
             cpu_seconds: None,
             failures: self.failures,
-            note: self
-                .spec_failure
-                .as_ref()
-                .map(|why| format!("serving the previous spec: {why}")),
+            note: match (&self.spec_failure, self.leaving) {
+                (Some(why), _) => Some(format!("serving the previous spec: {why}")),
+                (None, true) => Some("placed on another node: given back once idle".to_string()),
+                (None, false) => None,
+            },
         }
     }
 }
@@ -942,6 +1113,7 @@ async fn launch(
     spec: Arc<SiteSpec>,
     listener: Option<Arc<Listener>>,
     role: SocketRole,
+    weight: BootWeight,
 ) -> Result<Launch, AcquireError> {
     let reservation = Capacity::reserve(ctx, host).await?;
     let listener = match listener {
@@ -954,7 +1126,7 @@ async fn launch(
     };
     let started = ctx
         .launcher
-        .start(host, &spec, &listener)
+        .start(host, &spec, &listener, weight)
         .await
         .map_err(|e| AcquireError::Start(e.0))?;
     Ok(Launch {
@@ -962,6 +1134,7 @@ async fn launch(
         listener,
         started,
         spec,
+        weight,
     })
 }
 

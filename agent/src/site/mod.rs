@@ -8,24 +8,26 @@
 //!
 //! - `actor.rs`: the per-site state machine.
 //! - `capacity.rs`: the node's worker limit and eviction.
+//! - `placement.rs`: whether a site is still this node's (else it is given back).
 //! - `ticket.rs`: what a request holds; what readers outside an actor may see.
 
 mod actor;
 mod capacity;
+mod placement;
 #[cfg(test)]
 mod tests;
 mod ticket;
 
 pub use ticket::{AcquireError, SiteStatus, StopReason, Ticket};
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
-use roost_proto::{Informer, SiteSpec};
+use roost_proto::{Informer, NodeInfo, SiteSpec};
 use tokio::sync::mpsc::{self, UnboundedSender};
 use tokio::sync::oneshot;
 use tracing::info;
@@ -40,6 +42,8 @@ use ticket::SiteShared;
 const MIB: u64 = 1024 * 1024;
 /// How long `/sites` waits for one site's actor to describe itself.
 const STATUS_WAIT: Duration = Duration::from_secs(1);
+/// How often a request follows a site's actor that ended by giving the site back.
+const GIVE_BACK_RETRIES: usize = 3;
 
 /// What every actor shares: settings, metrics, the launcher, the node's limit.
 pub struct Ctx {
@@ -73,6 +77,7 @@ impl Ctx {
 /// How the registry reaches a site's actor.
 struct Handle {
     tx: UnboundedSender<Msg>,
+    shared: Arc<SiteShared>,
     /// The spec last handed to the actor, to send only changes.
     spec_seen: ArcSwap<SiteSpec>,
 }
@@ -115,31 +120,28 @@ impl Sites {
     }
 
     /// The actor of `host`, started if this is the site's first request here.
-    fn actor(&self, host: &str, spec: &Arc<SiteSpec>) -> UnboundedSender<Msg> {
+    fn actor(&self, host: &str, spec: &Arc<SiteSpec>) -> (UnboundedSender<Msg>, Arc<SiteShared>) {
         if let Some(h) = self.ctx.actors.get(host) {
-            return h.tx.clone();
+            return (h.tx.clone(), h.shared.clone());
         }
-        self.ctx
-            .actors
-            .entry(host.to_string())
-            .or_insert_with(|| {
-                let (tx, rx) = mpsc::unbounded_channel();
-                let shared = Arc::new(SiteShared::new(host));
-                let actor = Actor::new(
-                    host,
-                    spec.clone(),
-                    self.ctx.clone(),
-                    shared.clone(),
-                    tx.clone(),
-                );
-                self.ctx.runtime.spawn(actor.run(rx));
-                Handle {
-                    tx,
-                    spec_seen: ArcSwap::new(spec.clone()),
-                }
-            })
-            .tx
-            .clone()
+        let h = self.ctx.actors.entry(host.to_string()).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let shared = Arc::new(SiteShared::new(host));
+            let actor = Actor::new(
+                host,
+                spec.clone(),
+                self.ctx.clone(),
+                shared.clone(),
+                tx.clone(),
+            );
+            self.ctx.runtime.spawn(actor.run(rx));
+            Handle {
+                tx,
+                shared,
+                spec_seen: ArcSwap::new(spec.clone()),
+            }
+        });
+        (h.tx.clone(), h.shared.clone())
     }
 
     /// Claim a worker for one request to `host`, starting one if none is current.
@@ -151,14 +153,25 @@ impl Sites {
                 AcquireError::Removed
             }
         };
-        if self.ctx.shutting_down.load(Ordering::Acquire) {
-            return Err(AcquireError::ShuttingDown);
+        // An actor that just gave its site back (placed elsewhere) ends; the request then
+        // goes to a fresh one. More than one such race in a row means something else.
+        for _ in 0..GIVE_BACK_RETRIES {
+            if self.ctx.shutting_down.load(Ordering::Acquire) {
+                return Err(AcquireError::ShuttingDown);
+            }
+            let (tx, shared) = self.actor(host, spec);
+            let (reply, answer) = oneshot::channel();
+            let answered = match tx.send(Msg::Acquire { reply }) {
+                Ok(()) => answer.await.ok(),
+                Err(_) => None,
+            };
+            match answered {
+                Some(result) => return result,
+                None if shared.gave_back.load(Ordering::Acquire) => continue,
+                None => return Err(gone()),
+            }
         }
-        let (reply, answer) = oneshot::channel();
-        self.actor(host, spec)
-            .send(Msg::Acquire { reply })
-            .map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
+        Err(gone())
     }
 
     /// Worker slots held (starting, running or stopping workers) and the node's limit.
@@ -171,19 +184,29 @@ impl Sites {
         self.ctx.in_flight.load(Ordering::Acquire)
     }
 
-    /// Bring the actors in line with the sites in etcd: removed sites stop, changed specs
-    /// go to their actor. Visits only sites that have an actor on this node.
-    pub fn reconcile(&self, snapshot: &roost_proto::Snapshot<SiteSpec>) {
+    /// Bring the actors in line with the sites and nodes in etcd: removed sites stop, changed
+    /// specs go to their actor, and sites that placement (over `nodes`) puts on another node
+    /// are given back once idle. Visits only sites that have an actor on this node.
+    pub fn reconcile(
+        &self,
+        snapshot: &roost_proto::Snapshot<SiteSpec>,
+        nodes: &BTreeMap<String, NodeInfo>,
+    ) {
+        let me = self.ctx.cfg().node_id.clone();
         for h in self.ctx.actors.iter() {
-            match snapshot.items.get(h.key()) {
-                None => {
-                    let _ = h.tx.send(Msg::Removed);
-                }
-                Some(spec) if !Arc::ptr_eq(spec, &h.spec_seen.load()) => {
-                    h.spec_seen.store(spec.clone());
-                    let _ = h.tx.send(Msg::SpecChanged(spec.clone()));
-                }
-                Some(_) => {}
+            let Some(spec) = snapshot.items.get(h.key()) else {
+                let _ = h.tx.send(Msg::Removed);
+                continue;
+            };
+            // Placement first: a site pinned elsewhere starts no new spec's worker here.
+            let here = placement::placed_here(h.key(), spec.node.as_deref(), nodes, &me);
+            // Only a change of decision is news to the actor.
+            if here == h.shared.leaving.load(Ordering::Acquire) {
+                let _ = h.tx.send(Msg::Placement { here });
+            }
+            if !Arc::ptr_eq(spec, &h.spec_seen.load()) {
+                h.spec_seen.store(spec.clone());
+                let _ = h.tx.send(Msg::SpecChanged(spec.clone()));
             }
         }
     }
@@ -291,25 +314,54 @@ impl Sites {
     }
 }
 
-/// Drive the sites from the control runtime: reconcile on every change of the site
-/// snapshot; housekeeping every second.
-pub async fn run(sites: Arc<Sites>, informer: Arc<Informer<SiteSpec>>) {
-    let mut changes = informer.subscribe();
-    let mut last_seen: Option<Arc<roost_proto::Snapshot<SiteSpec>>> = None;
+/// Drive the sites from the control runtime: reconcile on every change of the site or the
+/// node snapshot; housekeeping every second.
+pub async fn run(
+    sites: Arc<Sites>,
+    informer: Arc<Informer<SiteSpec>>,
+    node_informer: Arc<Informer<NodeInfo>>,
+) {
+    let mut site_changes = informer.subscribe();
+    let mut node_changes = node_informer.subscribe();
+    let mut last_sites: Option<Arc<roost_proto::Snapshot<SiteSpec>>> = None;
+    let mut last_nodes: Option<Arc<roost_proto::Snapshot<NodeInfo>>> = None;
+    // Placement ranks over a plain map; rebuilt only when the node snapshot changes.
+    let mut nodes = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = changes.changed() => {
-                let snap = informer.snapshot();
-                if last_seen.as_ref().is_some_and(|l| Arc::ptr_eq(l, &snap)) {
-                    continue;
-                }
-                if informer.is_synced() {
-                    sites.reconcile(&snap);
-                }
-                last_seen = Some(snap);
+            _ = site_changes.changed() => {}
+            _ = node_changes.changed() => {}
+            _ = tick.tick() => {
+                sites.housekeeping().await;
+                continue;
             }
-            _ = tick.tick() => sites.housekeeping().await,
         }
+        let (snap, node_snap) = (informer.snapshot(), node_informer.snapshot());
+        let sites_same = last_sites.as_ref().is_some_and(|l| Arc::ptr_eq(l, &snap));
+        let nodes_same = last_nodes
+            .as_ref()
+            .is_some_and(|l| Arc::ptr_eq(l, &node_snap));
+        // Most wake-ups are progress notifications: nothing changed.
+        if sites_same && nodes_same {
+            continue;
+        }
+        if !nodes_same {
+            nodes = if node_informer.is_synced() {
+                node_snap
+                    .items
+                    .iter()
+                    .map(|(id, n)| (id.clone(), (**n).clone()))
+                    .collect()
+            } else {
+                // A partial list must not move sites away: placement sees no nodes, keeps all.
+                BTreeMap::new()
+            };
+        }
+        if informer.is_synced() {
+            sites.reconcile(&snap, &nodes);
+        }
+        last_sites = Some(snap);
+        last_nodes = Some(node_snap);
     }
 }

@@ -21,7 +21,8 @@ use super::actor::Msg;
 use super::{AcquireError, Sites};
 use crate::config::{Args, Config};
 use crate::launch::{
-    BoxFut, Exit, LaunchError, Launcher, LauncherKind, Listener, SocketRole, Started, Worker,
+    BootWeight, BoxFut, Exit, LaunchError, Launcher, LauncherKind, Listener, SocketRole, Started,
+    Worker,
 };
 use crate::metrics::Metrics;
 
@@ -39,6 +40,8 @@ struct Table {
     sockets: u32,
     /// Which app the latest worker on each socket runs.
     serves: HashMap<PathBuf, String>,
+    /// "lowest <pid>" for a start at the lowest CPU weight, "raised <host>" when it answered.
+    boot_weights: Vec<String>,
 }
 
 struct Fake {
@@ -104,6 +107,7 @@ impl Launcher for Fake {
         _host: &str,
         spec: &Arc<SiteSpec>,
         listener: &Arc<Listener>,
+        weight: BootWeight,
     ) -> BoxFut<Result<Started, LaunchError>> {
         let app = spec.app.clone().unwrap_or_default();
         self.table()
@@ -117,6 +121,9 @@ impl Launcher for Fake {
             t.alive.insert(pid, tx);
             t.peak = t.peak.max(t.alive.len());
             t.events.push(format!("start {pid} {app}"));
+            if weight == BootWeight::Lowest {
+                t.boot_weights.push(format!("lowest {pid}"));
+            }
             pid
         };
         let worker = Arc::new(FakeWorker {
@@ -166,7 +173,13 @@ impl Launcher for Fake {
         Ok(listener.path.clone())
     }
 
-    fn forget(&self, _host: &str) -> BoxFut<()> {
+    fn answered(&self, host: &str) -> BoxFut<()> {
+        self.table().boot_weights.push(format!("raised {host}"));
+        Box::pin(async {})
+    }
+
+    fn forget(&self, host: &str) -> BoxFut<()> {
+        self.table().events.push(format!("forget {host}"));
         Box::pin(async {})
     }
 
@@ -637,4 +650,192 @@ async fn a_cold_start_is_timed_once_per_new_worker_from_its_first_answer() {
     settle(1).await;
     assert_eq!(cold(), 2);
     assert_eq!(n.metrics.worker_stops.with_label_values(&["idle"]).get(), 1);
+}
+
+/// A snapshot of one site pinned to `pin`, and the nodes `node-a` (this one) and `node-b`.
+fn placed(
+    host: &str,
+    spec: &Arc<SiteSpec>,
+    pin: &str,
+) -> (
+    roost_proto::Snapshot<SiteSpec>,
+    std::collections::BTreeMap<String, roost_proto::NodeInfo>,
+) {
+    let mut pinned = (**spec).clone();
+    pinned.node = Some(pin.to_string());
+    let mut snap = roost_proto::Snapshot::<SiteSpec>::default();
+    snap.items.insert(host.to_string(), Arc::new(pinned));
+    let nodes = ["node-a", "node-b"]
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            (
+                id.to_string(),
+                roost_proto::NodeInfo::new(&format!("127.0.0.1:{}", 7000 + i)),
+            )
+        })
+        .collect();
+    (snap, nodes)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_site_placed_elsewhere_is_given_back_once_idle_and_a_late_request_restarts_it() {
+    let n = node(|c| c.node_id = "node-a".into());
+    let s = spec("ok:app", 600);
+    let host = "m.example";
+    let (snap, _) = placed(host, &s, "node-a");
+    let s = snap.items.get(host).unwrap().clone();
+    let t = n.sites.acquire(host, &s).await.unwrap();
+    t.mark_answered(std::time::Instant::now());
+    settle(1).await;
+
+    // Pinned to this node: nothing happens.
+    let (snap, nodes) = placed(host, &s, "node-a");
+    n.sites.reconcile(&snap, &nodes);
+    settle(1).await;
+    assert_eq!(n.alive(), 1);
+
+    // Moved to node-b while a request is in flight: the request finishes first.
+    let (snap, nodes) = placed(host, &s, "node-b");
+    n.sites.reconcile(&snap, &nodes);
+    settle(1).await;
+    assert_eq!(n.alive(), 1, "given back with a request in flight");
+    assert_eq!(
+        n.state(host).await.note.as_deref(),
+        Some("placed on another node: given back once idle")
+    );
+    drop(t);
+    settle(1).await;
+    assert_eq!(n.alive(), 0, "{:?}", n.events());
+    assert_eq!(
+        n.events(),
+        vec!["start 1 ok:app", "term 1", "forget m.example"]
+    );
+    assert!(n.sites.ctx.actors.get(host).is_none(), "actor ended");
+    assert_eq!(
+        n.metrics.worker_stops.with_label_values(&["moved"]).get(),
+        1
+    );
+    assert_eq!(n.sites.ctx.capacity.live(), 0, "the slot came back");
+
+    // A proxy that has not seen the move yet: the request is served by a fresh actor.
+    let t = n.sites.acquire(host, &s).await.unwrap();
+    assert_eq!(t.generation, 1, "a new actor");
+    t.mark_answered(std::time::Instant::now());
+    drop(t);
+    settle(1).await;
+    assert_eq!(n.alive(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_site_placed_back_before_it_was_idle_is_kept() {
+    let n = node(|c| c.node_id = "node-a".into());
+    let s = spec("ok:app", 600);
+    let host = "k.example";
+    // The spec stays the same; the node set changes under it.
+    let (snap, mut nodes) = placed(host, &s, "node-b");
+    let s = snap.items.get(host).unwrap().clone();
+    let t = n.sites.acquire(host, &s).await.unwrap();
+    t.mark_answered(std::time::Instant::now());
+    n.sites.reconcile(&snap, &nodes);
+    settle(1).await;
+    assert!(n.state(host).await.note.is_some(), "leaving");
+    // node-b drains: the pin no longer holds, and node-a is the only candidate.
+    nodes.get_mut("node-b").unwrap().draining = true;
+    n.sites.reconcile(&snap, &nodes);
+    settle(1).await;
+    drop(t);
+    settle(1).await;
+    assert_eq!(n.alive(), 1, "{:?}", n.events());
+    assert_eq!(n.state(host).await.note, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_this_node_in_the_node_set_nothing_is_given_back() {
+    let n = node(|c| c.node_id = "node-c".into());
+    let s = spec("ok:app", 600);
+    let host = "u.example";
+    let t = n.sites.acquire(host, &s).await.unwrap();
+    t.mark_answered(std::time::Instant::now());
+    drop(t);
+    let (snap, nodes) = placed(host, &s, "node-b");
+    n.sites.reconcile(&snap, &nodes);
+    settle(1).await;
+    assert_eq!(n.alive(), 1, "{:?}", n.events());
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_past_the_sites_concurrency_limit_are_refused_without_a_start() {
+    let n = node(|_| {});
+    let mut limited = (*spec("ok:app", 600)).clone();
+    limited.max_concurrent_requests = Some(2);
+    let s = Arc::new(limited);
+    // Two wait for the start; the third is refused at once, before any worker is asked.
+    let (a, b, c) = tokio::join!(
+        n.sites.acquire("c.example", &s),
+        n.sites.acquire("c.example", &s),
+        async {
+            settle(0).await;
+            n.sites.acquire("c.example", &s).await
+        }
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(
+        matches!(c, Err(AcquireError::TooManyRequests { limit: 2 })),
+        "{c:?}"
+    );
+    assert_eq!(n.events(), vec!["start 1 ok:app"]);
+    a.mark_answered(std::time::Instant::now());
+    drop(a);
+    settle(1).await;
+    // One finished: there is room for one more.
+    let d = n.sites.acquire("c.example", &s).await.unwrap();
+    assert!(matches!(
+        n.sites.acquire("c.example", &s).await,
+        Err(AcquireError::TooManyRequests { .. })
+    ));
+    drop((b, d));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_nodes_default_concurrency_limit_applies_to_sites_that_name_none() {
+    let n = node(|c| c.site_limits.max_concurrent_requests = Some(1));
+    let s = spec("ok:app", 600);
+    let t = n.sites.acquire("d.example", &s).await.unwrap();
+    assert!(matches!(
+        n.sites.acquire("d.example", &s).await,
+        Err(AcquireError::TooManyRequests { limit: 1 })
+    ));
+    drop(t);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_start_boots_at_the_lowest_cpu_weight_until_it_answers_and_a_candidate_never_does() {
+    let n = node(|_| {});
+    let t = n
+        .sites
+        .acquire("w.example", &spec("ok:app", 600))
+        .await
+        .unwrap();
+    settle(1).await;
+    assert_eq!(n.fake.table().boot_weights, ["lowest 1"]);
+    t.mark_answered(std::time::Instant::now());
+    settle(1).await;
+    assert_eq!(
+        n.fake.table().boot_weights,
+        ["lowest 1", "raised w.example"]
+    );
+    // A new spec's worker boots beside the serving one, in the same group: no lowering.
+    n.send("w.example", Msg::SpecChanged(spec("ok:app2", 600)));
+    settle(1).await;
+    assert!(
+        n.events().contains(&"start 2 ok:app2".to_string()),
+        "{:?}",
+        n.events()
+    );
+    assert_eq!(
+        n.fake.table().boot_weights,
+        ["lowest 1", "raised w.example"]
+    );
+    drop(t);
 }

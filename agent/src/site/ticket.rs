@@ -2,7 +2,7 @@
 //! per-site state that readers outside the site's actor may see without asking it.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,8 @@ pub enum AcquireError {
     StartQueueFull { waiting: u32 },
     #[error("the node is at capacity and no idle worker can be stopped")]
     AtCapacity,
+    #[error("{limit} requests are in flight, the site's limit of concurrent requests")]
+    TooManyRequests { limit: u32 },
 }
 
 /// Why a worker is being stopped, for logs and metrics.
@@ -43,10 +45,12 @@ pub enum StopReason {
     MemoryLimit,
     /// A new spec's worker that failed before answering.
     SpecFailed,
+    /// Placement moved the site to another node.
+    Moved,
 }
 
 impl StopReason {
-    pub const ALL: [StopReason; 9] = [
+    pub const ALL: [StopReason; 10] = [
         StopReason::Idle,
         StopReason::Replaced,
         StopReason::Recycled,
@@ -56,6 +60,7 @@ impl StopReason {
         StopReason::StartTimeout,
         StopReason::MemoryLimit,
         StopReason::SpecFailed,
+        StopReason::Moved,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -69,6 +74,7 @@ impl StopReason {
             StopReason::StartTimeout => "start_timeout",
             StopReason::MemoryLimit => "memory_limit",
             StopReason::SpecFailed => "spec_failed",
+            StopReason::Moved => "moved",
         }
     }
 }
@@ -87,6 +93,11 @@ pub struct SiteShared {
     /// The first generation known to have answered (so tickets tell the actor only once).
     pub answered_generation: AtomicU64,
     pub failures: Mutex<Failures>,
+    /// The actor is giving the site back (placed on another node), as reconcile last told it
+    /// or a request since undid.
+    pub leaving: AtomicBool,
+    /// The actor ended by giving the site back: a request that still reached it retries.
+    pub gave_back: AtomicBool,
 }
 
 #[derive(Default)]
@@ -108,6 +119,8 @@ impl SiteShared {
             current_pid: AtomicI32::new(0),
             answered_generation: AtomicU64::new(0),
             failures: Mutex::new(Failures::default()),
+            leaving: AtomicBool::new(false),
+            gave_back: AtomicBool::new(false),
         }
     }
 
@@ -171,14 +184,7 @@ impl Ticket {
             return false;
         }
         let pid = self.shared.current_pid.load(Ordering::Acquire);
-        // Gone from /proc, or a zombie/dead task: not alive.
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                s.rfind(')')
-                    .and_then(|i| s[i + 1..].trim_start().chars().next())
-            })
-            .is_some_and(|state| state != 'Z' && state != 'X')
+        process_alive(pid)
     }
 
     /// Why a request to this ticket's worker failed, if the agent knows: the worker died, or
@@ -221,6 +227,85 @@ impl Drop for Ticket {
         let _ = self.tx.send(Msg::Release {
             generation: self.generation,
         });
+    }
+}
+
+/// Whether `pid` lives on: not gone from /proc, not a zombie, not exiting, and not about to
+/// be (a SIGKILL pending). A worker killed as a group (a request that crashes it) closes its
+/// connections before its leader is a zombie; in that moment the leader is exiting or has the
+/// SIGKILL pending, and a retry must not go to the worker started after it.
+fn process_alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    !ending(&stat) && !sigkill_pending(&status)
+}
+
+/// From /proc/<pid>/stat: a zombie, dead, or exiting (`PF_EXITING` in its flags) task.
+fn ending(stat: &str) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let Some(after_comm) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return true;
+    };
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let state = fields.first().copied().unwrap_or("X");
+    let flags = fields
+        .get(6)
+        .and_then(|f| f.parse::<u64>().ok())
+        .unwrap_or(0);
+    matches!(state, "Z" | "X" | "x") || flags & PF_EXITING != 0
+}
+
+/// From /proc/<pid>/status: a SIGKILL pending for the process or one of its threads.
+fn sigkill_pending(status: &str) -> bool {
+    const SIGKILL_BIT: u64 = 1 << (9 - 1);
+    status.lines().any(|l| {
+        l.strip_prefix("ShdPnd:")
+            .or_else(|| l.strip_prefix("SigPnd:"))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .is_some_and(|m| m & SIGKILL_BIT != 0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exiting_or_doomed_processes_are_not_alive() {
+        let stat = |state: &str, flags: u64| {
+            format!("42 (gunicorn: a) b) {state} 1 42 42 0 -1 {flags} 0 0 0 0 1 2 0 0 20 0 1")
+        };
+        assert!(!ending(&stat("S", 0x400040)));
+        assert!(ending(&stat("Z", 0x400040)));
+        assert!(ending(&stat("R", 0x400044)), "PF_EXITING");
+        assert!(ending("garbage"));
+        assert!(!sigkill_pending(
+            "SigPnd:\t0000000000000000\nShdPnd:\t0000000000004000\n"
+        ));
+        assert!(sigkill_pending(
+            "SigPnd:\t0000000000000000\nShdPnd:\t0000000000000100\n"
+        ));
+        assert!(sigkill_pending("SigPnd:\t0000000000000100\n"));
+    }
+
+    #[test]
+    fn a_killed_process_is_not_alive_before_it_is_reaped() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id() as i32;
+        assert!(process_alive(pid));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        // Unreaped, it is a zombie (or still exiting): either way, not alive.
+        assert!(!process_alive(pid));
+        let _ = child.wait();
+        assert!(!process_alive(pid), "a reaped process is not alive");
     }
 }
 
