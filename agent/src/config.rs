@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use roost_proto::etcd::EtcdAccess;
+use roost_proto::etcd_security::EtcdSecurityArgs;
 use serde::Deserialize;
 
 /// roost-agent: runs the site workers of one node, on demand, each as its site's user.
@@ -15,6 +17,9 @@ pub struct Args {
     /// etcd endpoints, comma separated.
     #[arg(long, env = "ROOST_ETCD")]
     pub etcd: Option<String>,
+    /// TLS and credentials for a secured etcd (deploy/etcd/README.md).
+    #[command(flatten)]
+    pub etcd_security: EtcdSecurityArgs,
     /// This node's id in etcd (`<prefix>/nodes/<id>`).
     #[arg(long)]
     pub node_id: Option<String>,
@@ -49,6 +54,11 @@ pub struct Args {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     etcd: Option<String>,
+    etcd_ca: Option<PathBuf>,
+    etcd_cert: Option<PathBuf>,
+    etcd_key: Option<PathBuf>,
+    etcd_user: Option<String>,
+    etcd_password_file: Option<PathBuf>,
     node_id: Option<String>,
     listen: Option<String>,
     advertise: Option<String>,
@@ -78,7 +88,8 @@ struct FileConfig {
 /// Settings in force.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub etcd: String,
+    /// Where etcd is, and the TLS material and user to reach it with (files read at load).
+    pub etcd: EtcdAccess,
     pub node_id: String,
     pub listen: String,
     pub advertise: String,
@@ -157,7 +168,7 @@ impl Config {
             ("advertise", new.advertise != self.advertise),
             ("admin", new.admin != self.admin),
             ("state_dir", new.state_dir != self.state_dir),
-            ("etcd", new.etcd != self.etcd),
+            ("etcd", new.etcd.urls() != self.etcd.urls()),
             ("prefix", new.prefix != self.prefix),
             ("secret_file", new.secret != self.secret),
             ("capacity", new.capacity != self.capacity),
@@ -223,11 +234,20 @@ impl Config {
             Some(path) => Some(roost_runtime::read_secret(&path)?),
             None => None,
         };
+        let etcd_security = args.etcd_security.or(EtcdSecurityArgs {
+            etcd_ca: file.etcd_ca,
+            etcd_cert: file.etcd_cert,
+            etcd_key: file.etcd_key,
+            etcd_user: file.etcd_user,
+            etcd_password_file: file.etcd_password_file,
+        });
+        let etcd_urls = args
+            .etcd
+            .or(file.etcd)
+            .unwrap_or_else(|| roost_proto::etcd::DEFAULT_ENDPOINTS.into());
+        let etcd = EtcdAccess::new(&etcd_urls, &etcd_security)?;
         Ok(Self {
-            etcd: args
-                .etcd
-                .or(file.etcd)
-                .unwrap_or_else(|| roost_proto::etcd::DEFAULT_ENDPOINTS.into()),
+            etcd,
             node_id,
             listen,
             advertise,

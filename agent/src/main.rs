@@ -51,6 +51,7 @@ fn main() -> Result<()> {
         .context("starting the control runtime")?;
     let metrics = Arc::new(metrics::Metrics::new());
     let layout = Layout::new(&cfg.prefix);
+    check_etcd(&control, &cfg, &layout)?;
     let sites =
         control.block_on(async { Informer::<SiteSpec>::start(&cfg.etcd, &layout.sites_prefix()) });
     launch::rlimit::set_worker_nofile(cfg.worker_nofile);
@@ -133,6 +134,29 @@ fn main() -> Result<()> {
     control.shutdown_timeout(Duration::from_secs(1));
     info!("roost-agent stopped");
     Ok(())
+}
+
+/// Stop at start when etcd refuses this agent: bad certificates or credentials, or a role
+/// that can't read the sites or write this node's key. An etcd that is merely down is
+/// logged; the informer and the registration keep trying.
+fn check_etcd(control: &tokio::runtime::Runtime, cfg: &Config, layout: &Layout) -> Result<()> {
+    let reads = [layout.sites_prefix()];
+    let writes = [layout.node_key(&cfg.node_id)];
+    let checked = control.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), cfg.etcd.check(&reads, &writes)).await
+    });
+    match checked {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if e.fatal => Err(anyhow::anyhow!("etcd: {e}")),
+        Ok(Err(e)) => {
+            warn!(error = %e, "etcd is not reachable yet; registering once it is");
+            Ok(())
+        }
+        Err(_) => {
+            warn!(etcd = %cfg.etcd.urls(), "etcd did not answer within 10s; registering once it does");
+            Ok(())
+        }
+    }
 }
 
 /// SIGTERM drains the node: mark it draining in etcd (proxies stop placing sites here),

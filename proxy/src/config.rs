@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use roost_proto::etcd::EtcdAccess;
+use roost_proto::etcd_security::EtcdSecurityArgs;
 use serde::Deserialize;
 
 use crate::forwarded::Cidr;
@@ -17,6 +19,9 @@ pub struct Args {
     /// etcd endpoints, comma separated.
     #[arg(long, env = "ROOST_ETCD")]
     pub etcd: Option<String>,
+    /// TLS and credentials for a secured etcd (deploy/etcd/README.md).
+    #[command(flatten)]
+    pub etcd_security: EtcdSecurityArgs,
     /// Where clients (or the load balancer) connect with plain HTTP.
     #[arg(long)]
     pub listen: Option<String>,
@@ -65,6 +70,11 @@ pub struct SiteLimits {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     etcd: Option<String>,
+    etcd_ca: Option<PathBuf>,
+    etcd_cert: Option<PathBuf>,
+    etcd_key: Option<PathBuf>,
+    etcd_user: Option<String>,
+    etcd_password_file: Option<PathBuf>,
     listen: Option<String>,
     listen_tls: Option<String>,
     tls_cert_dir: Option<PathBuf>,
@@ -95,7 +105,8 @@ struct FileConfig {
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub etcd: String,
+    /// Where etcd is, and the TLS material and user to reach it with (files read at load).
+    pub etcd: EtcdAccess,
     pub listen: String,
     pub listen_tls: Option<String>,
     pub tls_cert_dir: Option<PathBuf>,
@@ -174,11 +185,20 @@ impl Config {
             ),
             None => None,
         };
+        let etcd_security = args.etcd_security.or(EtcdSecurityArgs {
+            etcd_ca: file.etcd_ca,
+            etcd_cert: file.etcd_cert,
+            etcd_key: file.etcd_key,
+            etcd_user: file.etcd_user,
+            etcd_password_file: file.etcd_password_file,
+        });
+        let etcd_urls = args
+            .etcd
+            .or(file.etcd)
+            .unwrap_or_else(|| roost_proto::etcd::DEFAULT_ENDPOINTS.into());
+        let etcd = EtcdAccess::new(&etcd_urls, &etcd_security)?;
         Ok(Self {
-            etcd: args
-                .etcd
-                .or(file.etcd)
-                .unwrap_or_else(|| roost_proto::etcd::DEFAULT_ENDPOINTS.into()),
+            etcd,
             listen: args
                 .listen
                 .or(file.listen)

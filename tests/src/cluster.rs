@@ -13,6 +13,7 @@ use crate::etcd::Etcd;
 use crate::http::{get, Response};
 use crate::ports::free_addr;
 use crate::process::{pid_alive, read_log, tail, Proc};
+use crate::secure_etcd::{agent_user, OPERATOR_USER, PROXY_USER};
 use crate::temp::TempRoot;
 use crate::users::{site_dir, User};
 use crate::wait::{wait_for, wait_until};
@@ -55,10 +56,25 @@ impl Cluster {
 
     /// [`Cluster::start`] with options.
     pub fn start_with(opts: Options) -> Cluster {
+        Self::launch(opts, false)
+    }
+
+    /// [`Cluster::start_with`] on an etcd secured as production runs it (TLS, client
+    /// certificates, auth with `deploy/etcd/roles.sh`'s roles): the proxy as `roost-proxy`,
+    /// the agent as `roost-agent-node-1`, roostctl as `roost-operator`.
+    pub fn start_secured(opts: Options) -> Cluster {
+        Self::launch(opts, true)
+    }
+
+    fn launch(opts: Options, secured: bool) -> Cluster {
         let proxy_bin = bin(PROXY);
         let agent_bin = bin(AGENT);
         let root = TempRoot::new("cluster");
-        let etcd = Etcd::start_in(root.path());
+        let etcd = if secured {
+            Etcd::start_secured_in(root.path(), &[NODE_ID])
+        } else {
+            Etcd::start_in(root.path())
+        };
         let secret = random_hex(32);
         let secret_file = root.path().join("secret");
         std::fs::write(&secret_file, &secret).expect("write secret file");
@@ -68,7 +84,7 @@ impl Cluster {
 
         let cmd = agent_command(
             &agent_bin,
-            etcd.url(),
+            &etcd,
             agent_addr,
             agent_admin,
             &state_dir,
@@ -90,7 +106,8 @@ impl Cluster {
             .arg("--admin")
             .arg(proxy_admin.to_string())
             .arg("--secret-file")
-            .arg(&secret_file);
+            .arg(&secret_file)
+            .args(etcd_client_args(&etcd, PROXY_USER));
         log_env(&mut cmd);
         let mut proxy = Proc::spawn(
             "proxy",
@@ -185,6 +202,7 @@ impl Cluster {
         Command::new(bin(CTL))
             .arg("--etcd")
             .arg(self.etcd.url())
+            .args(etcd_client_args(&self.etcd, OPERATOR_USER))
             .args(args)
             .output()
             .unwrap_or_else(|e| panic!("run roostctl: {e}"))
@@ -274,7 +292,7 @@ impl Cluster {
     pub fn restart_agent(&mut self) {
         let cmd = agent_command(
             &bin(AGENT),
-            self.etcd.url(),
+            &self.etcd,
             self.agent_addr,
             self.agent_admin,
             &self.state_dir,
@@ -428,9 +446,14 @@ fn truncate(s: &str, n: usize) -> &str {
 }
 
 /// The agent's command line; also used to restart it on the same state.
+/// The `--etcd-*` flags to act as `user` on `etcd`; none for a plain etcd.
+pub fn etcd_client_args(etcd: &Etcd, user: &str) -> Vec<String> {
+    etcd.tls().map(|t| t.client_args(user)).unwrap_or_default()
+}
+
 fn agent_command(
     bin: &Path,
-    etcd: &str,
+    etcd: &Etcd,
     addr: SocketAddr,
     admin: SocketAddr,
     state_dir: &Path,
@@ -439,7 +462,8 @@ fn agent_command(
 ) -> Command {
     let mut cmd = Command::new(bin);
     cmd.arg("--etcd")
-        .arg(etcd)
+        .arg(etcd.url())
+        .args(etcd_client_args(etcd, &agent_user(NODE_ID)))
         .args(["--node-id", NODE_ID])
         .arg("--listen")
         .arg(addr.to_string())
