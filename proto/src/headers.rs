@@ -23,17 +23,12 @@ pub fn is_internal(name: &str) -> bool {
         && name[..INTERNAL_PREFIX.len()].eq_ignore_ascii_case(INTERNAL_PREFIX)
 }
 
-/// Compare a presented credential with the expected one in time independent of where
-/// they differ, so the secret cannot be guessed byte by byte from response times.
+/// Compare a presented credential with the expected one in time independent of where they
+/// differ and of the presented length: both are hashed to 32 bytes first (so there is no
+/// early exit on a length mismatch), then compared with OpenSSL's constant-time `CRYPTO_memcmp`.
 pub fn credential_matches(presented: &[u8], expected: &[u8]) -> bool {
-    if presented.len() != expected.len() {
-        return false;
-    }
-    presented
-        .iter()
-        .zip(expected)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-        == 0
+    use openssl::sha::sha256;
+    openssl::memcmp::eq(&sha256(presented), &sha256(expected))
 }
 
 /// A request id we accept from outside: short, printable, no spaces.
@@ -101,6 +96,8 @@ mod tests {
         assert!(!credential_matches(b"secreT", b"secret"));
         assert!(!credential_matches(b"secret1", b"secret"));
         assert!(!credential_matches(b"", b"secret"));
+        assert!(!credential_matches(b"secret", b""));
+        assert!(credential_matches(b"", b""));
     }
 
     #[test]
