@@ -44,6 +44,16 @@ pub struct Args {
     /// A file holding the secret that proxies present; without it the agent trusts its network.
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
+    /// Serve proxies over TLS with this certificate (PEM; it must name the node id,
+    /// `DNS:<node-id>`, which proxies check). Without it proxies connect in clear text.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Accept only proxies presenting a client certificate from this CA (PEM); needs --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub client_ca: Option<PathBuf>,
     /// Placement weight of this node relative to others.
     #[arg(long)]
     pub capacity: Option<u32>,
@@ -66,6 +76,9 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     prefix: Option<String>,
     secret_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
     capacity: Option<u32>,
     stop_grace_secs: Option<u64>,
     lease_ttl_secs: Option<i64>,
@@ -97,6 +110,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub prefix: String,
     pub secret: Option<Vec<u8>>,
+    /// TLS for the proxies' port; `None`: plain HTTP.
+    pub tls: Option<ListenerTls>,
     pub capacity: u32,
     /// How long a stopping worker may finish its requests before SIGKILL.
     pub stop_grace: Duration,
@@ -132,6 +147,15 @@ pub struct Config {
     /// RLIMIT_NOFILE (soft and hard) of every worker, apart from the agent's own
     /// (`launch/rlimit.rs`); fixed at start.
     pub worker_nofile: u64,
+}
+
+/// The proxies' port over TLS: this agent's certificate and key, and the CA proxies'
+/// client certificates must chain to (none: any client may connect, the secret decides).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 /// The unix users a site may name: uid at least `min_uid` (Debian's `UID_MIN`, 1000, by
@@ -171,6 +195,7 @@ impl Config {
             ("etcd", new.etcd.urls() != self.etcd.urls()),
             ("prefix", new.prefix != self.prefix),
             ("secret_file", new.secret != self.secret),
+            ("tls_cert/tls_key/client_ca", new.tls != self.tls),
             ("capacity", new.capacity != self.capacity),
             ("cgroups", new.cgroups != self.cgroups),
             ("preload", new.preload != self.preload),
@@ -196,6 +221,7 @@ impl Config {
         new.etcd = self.etcd.clone();
         new.prefix = self.prefix.clone();
         new.secret = self.secret.clone();
+        new.tls = self.tls.clone();
         new.capacity = self.capacity;
         new.cgroups = self.cgroups;
         new.preload = self.preload.clone();
@@ -246,8 +272,32 @@ impl Config {
             .or(file.etcd)
             .unwrap_or_else(|| roost_proto::etcd::DEFAULT_ENDPOINTS.into());
         let etcd = EtcdAccess::new(&etcd_urls, &etcd_security)?;
+        let tls = match (
+            args.tls_cert.or(file.tls_cert),
+            args.tls_key.or(file.tls_key),
+            args.client_ca.or(file.client_ca),
+        ) {
+            (Some(cert), Some(key), client_ca) => {
+                for (option, path) in [("--tls-cert", &cert), ("--tls-key", &key)]
+                    .into_iter()
+                    .chain(client_ca.as_ref().map(|p| ("--client-ca", p)))
+                {
+                    std::fs::metadata(path)
+                        .with_context(|| format!("{option} {}: cannot read", path.display()))?;
+                }
+                Some(ListenerTls {
+                    cert,
+                    key,
+                    client_ca,
+                })
+            }
+            (None, None, None) => None,
+            (_, _, Some(_)) => anyhow::bail!("--client-ca needs --tls-cert and --tls-key"),
+            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+        };
         Ok(Self {
             etcd,
+            tls,
             node_id,
             listen,
             advertise,

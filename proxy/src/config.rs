@@ -10,6 +10,7 @@ use roost_proto::etcd::EtcdAccess;
 use roost_proto::etcd_security::EtcdSecurityArgs;
 use serde::Deserialize;
 
+use crate::agent_tls::AgentTls;
 use crate::forwarded::Cidr;
 
 /// roost-proxy: the edge. Routes each request by its Host to the node that serves the site.
@@ -43,6 +44,16 @@ pub struct Args {
     /// A file holding the secret presented to agents.
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
+    /// Reach agents over TLS, trusting only agent certificates from this CA (PEM), each
+    /// naming its node id (`DNS:<node-id>`). Without it agents are reached in clear text.
+    #[arg(long, value_name = "FILE")]
+    pub agent_ca: Option<PathBuf>,
+    /// The certificate (PEM) this proxy presents to agents (with --agent-client-key).
+    #[arg(long, value_name = "FILE")]
+    pub agent_client_cert: Option<PathBuf>,
+    /// The private key (PEM) of --agent-client-cert.
+    #[arg(long, value_name = "FILE")]
+    pub agent_client_key: Option<PathBuf>,
     /// Load balancers whose X-Forwarded-For/-Proto/-Host are believed, as CIDRs, comma separated.
     #[arg(long, value_delimiter = ',')]
     pub trusted_proxies: Option<Vec<String>>,
@@ -83,6 +94,9 @@ struct FileConfig {
     admin: Option<String>,
     prefix: Option<String>,
     secret_file: Option<PathBuf>,
+    agent_ca: Option<PathBuf>,
+    agent_client_cert: Option<PathBuf>,
+    agent_client_key: Option<PathBuf>,
     trusted_proxies: Option<Vec<String>>,
     threads: Option<usize>,
     grace_period_secs: Option<u64>,
@@ -116,6 +130,8 @@ pub struct Config {
     pub admin: String,
     pub prefix: String,
     pub secret: Option<Vec<u8>>,
+    /// TLS to agents; `None`: plain HTTP.
+    pub agent_tls: Option<AgentTls>,
     pub trusted_proxies: Vec<Cidr>,
     pub threads: usize,
     /// After SIGTERM (and the drain delay), at most this long to finish requests in flight.
@@ -159,6 +175,14 @@ impl Config {
         };
         let secret = match args.secret_file.or(file.secret_file) {
             Some(path) => Some(roost_runtime::read_secret(&path)?),
+            None => None,
+        };
+        let agent_tls = match args.agent_ca.or(file.agent_ca) {
+            Some(ca) => Some(AgentTls::load(
+                &ca,
+                args.agent_client_cert.or(file.agent_client_cert).as_ref(),
+                args.agent_client_key.or(file.agent_client_key).as_ref(),
+            )?),
             None => None,
         };
         let trusted_proxies = args
@@ -216,6 +240,7 @@ impl Config {
                 .or(file.prefix)
                 .unwrap_or_else(|| roost_proto::keys::DEFAULT_PREFIX.into()),
             secret,
+            agent_tls,
             trusted_proxies,
             threads: args
                 .threads

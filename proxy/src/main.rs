@@ -8,6 +8,7 @@
 //! (deploy/UPGRADE.md), then drains the same way.
 
 mod admin;
+mod agent_tls;
 mod awaiting;
 mod config;
 mod forwarded;
@@ -45,6 +46,17 @@ fn main() -> Result<()> {
     let cfg = Arc::new(Config::load(Args::parse())?);
     if cfg.secret.is_none() {
         warn!("no --secret-file: agents that require a secret will refuse this proxy");
+    }
+    match &cfg.agent_tls {
+        None => warn!(
+            "no --agent-ca: agents are reached over plain HTTP, so whoever can write a node \
+             record in etcd receives the secret; see docs/security.md"
+        ),
+        Some(tls) if !tls.has_client_cert() => warn!(
+            "--agent-ca without --agent-client-cert: agents that require a client certificate \
+             will refuse this proxy"
+        ),
+        Some(_) => {}
     }
     check_etcd(&cfg)?;
     // Nothing here may start a thread: in daemon mode pingora forks inside `run`, and only

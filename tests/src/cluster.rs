@@ -13,7 +13,7 @@ use crate::etcd::Etcd;
 use crate::http::{get, Response};
 use crate::ports::free_addr;
 use crate::process::{pid_alive, read_log, tail, Proc};
-use crate::secure_etcd::{agent_user, OPERATOR_USER, PROXY_USER};
+use crate::secure_etcd::{agent_user, Pki, OPERATOR_USER, PROXY_USER};
 use crate::temp::TempRoot;
 use crate::users::{site_dir, User};
 use crate::wait::{wait_for, wait_until};
@@ -59,9 +59,10 @@ impl Cluster {
         Self::launch(opts, false)
     }
 
-    /// [`Cluster::start_with`] on an etcd secured as production runs it (TLS, client
-    /// certificates, auth with `deploy/etcd/roles.sh`'s roles): the proxy as `roost-proxy`,
-    /// the agent as `roost-agent-node-1`, roostctl as `roost-operator`.
+    /// [`Cluster::start_with`] secured as production runs it: etcd with TLS, client
+    /// certificates and auth with `deploy/etcd/roles.sh`'s roles (the proxy as `roost-proxy`,
+    /// the agent as `roost-agent-node-1`, roostctl as `roost-operator`), and proxy → agent
+    /// over mutual TLS with a CA of its own ([`MESH_CA`]).
     pub fn start_secured(opts: Options) -> Cluster {
         Self::launch(opts, true)
     }
@@ -79,6 +80,9 @@ impl Cluster {
         let secret_file = root.path().join("secret");
         std::fs::write(&secret_file, &secret).expect("write secret file");
         let state_dir = root.subdir("state");
+        if secured {
+            make_mesh_certs(root.path());
+        }
         let (agent_addr, agent_admin) = (free_addr(), free_addr());
         let (proxy_addr, proxy_admin) = (free_addr(), free_addr());
 
@@ -107,7 +111,8 @@ impl Cluster {
             .arg(proxy_admin.to_string())
             .arg("--secret-file")
             .arg(&secret_file)
-            .args(etcd_client_args(&etcd, PROXY_USER));
+            .args(etcd_client_args(&etcd, PROXY_USER))
+            .args(mesh_args(root.path(), PROXY));
         log_env(&mut cmd);
         let mut proxy = Proc::spawn(
             "proxy",
@@ -446,6 +451,46 @@ fn truncate(s: &str, n: usize) -> &str {
 }
 
 /// The agent's command line; also used to restart it on the same state.
+/// The proxy ↔ agent CA of a secured cluster, under `<root>/mesh/`.
+pub const MESH_CA: &str = "mesh/mesh-ca.crt";
+
+/// A CA for proxy ↔ agent TLS, the agent's certificate (naming the node id, as proxies
+/// check) and the proxy's client certificate.
+fn make_mesh_certs(root: &Path) {
+    let pki = Pki::new(&root.join("mesh"), "mesh");
+    pki.issue_with_names(NODE_ID, &format!("DNS:{NODE_ID},IP:127.0.0.1"));
+    pki.issue("roost-proxy");
+}
+
+/// `component`'s proxy ↔ agent TLS flags when [`make_mesh_certs`] ran under `root`.
+fn mesh_args(root: &Path, component: &str) -> Vec<String> {
+    let ca = root.join(MESH_CA);
+    if !ca.is_file() {
+        return Vec::new();
+    }
+    let file = |name: &str| root.join("mesh").join(name).to_string_lossy().into_owned();
+    let ca = ca.to_string_lossy().into_owned();
+    if component == PROXY {
+        vec![
+            "--agent-ca".into(),
+            ca,
+            "--agent-client-cert".into(),
+            file("mesh-roost-proxy.crt"),
+            "--agent-client-key".into(),
+            file("mesh-roost-proxy.key"),
+        ]
+    } else {
+        vec![
+            "--tls-cert".into(),
+            file(&format!("mesh-{NODE_ID}.crt")),
+            "--tls-key".into(),
+            file(&format!("mesh-{NODE_ID}.key")),
+            "--client-ca".into(),
+            ca,
+        ]
+    }
+}
+
 /// The `--etcd-*` flags to act as `user` on `etcd`; none for a plain etcd.
 pub fn etcd_client_args(etcd: &Etcd, user: &str) -> Vec<String> {
     etcd.tls().map(|t| t.client_args(user)).unwrap_or_default()
@@ -464,6 +509,7 @@ fn agent_command(
     cmd.arg("--etcd")
         .arg(etcd.url())
         .args(etcd_client_args(etcd, &agent_user(NODE_ID)))
+        .args(mesh_args(root, AGENT))
         .args(["--node-id", NODE_ID])
         .arg("--listen")
         .arg(addr.to_string())

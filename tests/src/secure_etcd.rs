@@ -72,6 +72,11 @@ impl Pki {
     /// A certificate for `cn` signed by this CA, valid for clients and servers, with the
     /// loopback address and `localhost` as names.
     pub fn issue(&self, cn: &str) -> CertFiles {
+        self.issue_with_names(cn, "IP:127.0.0.1,DNS:localhost")
+    }
+
+    /// A certificate for `cn` with `names` as its subjectAltName (`DNS:x,IP:y`).
+    pub fn issue_with_names(&self, cn: &str, names: &str) -> CertFiles {
         let stem = self.dir.join(format!("{}-{cn}", self.name));
         let files = CertFiles {
             cert: stem.with_extension("crt"),
@@ -81,9 +86,11 @@ impl Pki {
         let ext = stem.with_extension("ext");
         std::fs::write(
             &ext,
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\n\
-             extendedKeyUsage=serverAuth,clientAuth\n\
-             basicConstraints=CA:FALSE\n",
+            format!(
+                "subjectAltName={names}\n\
+                 extendedKeyUsage=serverAuth,clientAuth\n\
+                 basicConstraints=CA:FALSE\n"
+            ),
         )
         .expect("write extensions file");
         openssl(&[

@@ -228,3 +228,192 @@ fn run_until_exit(mut cmd: Command, out: &Path) -> (Option<ExitStatus>, String) 
     };
     (status, std::fs::read_to_string(out).unwrap_or_default())
 }
+
+/// The node record an attacker who can write `/roost/nodes/` forges: their listener, with
+/// a capacity that puts it first in every site's ranking.
+fn forge_node(c: &Cluster, addr: std::net::SocketAddr) {
+    c.etcd.put(
+        "/roost/nodes/forged",
+        &format!(r#"{{"addr":"{addr}","capacity":4000000000}}"#),
+    );
+    // The proxy ranks the forged node first once it has seen it (`where` ranks the same way).
+    let ranked_first = wait_until(Duration::from_secs(10), || {
+        let out = c.roostctl_ok(&["where", "victim.example"]);
+        out.lines()
+            .find(|l| l.contains("forged") || l.contains(NODE_ID))
+            .is_some_and(|l| l.contains("forged"))
+    });
+    assert!(ranked_first, "the forged node is not ranked first");
+    // The proxy learns of it through its own watch; give it the same moment.
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+#[test]
+fn with_mutual_tls_a_forged_node_record_never_receives_the_cluster_credential() {
+    let c = Cluster::start_secured(Options::default());
+    let user = ensure_user(USER);
+    let dir = c.echo_site_dir(&user, "victim");
+    c.add_site("victim.example", &user, &dir, &[]);
+    c.wait_for_status("victim.example", 200, COLD_START)
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.diagnostics()));
+
+    // The attacker's TLS server: a certificate naming the node it forges, from a CA of its
+    // own (it can't get one from the cluster's). It prints whatever it decrypts.
+    let forger = Pki::new(&c.root().join("forger"), "forger");
+    let cert = forger.issue_with_names("forged", "DNS:forged,IP:127.0.0.1");
+    let addr = free_addr();
+    let heard = c.root().join("forged-listener.out");
+    let mut listener = KillOnDrop(
+        Command::new("openssl")
+            .args(["s_server", "-accept", &addr.to_string(), "-cert"])
+            .arg(&cert.cert)
+            .arg("-key")
+            .arg(&cert.key)
+            .stdin(Stdio::piped())
+            .stdout(std::fs::File::create(&heard).unwrap())
+            .stderr(Stdio::from(
+                std::fs::File::create(c.root().join("forged-listener.err")).unwrap(),
+            ))
+            .spawn()
+            .expect("run openssl s_server"),
+    );
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(addr).is_ok()
+    }));
+    forge_node(&c, addr);
+
+    let mut answered = 0;
+    for _ in 0..10 {
+        let r = c.get("victim.example", "/").expect("the proxy answers");
+        assert!(
+            r.status == 200 || r.status == 503,
+            "status {}: {}",
+            r.status,
+            r.text()
+        );
+        answered += usize::from(r.status == 200);
+    }
+    listener.0.kill().ok();
+    listener.0.wait().ok();
+    let got = std::fs::read_to_string(&heard).unwrap_or_default()
+        + &std::fs::read_to_string(c.root().join("forged-listener.err")).unwrap_or_default();
+    // Not vacuous: the proxy did go to the forged node first, and refused its certificate.
+    let proxy_log = c.proxy_log();
+    assert!(
+        proxy_log.contains("node=forged"),
+        "the proxy never tried the forged node:\n{proxy_log}"
+    );
+    assert!(
+        !got.contains(&c.secret),
+        "the forged node got the secret:\n{got}"
+    );
+    assert!(!got.to_ascii_lowercase().contains("x-roost"), "{got}");
+    assert!(
+        !got.contains("GET /"),
+        "the forged node got a request:\n{got}"
+    );
+    assert_eq!(answered, 10, "the real node should answer every request");
+
+    // The agent's side: with the secret but without a proxy's certificate, no answer; with
+    // the proxy's certificate, the site's.
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: victim.example\r\nx-roost-site: victim.example\r\n\
+         x-roost-auth: {}\r\nConnection: close\r\n\r\n",
+        c.secret
+    );
+    let mesh = c.root().join("mesh");
+    let without = agent_tls_exchange(c.agent_addr, &mesh, None, &request);
+    assert!(
+        !without.contains("HTTP/1.1"),
+        "the agent answered a client without a certificate:\n{without}"
+    );
+    let with = agent_tls_exchange(c.agent_addr, &mesh, Some("roost-proxy"), &request);
+    assert!(
+        with.contains("HTTP/1.1 200"),
+        "the agent refused the proxy's certificate:\n{with}"
+    );
+    c.assert_running();
+}
+
+/// Send `request` to the agent over TLS with `openssl s_client`, checking the agent's
+/// certificate against the mesh CA, presenting `client`'s certificate if given.
+fn agent_tls_exchange(
+    addr: std::net::SocketAddr,
+    mesh: &Path,
+    client: Option<&str>,
+    request: &str,
+) -> String {
+    use std::io::Write;
+    let mut cmd = Command::new("openssl");
+    cmd.args(["s_client", "-quiet", "-connect", &addr.to_string()])
+        .args(["-servername", NODE_ID, "-verify_return_error", "-CAfile"])
+        .arg(mesh.join("mesh-ca.crt"));
+    if let Some(name) = client {
+        cmd.arg("-cert")
+            .arg(mesh.join(format!("mesh-{name}.crt")))
+            .arg("-key")
+            .arg(mesh.join(format!("mesh-{name}.key")));
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run openssl s_client");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(request.as_bytes()).ok();
+    // Keep stdin open a moment: s_client stops at its end, before the answer arrives.
+    let waiter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        drop(stdin);
+    });
+    let out = child.wait_with_output().expect("s_client output");
+    let _ = waiter.join();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn without_agent_tls_a_forged_node_record_does_receive_the_secret_which_is_why_the_proxy_warns() {
+    let c = Cluster::start();
+    let user = ensure_user(USER);
+    let dir = c.echo_site_dir(&user, "victim");
+    c.add_site("victim.example", &user, &dir, &[]);
+    c.wait_for_status("victim.example", 200, COLD_START)
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.diagnostics()));
+    assert!(c.proxy_log().contains("no --agent-ca"));
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let recorder = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut conn, _) = listener.accept().expect("accept");
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = vec![0u8; 16 * 1024];
+        let n = conn.read(&mut got).unwrap_or(0);
+        String::from_utf8_lossy(&got[..n]).into_owned()
+    });
+    forge_node(&c, addr);
+    // The request goes to the forged node, which reads it and hangs up.
+    let proxy = c.proxy_addr;
+    let client =
+        std::thread::spawn(move || roost_tests::get(proxy, Some("victim.example"), "/", &[]));
+    let got = recorder.join().unwrap();
+    let _ = client.join();
+    assert!(
+        got.contains(&c.secret),
+        "expected the secret in clear text:\n{got}"
+    );
+}
+
+fn wait_until(timeout: Duration, check: impl FnMut() -> bool) -> bool {
+    roost_tests::wait_until(timeout, check)
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
