@@ -285,11 +285,22 @@ impl Cluster {
         crate::edge::metric_sum(&text, name)
     }
 
+    /// The header that opens the agent's `/sites` and logs: the secret (a test trusts the
+    /// address it started the agent on).
+    pub fn admin_auth(&self) -> [(&str, &str); 1] {
+        [("x-roost-auth", self.secret.as_str())]
+    }
+
     /// The agent's `/sites` table.
     pub fn agent_sites(&self) -> serde_json::Value {
-        get(self.agent_admin, Some("localhost"), "/sites", &[])
-            .map(|r| r.json())
-            .unwrap_or(serde_json::Value::Null)
+        get(
+            self.agent_admin,
+            Some("localhost"),
+            "/sites",
+            &self.admin_auth(),
+        )
+        .map(|r| r.json())
+        .unwrap_or(serde_json::Value::Null)
     }
 
     /// Start the agent again on the same state directory, addresses and node id (after the
@@ -368,7 +379,12 @@ impl Cluster {
                 );
             }
         }
-        if let Ok(r) = get(self.agent_admin, Some("localhost"), "/sites", &[]) {
+        if let Ok(r) = get(
+            self.agent_admin,
+            Some("localhost"),
+            "/sites",
+            &self.admin_auth(),
+        ) {
             s += &format!("--- agent /sites ({}) ---\n{}\n", r.status, r.text());
         }
         s += &format!("--- etcd log ---\n{}\n", tail(&self.etcd.log(), 10));

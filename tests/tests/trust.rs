@@ -417,3 +417,84 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn tenant_details_and_logs_need_the_secret_and_roostctl_never_sends_it_to_a_node_record() {
+    let c = Cluster::start();
+    let user = ensure_user(USER);
+    let dir = c.echo_site_dir(&user, "private");
+    c.add_site("private.example", &user, &dir, &[]);
+    c.wait_for_status("private.example", 200, COLD_START)
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.diagnostics()));
+
+    // /sites names users and pids: not for whoever reaches the admin port.
+    let anonymous = roost_tests::get(c.agent_admin, Some("localhost"), "/sites", &[]).unwrap();
+    assert_eq!(anonymous.status, 403, "{}", anonymous.text());
+    assert!(!anonymous.text().contains(USER));
+    let with_secret =
+        roost_tests::get(c.agent_admin, Some("localhost"), "/sites", &c.admin_auth()).unwrap();
+    assert_eq!(with_secret.status, 200);
+    assert!(with_secret.text().contains(USER), "{}", with_secret.text());
+
+    // roostctl reads the log from the real node with a proof, not the secret.
+    let secret_file = c.root().join("secret");
+    let secret_flag = secret_file.to_str().unwrap();
+    c.roostctl_ok(&[
+        "site",
+        "logs",
+        "private.example",
+        "--secret-file",
+        secret_flag,
+    ]);
+
+    // A forged node record whose admin address is the test's listener.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = listener.local_addr().unwrap();
+    let recorder = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut conn, _) = listener.accept().expect("accept");
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = vec![0u8; 16 * 1024];
+        let n = conn.read(&mut got).unwrap_or(0);
+        let _ = conn.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n");
+        String::from_utf8_lossy(&got[..n]).into_owned()
+    });
+    c.etcd.put(
+        "/roost/nodes/forged",
+        &format!(r#"{{"addr":"127.0.0.1:1","admin":"{admin}","capacity":1}}"#),
+    );
+    let out = c.roostctl(&[
+        "site",
+        "logs",
+        "private.example",
+        "--node",
+        "forged",
+        "--secret-file",
+        secret_flag,
+    ]);
+    let got = recorder.join().unwrap();
+    assert!(
+        got.starts_with("GET /sites/private.example/log"),
+        "roostctl did not ask the forged node: {got}\n{out:?}"
+    );
+    assert!(
+        !got.contains(&c.secret),
+        "the forged admin address got the secret:\n{got}"
+    );
+    let proof = got
+        .lines()
+        .find_map(|l| l.strip_prefix("x-roost-admin-proof: "))
+        .unwrap_or_else(|| panic!("no proof header:\n{got}"))
+        .trim()
+        .to_string();
+    // What it collected opens nothing else: replayed for /sites, the real agent refuses it.
+    let replayed = roost_tests::get(
+        c.agent_admin,
+        Some("localhost"),
+        "/sites",
+        &[("x-roost-admin-proof", &proof)],
+    )
+    .unwrap();
+    assert_eq!(replayed.status, 403);
+    c.assert_running();
+}
