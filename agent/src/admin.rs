@@ -56,6 +56,13 @@ impl AdminApp {
         if secret_given || proof_given {
             return None;
         }
+        self.metrics.admin_refused.inc();
+        let peer = session
+            .client_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        tracing::warn!(path = %path_and_query, %peer, proof = req.headers.contains_key(headers::ADMIN_PROOF),
+            "admin request refused: no valid secret or proof");
         Some(admin_reply(
             403,
             "text/plain",

@@ -431,6 +431,8 @@ fn tenant_details_and_logs_need_the_secret_and_roostctl_never_sends_it_to_a_node
     let anonymous = roost_tests::get(c.agent_admin, Some("localhost"), "/sites", &[]).unwrap();
     assert_eq!(anonymous.status, 403, "{}", anonymous.text());
     assert!(!anonymous.text().contains(USER));
+    assert_eq!(c.agent_metric("roost_agent_admin_refused_total"), 1.0);
+    assert!(c.agent_log().contains("admin request refused"));
     let with_secret =
         roost_tests::get(c.agent_admin, Some("localhost"), "/sites", &c.admin_auth()).unwrap();
     assert_eq!(with_secret.status, 200);
@@ -496,5 +498,6 @@ fn tenant_details_and_logs_need_the_secret_and_roostctl_never_sends_it_to_a_node
     )
     .unwrap();
     assert_eq!(replayed.status, 403);
+    assert_eq!(c.agent_metric("roost_agent_admin_refused_total"), 2.0);
     c.assert_running();
 }
