@@ -325,4 +325,36 @@ max_body_bytes = 0
         assert!(Config::load(args).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn etcd_security_comes_from_the_file_and_flags_win() {
+        let dir = std::env::temp_dir().join(format!("roost-proxy-etcd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let password = dir.join("password");
+        std::fs::write(&password, "pw\n").unwrap();
+        let path = dir.join("proxy.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "etcd_user = \"from-file\"\netcd_password_file = {:?}\n",
+                password.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        let config = path.to_str().unwrap();
+        let cfg = Config::load(Args::parse_from(["roost-proxy", "--config", config])).unwrap();
+        assert_eq!(cfg.etcd.security().user(), Some("from-file"));
+        let args = Args::parse_from(["roost-proxy", "--config", config, "--etcd-user", "flag"]);
+        assert_eq!(
+            Config::load(args).unwrap().etcd.security().user(),
+            Some("flag")
+        );
+        // A CA file that cannot be read stops the proxy, naming the option and the file.
+        std::fs::write(&path, "etcd_ca = \"/nonexistent/ca.pem\"\n").unwrap();
+        let e = Config::load(Args::parse_from(["roost-proxy", "--config", config]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--etcd-ca /nonexistent/ca.pem"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -44,7 +44,22 @@ fn proxy_agent_and_roostctl_work_on_a_secured_etcd_each_with_its_least_privilege
             .output()
             .expect("run roostctl")
     };
-    let ls = as_user(PROXY_USER, &["site", "ls"]);
+    // The same credentials from roostctl's environment (ROOST_ETCD_*) instead of flags.
+    let flags = tls.client_args(PROXY_USER);
+    let flag = |name: &str| {
+        let at = flags.iter().position(|f| f == name).unwrap();
+        flags[at + 1].clone()
+    };
+    let ls = Command::new(bin(CTL))
+        .env("ROOST_ETCD", c.etcd.url())
+        .env("ROOST_ETCD_CA", flag("--etcd-ca"))
+        .env("ROOST_ETCD_CERT", flag("--etcd-cert"))
+        .env("ROOST_ETCD_KEY", flag("--etcd-key"))
+        .env("ROOST_ETCD_USER", flag("--etcd-user"))
+        .env("ROOST_ETCD_PASSWORD_FILE", flag("--etcd-password-file"))
+        .args(["site", "ls"])
+        .output()
+        .expect("run roostctl");
     assert!(
         ls.status.success(),
         "{}",
