@@ -288,6 +288,45 @@ mod tests {
         assert!(!e.fatal);
     }
 
+    /// A self-signed CA certificate (PEM), made in memory.
+    fn ca_pem() -> Vec<u8> {
+        use openssl::{ec, hash::MessageDigest, nid::Nid, pkey::PKey, x509};
+        let group = ec::EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+        let key = PKey::from_ec_key(ec::EcKey::generate(&group).unwrap()).unwrap();
+        let mut name = x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", "test CA").unwrap();
+        let name = name.build();
+        let mut b = x509::X509Builder::new().unwrap();
+        b.set_version(2).unwrap();
+        b.set_subject_name(&name).unwrap();
+        b.set_issuer_name(&name).unwrap();
+        b.set_pubkey(&key).unwrap();
+        b.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        b.set_not_after(&openssl::asn1::Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        b.sign(&key, MessageDigest::sha256()).unwrap();
+        b.build().to_pem().unwrap()
+    }
+
+    #[test]
+    fn tls_options_refuse_a_clear_text_endpoint() {
+        let dir = std::env::temp_dir().join(format!("roost-etcd-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, ca_pem()).unwrap();
+        let args = EtcdSecurityArgs {
+            etcd_ca: Some(ca),
+            ..Default::default()
+        };
+        let e = EtcdAccess::new("https://a:2379,http://b:2379", &args).unwrap_err();
+        assert_eq!(e.option, "--etcd");
+        assert!(e.to_string().contains("http://b:2379"), "{e}");
+        let ok = EtcdAccess::new("https://a:2379", &args).unwrap();
+        assert!(ok.security().uses_tls());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     fn tonic_status(msg: &str) -> tonic::Status {
         tonic::Status::new(tonic::Code::PermissionDenied, msg)
     }
