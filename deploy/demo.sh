@@ -119,7 +119,7 @@ Roost is running: etcd, one proxy, one agent, two sites owned by two users.
   $bin/roostctl --etcd $ETCD site ls                # the sites and where they run
   $bin/roostctl --etcd $ETCD site add carol.localhost --user roost-demo-alice \\
       --app app:application --dir $run/sites/alice  # live at once, no restart
-  curl http://127.0.0.1:$AGENT_ADMIN/sites          # workers on the node; idle ones stop after 30 s
+  curl -H "x-roost-auth: \$(cat $run/secret)" http://127.0.0.1:$AGENT_ADMIN/sites  # workers on the node; idle ones stop after 30 s
   curl http://127.0.0.1:$PROXY_ADMIN/metrics        # Prometheus metrics (agent: :$AGENT_ADMIN)
 
 Logs: $run/{proxy,agent,etcd}.log, site output: $run/agent/logs/

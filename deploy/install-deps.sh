@@ -18,7 +18,7 @@ packages=(
   protobuf-compiler # etcd-client compiles etcd's protobufs
   libprotobuf-dev   # google/protobuf/*.proto, which etcd's protos import (protoc only Recommends it)
   pkg-config        # openssl-sys finds the system OpenSSL with it
-  libssl-dev        # roost-proxy terminates TLS with pingora's openssl backend
+  libssl-dev        # TLS: pingora's openssl backend (proxy, agent), etcd-client's tls-openssl
   # running a cluster: the demo, the tests
   etcd-server       # the cluster's store (3.4, v3 API)
   etcd-client       # etcdctl, used by the tests and handy for operators

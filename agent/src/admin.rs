@@ -1,6 +1,11 @@
 //! The agent's admin port: `/healthz`, `/readyz`, `/metrics`, `/sites`, and
-//! `/sites/<host>/log?lines=N` (a site's worker output; needs the proxies' secret, since a
-//! site's log is its owner's business).
+//! `/sites/<host>/log?lines=N` (a site's worker output).
+//!
+//! `/sites` (which names each site's unix user and worker pids) and the logs (a site's
+//! output is its owner's business) need the proxies' secret when the agent has one: the
+//! secret itself in `x-roost-auth`, or roostctl's per-request proof in
+//! `x-roost-admin-proof` ([`headers::admin_proof`]), which is all a forged node record's
+//! admin address can collect.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -28,18 +33,48 @@ pub struct AdminApp {
 }
 
 impl AdminApp {
-    async fn site_log(&self, session: &ServerSession) -> Response<Vec<u8>> {
+    /// `None` when the request may see tenant details, else the 403 to send.
+    fn refuse_without_secret(
+        &self,
+        session: &ServerSession,
+        what: &str,
+    ) -> Option<Response<Vec<u8>>> {
+        let secret = self.secret.as_ref()?;
         let req = session.req_header();
-        if let Some(secret) = &self.secret {
-            let presented = req.headers.get(headers::AUTH).map(|v| v.as_bytes());
-            if !presented.is_some_and(|p| credential_matches(p, secret)) {
-                return admin_reply(
-                    403,
-                    "text/plain",
-                    b"forbidden: site logs need the cluster secret\n".to_vec(),
-                );
-            }
+        let secret_given = req
+            .headers
+            .get(headers::AUTH)
+            .is_some_and(|p| credential_matches(p.as_bytes(), secret));
+        let path_and_query = req.uri.path_and_query().map_or("", |p| p.as_str());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let proof_given = req
+            .headers
+            .get(headers::ADMIN_PROOF)
+            .is_some_and(|p| headers::admin_proof_valid(secret, path_and_query, p.as_bytes(), now));
+        if secret_given || proof_given {
+            return None;
         }
+        self.metrics.admin_refused.inc();
+        let peer = session
+            .client_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        tracing::warn!(path = %path_and_query, %peer, proof = req.headers.contains_key(headers::ADMIN_PROOF),
+            "admin request refused: no valid secret or proof");
+        Some(admin_reply(
+            403,
+            "text/plain",
+            format!("forbidden: {what} need the cluster secret\n").into_bytes(),
+        ))
+    }
+
+    async fn site_log(&self, session: &ServerSession) -> Response<Vec<u8>> {
+        if let Some(refused) = self.refuse_without_secret(session, "site logs") {
+            return refused;
+        }
+        let req = session.req_header();
         let path = req.uri.path();
         // `/sites/log` matches both ends with nothing between: no host, not a panic.
         let host = path
@@ -119,6 +154,9 @@ impl ServeHttp for AdminApp {
                 admin_reply(200, "text/plain; version=0.0.4", self.metrics.render())
             }
             "/sites" => {
+                if let Some(refused) = self.refuse_without_secret(session, "site details") {
+                    return refused;
+                }
                 let body =
                     serde_json::to_vec_pretty(&self.sites_here.status().await).unwrap_or_default();
                 admin_reply(200, "application/json", body)

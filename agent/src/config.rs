@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use roost_proto::etcd::EtcdAccess;
+use roost_proto::etcd_security::EtcdSecurityArgs;
 use serde::Deserialize;
 
 /// roost-agent: runs the site workers of one node, on demand, each as its site's user.
@@ -15,6 +17,9 @@ pub struct Args {
     /// etcd endpoints, comma separated.
     #[arg(long, env = "ROOST_ETCD")]
     pub etcd: Option<String>,
+    /// TLS and credentials for a secured etcd (deploy/etcd/README.md).
+    #[command(flatten)]
+    pub etcd_security: EtcdSecurityArgs,
     /// This node's id in etcd (`<prefix>/nodes/<id>`).
     #[arg(long)]
     pub node_id: Option<String>,
@@ -39,6 +44,16 @@ pub struct Args {
     /// A file holding the secret that proxies present; without it the agent trusts its network.
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
+    /// Serve proxies over TLS with this certificate (PEM; it must name the node id,
+    /// `DNS:<node-id>`, which proxies check). Without it proxies connect in clear text.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Accept only proxies presenting a client certificate from this CA (PEM); needs --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub client_ca: Option<PathBuf>,
     /// Placement weight of this node relative to others.
     #[arg(long)]
     pub capacity: Option<u32>,
@@ -49,6 +64,11 @@ pub struct Args {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     etcd: Option<String>,
+    etcd_ca: Option<PathBuf>,
+    etcd_cert: Option<PathBuf>,
+    etcd_key: Option<PathBuf>,
+    etcd_user: Option<String>,
+    etcd_password_file: Option<PathBuf>,
     node_id: Option<String>,
     listen: Option<String>,
     advertise: Option<String>,
@@ -56,6 +76,9 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     prefix: Option<String>,
     secret_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
     capacity: Option<u32>,
     stop_grace_secs: Option<u64>,
     lease_ttl_secs: Option<i64>,
@@ -82,7 +105,8 @@ struct FileConfig {
 /// Settings in force.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub etcd: String,
+    /// Where etcd is, and the TLS material and user to reach it with (files read at load).
+    pub etcd: EtcdAccess,
     pub node_id: String,
     pub listen: String,
     pub advertise: String,
@@ -90,6 +114,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub prefix: String,
     pub secret: Option<Vec<u8>>,
+    /// TLS for the proxies' port; `None`: plain HTTP.
+    pub tls: Option<ListenerTls>,
     pub capacity: u32,
     /// How long a stopping worker may finish its requests before SIGKILL.
     pub stop_grace: Duration,
@@ -174,6 +200,15 @@ impl SiteLimitDefaults {
     }
 }
 
+/// The proxies' port over TLS: this agent's certificate and key, and the CA proxies'
+/// client certificates must chain to (none: any client may connect, the secret decides).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
 /// The unix users a site may name: uid at least `min_uid` (Debian's `UID_MIN`, 1000, by
 /// default: system accounts sit below it) and, when `group` is set, a member of that group
 /// (primary or supplementary). Root is refused whatever this says.
@@ -208,9 +243,10 @@ impl Config {
             ("advertise", new.advertise != self.advertise),
             ("admin", new.admin != self.admin),
             ("state_dir", new.state_dir != self.state_dir),
-            ("etcd", new.etcd != self.etcd),
+            ("etcd", new.etcd.urls() != self.etcd.urls()),
             ("prefix", new.prefix != self.prefix),
             ("secret_file", new.secret != self.secret),
+            ("tls_cert/tls_key/client_ca", new.tls != self.tls),
             ("capacity", new.capacity != self.capacity),
             ("cgroups", new.cgroups != self.cgroups),
             ("preload", new.preload != self.preload),
@@ -236,6 +272,7 @@ impl Config {
         new.etcd = self.etcd.clone();
         new.prefix = self.prefix.clone();
         new.secret = self.secret.clone();
+        new.tls = self.tls.clone();
         new.capacity = self.capacity;
         new.cgroups = self.cgroups;
         new.preload = self.preload.clone();
@@ -275,11 +312,44 @@ impl Config {
             Some(path) => Some(roost_runtime::read_secret(&path)?),
             None => None,
         };
+        let etcd_security = args.etcd_security.or(EtcdSecurityArgs {
+            etcd_ca: file.etcd_ca,
+            etcd_cert: file.etcd_cert,
+            etcd_key: file.etcd_key,
+            etcd_user: file.etcd_user,
+            etcd_password_file: file.etcd_password_file,
+        });
+        let etcd_urls = args
+            .etcd
+            .or(file.etcd)
+            .unwrap_or_else(|| roost_proto::etcd::DEFAULT_ENDPOINTS.into());
+        let etcd = EtcdAccess::new(&etcd_urls, &etcd_security)?;
+        let tls = match (
+            args.tls_cert.or(file.tls_cert),
+            args.tls_key.or(file.tls_key),
+            args.client_ca.or(file.client_ca),
+        ) {
+            (Some(cert), Some(key), client_ca) => {
+                for (option, path) in [("--tls-cert", &cert), ("--tls-key", &key)]
+                    .into_iter()
+                    .chain(client_ca.as_ref().map(|p| ("--client-ca", p)))
+                {
+                    std::fs::metadata(path)
+                        .with_context(|| format!("{option} {}: cannot read", path.display()))?;
+                }
+                Some(ListenerTls {
+                    cert,
+                    key,
+                    client_ca,
+                })
+            }
+            (None, None, None) => None,
+            (_, _, Some(_)) => anyhow::bail!("--client-ca needs --tls-cert and --tls-key"),
+            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+        };
         Ok(Self {
-            etcd: args
-                .etcd
-                .or(file.etcd)
-                .unwrap_or_else(|| roost_proto::etcd::DEFAULT_ENDPOINTS.into()),
+            etcd,
+            tls,
             node_id,
             listen,
             advertise,

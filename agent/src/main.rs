@@ -16,9 +16,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use async_trait::async_trait;
 use clap::Parser;
+use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora_core::services::listening::Service;
+use pingora_core::tls::ssl::SslVerifyMode;
 use roost_proto::{Informer, Layout, NodeInfo, SiteSpec};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
@@ -51,6 +53,7 @@ fn main() -> Result<()> {
         .context("starting the control runtime")?;
     let metrics = Arc::new(metrics::Metrics::new());
     let layout = Layout::new(&cfg.prefix);
+    check_etcd(&control, &cfg, &layout)?;
     let sites =
         control.block_on(async { Informer::<SiteSpec>::start(&cfg.etcd, &layout.sites_prefix()) });
     // Placement needs the live nodes: a site placed on another node is given back here.
@@ -107,7 +110,16 @@ fn main() -> Result<()> {
         },
         "roost-agent",
     );
-    proxy.add_tcp(&cfg.listen);
+    match &cfg.tls {
+        Some(tls) => {
+            let settings = listener_tls(tls)?;
+            proxy.add_tls_with_settings(&cfg.listen, None, settings);
+        }
+        None => {
+            warn!(listen = %cfg.listen, "no --tls-cert: proxies reach this agent in clear text, and the secret travels with every request; see docs/security.md");
+            proxy.add_tcp(&cfg.listen);
+        }
+    }
     let mut admin = Service::new(
         "admin".to_string(),
         admin::AdminApp {
@@ -136,6 +148,54 @@ fn main() -> Result<()> {
     control.shutdown_timeout(Duration::from_secs(1));
     info!("roost-agent stopped");
     Ok(())
+}
+
+/// TLS for the proxies' port: this agent's certificate, and with a client CA, a handshake
+/// that fails unless the proxy presents a certificate from it.
+fn listener_tls(tls: &config::ListenerTls) -> Result<TlsSettings> {
+    let path = |p: &std::path::Path| {
+        p.to_str()
+            .map(str::to_string)
+            .context("TLS paths must be UTF-8")
+    };
+    let mut settings =
+        TlsSettings::intermediate(&path(&tls.cert)?, &path(&tls.key)?).map_err(|e| {
+            anyhow::anyhow!(
+                "--tls-cert {} / --tls-key {}: {e}",
+                tls.cert.display(),
+                tls.key.display()
+            )
+        })?;
+    if let Some(ca) = &tls.client_ca {
+        settings
+            .set_ca_file(ca)
+            .map_err(|e| anyhow::anyhow!("--client-ca {}: {e}", ca.display()))?;
+        settings.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+    }
+    Ok(settings)
+}
+
+/// Stop at start when etcd refuses this agent: bad certificates or credentials, or a role
+/// that can't read the sites or write this node's key. An etcd that is merely down is
+/// logged; the informer and the registration keep trying.
+fn check_etcd(control: &tokio::runtime::Runtime, cfg: &Config, layout: &Layout) -> Result<()> {
+    let reads = [layout.sites_prefix(), layout.nodes_prefix()];
+    let writes = [layout.node_key(&cfg.node_id)];
+    let checked = control.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), cfg.etcd.check(&reads, &writes)).await
+    });
+    match checked {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if e.fatal => Err(anyhow::anyhow!("etcd: {e}")),
+        Ok(Err(e)) => {
+            warn!(error = %e, "etcd is not reachable yet; registering once it is");
+            Ok(())
+        }
+        Err(_) => {
+            warn!(etcd = %cfg.etcd.urls(), "etcd did not answer within 10s; registering once it does");
+            Ok(())
+        }
+    }
 }
 
 /// SIGTERM drains the node: mark it draining in etcd (proxies stop placing sites here),

@@ -51,6 +51,8 @@ pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
     pub rejected: IntCounterVec,
+    /// Admin requests for `/sites` or a site's log refused for want of the secret.
+    pub admin_refused: IntCounter,
     /// Requests that found their site's worker not started (or not answered) yet and waited.
     pub cold_waits: IntCounter,
     /// Request accepted → first response byte of a new worker, by launcher.
@@ -120,6 +122,10 @@ impl Metrics {
                 "roost_agent_rejected_total",
                 "Requests refused before reaching a worker, by reason",
                 "reason",
+            ),
+            admin_refused: counter(
+                "roost_agent_admin_refused_total",
+                "Admin requests for /sites or a site's log refused without the cluster secret",
             ),
             cold_waits: counter(
                 "roost_agent_cold_start_waits_total",
@@ -249,6 +255,7 @@ impl Metrics {
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.requests.clone()),
             Box::new(m.rejected.clone()),
+            Box::new(m.admin_refused.clone()),
             Box::new(m.cold_waits.clone()),
             Box::new(m.cold_start.clone()),
             Box::new(m.spawn_duration.clone()),

@@ -94,7 +94,7 @@ impl Registration {
     }
 
     async fn register_and_keep_alive(&self) -> Result<(), etcd_client::Error> {
-        let mut client: Client = roost_proto::etcd::connect(&self.cfg.etcd).await?;
+        let mut client: Client = self.cfg.etcd.connect().await?;
         let ttl = self.cfg.lease_ttl_secs;
         let lease = client.lease_grant(ttl, None).await?.id();
         let put = |c: &mut Client, node: NodeInfo| {
@@ -148,7 +148,7 @@ impl Registration {
     pub async fn deregister(&self) {
         let lease = self.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(lease) = lease {
-            if let Ok(mut client) = roost_proto::etcd::connect(&self.cfg.etcd).await {
+            if let Ok(mut client) = self.cfg.etcd.connect().await {
                 match client.lease_revoke(lease).await {
                     Ok(_) => info!(node = %self.cfg.node_id, "node deregistered"),
                     Err(e) => {

@@ -73,6 +73,8 @@ fn die(msg: &str) -> ! {
 struct Node {
     proxy: SocketAddr,
     agent_admin: SocketAddr,
+    /// The agents' secret: `/sites` names users and pids, so it needs it.
+    secret: String,
     state_dir: PathBuf,
     agent_log: PathBuf,
     _proxy: Proc,
@@ -87,7 +89,7 @@ fn start(root: &Path, bin_dir: &Path, cgroups: bool) -> Node {
         std::process::id() as u128 * 0x9e37_79b9_7f4a_7c15
     );
     let secret_file = root.join("secret");
-    std::fs::write(&secret_file, secret).unwrap();
+    std::fs::write(&secret_file, &secret).unwrap();
     let state_dir = root.join("state");
     let config = root.join("agent.toml");
     // Long idle timeouts keep every started worker for the PSS reading; a short grace ends the run fast.
@@ -144,6 +146,7 @@ fn start(root: &Path, bin_dir: &Path, cgroups: bool) -> Node {
     Node {
         proxy,
         agent_admin,
+        secret,
         state_dir,
         agent_log,
         _proxy: proxy_proc,
@@ -200,7 +203,8 @@ fn children(parent: u32) -> Vec<u32> {
 
 /// The pid the agent reports for `host`'s current worker.
 fn worker_pid(node: &Node, host: &str) -> u32 {
-    let r = get(node.agent_admin, Some("localhost"), "/sites", &[])
+    let auth = [("x-roost-auth", node.secret.as_str())];
+    let r = get(node.agent_admin, Some("localhost"), "/sites", &auth)
         .unwrap_or_else(|e| die(&format!("/sites: {e}")));
     let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
     let sites = v

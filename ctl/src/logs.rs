@@ -3,8 +3,9 @@
 //!
 //! The node is the one the proxies send the site to now (the same ranking as `where`), or
 //! the one `--node` names. The request is one HTTP/1.1 GET (hyper; the body read is capped),
-//! `http://<admin>/sites/<host>/log?lines=N`, with the agents' shared secret in
-//! `x-roost-auth`. The agent answers 200 with the lines, 404 when the site has no log on
+//! `http://<admin>/sites/<host>/log?lines=N`, with a proof of the agents' shared secret in
+//! `x-roost-admin-proof` (an HMAC bound to that path and the time; the secret itself never
+//! goes to an address read from etcd). The agent answers 200 with the lines, 404 when the site has no log on
 //! that node, 403 without the right secret. A node that cannot be reached (or does not
 //! answer HTTP in time) is [`NodeUnreachable`], which `main` turns into exit code 3.
 
@@ -17,7 +18,7 @@ use anyhow::{anyhow, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
-use roost_proto::headers::AUTH;
+use roost_proto::headers::{admin_proof, ADMIN_PROOF};
 use roost_proto::NodeInfo;
 use serde::Serialize;
 use tokio::net::TcpStream;
@@ -377,7 +378,12 @@ async fn get_capped(
         .header(http::header::ACCEPT, "text/plain")
         .header(http::header::CONNECTION, "close");
     if let Some(secret) = auth {
-        request = request.header(AUTH, secret);
+        // Never the secret itself: the address came from etcd, and a forged node record
+        // would collect it. A proof bound to this path, good for a minute, is all it gets.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        request = request.header(ADMIN_PROOF, admin_proof(secret.as_bytes(), path, now));
     }
     let request = request
         .body(Empty::<Bytes>::new())
@@ -432,7 +438,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_request_carries_path_host_close_and_the_secret() {
+    async fn the_request_carries_path_host_close_and_a_proof_never_the_secret() {
         let (addr, server) = serve_once(
             "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 3\r\n\r\nhi\n",
         )
@@ -449,13 +455,28 @@ mod tests {
         let lower = req.to_ascii_lowercase();
         assert!(lower.contains(&format!("\r\nhost: {addr}\r\n")), "{req}");
         assert!(lower.contains("\r\nconnection: close\r\n"), "{req}");
-        assert!(lower.contains("\r\nx-roost-auth: s3cret\r\n"), "{req}");
+        // A proof the agent checks against the path, not the secret itself.
+        assert!(!req.contains("s3cret"), "{req}");
+        let proof = lower
+            .lines()
+            .find_map(|l| l.strip_prefix("x-roost-admin-proof: "))
+            .unwrap_or_else(|| panic!("no proof header: {req}"));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(roost_proto::headers::admin_proof_valid(
+            b"s3cret",
+            "/sites/a.example/log?lines=7",
+            proof.as_bytes(),
+            now
+        ));
 
         let (addr, server) =
             serve_once("HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nto eof\n").await;
         let r = get(&addr, "/x", None).await.unwrap();
         assert_eq!(r.body, b"to eof\n");
-        assert!(!server.await.unwrap().contains("x-roost-auth"));
+        assert!(!server.await.unwrap().contains("x-roost-admin-proof"));
     }
 
     #[tokio::test]

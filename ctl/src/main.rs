@@ -20,7 +20,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
-use roost_proto::etcd::DEFAULT_ENDPOINTS;
+use roost_proto::etcd::{EtcdAccess, DEFAULT_ENDPOINTS};
+use roost_proto::etcd_security::EtcdSecurityArgs;
 use roost_proto::keys::DEFAULT_PREFIX;
 
 use crate::spec::{parse_command, Argv, Program, SiteFlags, SitePatch};
@@ -37,6 +38,9 @@ struct Cli {
     #[arg(long, global = true, help_heading = GLOBAL, value_name = "URLS",
           env = "ROOST_ETCD", default_value = DEFAULT_ENDPOINTS)]
     etcd: String,
+    /// TLS and credentials for a secured etcd (deploy/etcd/README.md).
+    #[command(flatten)]
+    etcd_security: EtcdSecurityArgs,
     /// Key prefix every Roost key lives under.
     #[arg(long, global = true, help_heading = GLOBAL, value_name = "PREFIX",
           env = "ROOST_PREFIX", default_value = DEFAULT_PREFIX)]
@@ -273,7 +277,28 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let store = Store::connect(&cli.etcd, &cli.prefix, Duration::from_secs(cli.timeout)).await?;
+    let access = EtcdAccess::new(&cli.etcd, &cli.etcd_security)?;
+    match run_with(&cli, &access).await {
+        // With TLS 1.3, etcd refusing our client certificate reads as a closed connection:
+        // a handshake of our own tells that apart from an etcd that is down.
+        Err(e) if e.downcast_ref::<Unreachable>().is_some() && access.security().uses_tls() => {
+            let unreachable = roost_proto::etcd::AccessError {
+                fatal: false,
+                message: String::new(),
+            };
+            let probed = access.with_tls_cause(unreachable).await;
+            if probed.fatal {
+                Err(anyhow::anyhow!("etcd: {probed}"))
+            } else {
+                Err(e)
+            }
+        }
+        other => other,
+    }
+}
+
+async fn run_with(cli: &Cli, access: &EtcdAccess) -> anyhow::Result<()> {
+    let store = Store::connect(access, &cli.prefix, Duration::from_secs(cli.timeout)).await?;
     let json = cli.json;
     match &cli.command {
         Command::Site(SiteCommand::Add(a)) => {

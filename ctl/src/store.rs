@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use etcd_client::{Client, Compare, Txn, TxnOp, TxnOpResponse};
-use roost_proto::etcd;
+use roost_proto::etcd::{self, EtcdAccess};
 use roost_proto::paging::Pages;
 use roost_proto::Layout;
 
@@ -52,32 +52,39 @@ pub struct Listing {
 pub struct Store {
     client: Client,
     layout: Layout,
+    access: EtcdAccess,
     endpoints: String,
     timeout: Duration,
 }
 
 impl Store {
     /// Connect to `urls` (comma separated); `timeout` bounds every later call.
-    pub async fn connect(urls: &str, prefix: &str, timeout: Duration) -> anyhow::Result<Self> {
+    pub async fn connect(
+        access: &EtcdAccess,
+        prefix: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let urls = access.urls();
         let endpoints = etcd::endpoints(urls).join(",");
         if endpoints.is_empty() {
             anyhow::bail!(
                 "--etcd is empty: give at least one URL, e.g. --etcd http://127.0.0.1:2379"
             );
         }
-        let client = match tokio::time::timeout(timeout, etcd::connect(urls)).await {
+        let client = match tokio::time::timeout(timeout, access.connect()).await {
             Ok(Ok(client)) => client,
             Ok(Err(
                 e @ (etcd_client::Error::InvalidUri(_) | etcd_client::Error::InvalidArgs(_)),
             )) => {
                 anyhow::bail!("--etcd {urls:?} is not a usable list of URLs: {e}")
             }
-            Ok(Err(e)) => return Err(failure(&endpoints, timeout, Some(e))),
-            Err(_) => return Err(failure(&endpoints, timeout, None)),
+            Ok(Err(e)) => return Err(failure(access, &endpoints, timeout, Some(e))),
+            Err(_) => return Err(failure(access, &endpoints, timeout, None)),
         };
         Ok(Self {
             client,
             layout: Layout::new(prefix),
+            access: access.clone(),
             endpoints,
             timeout,
         })
@@ -192,8 +199,13 @@ impl Store {
     ) -> anyhow::Result<T> {
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(failure(&self.endpoints, self.timeout, Some(e))),
-            Err(_) => Err(failure(&self.endpoints, self.timeout, None)),
+            Ok(Err(e)) => Err(failure(
+                &self.access,
+                &self.endpoints,
+                self.timeout,
+                Some(e),
+            )),
+            Err(_) => Err(failure(&self.access, &self.endpoints, self.timeout, None)),
         }
     }
 }
@@ -214,13 +226,25 @@ impl SitePages<'_> {
 }
 
 /// Turn an etcd error (or a timeout: `None`) into an error of the right kind.
-fn failure(endpoints: &str, timeout: Duration, e: Option<etcd_client::Error>) -> anyhow::Error {
+fn failure(
+    access: &EtcdAccess,
+    endpoints: &str,
+    timeout: Duration,
+    e: Option<etcd_client::Error>,
+) -> anyhow::Error {
     let unreachable = |detail: String| {
         anyhow::Error::new(Unreachable {
             endpoints: endpoints.to_string(),
             detail,
         })
     };
+    // Certificates, credentials and permissions first: retrying can't fix those, and the
+    // operator needs to know which option is wrong.
+    if let Some(explained) = e.as_ref().map(|e| etcd::explain(e, access)) {
+        if explained.fatal {
+            return anyhow!("etcd: {explained}");
+        }
+    }
     match e {
         None => unreachable(format!("no answer within {}s", timeout.as_secs_f32())),
         Some(e) if is_unreachable(&e) => unreachable(short_reason(&e)),

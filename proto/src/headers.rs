@@ -14,6 +14,11 @@ pub const AUTH: &str = "x-roost-auth";
 pub const REVISION: &str = "x-roost-revision";
 /// Set on a proxy's *warm call*: start the site's worker if none runs, and answer at once.
 pub const WARM: &str = "x-roost-warm";
+/// Proof that an admin request comes from a holder of the secret, without sending the
+/// secret: see [`admin_proof`].
+pub const ADMIN_PROOF: &str = "x-roost-admin-proof";
+/// How long an [`admin_proof`] is accepted, either side of its time.
+pub const ADMIN_PROOF_WINDOW_SECS: u64 = 60;
 /// Request id, kept from the client when present and well-formed, else generated.
 pub const REQUEST_ID: &str = "x-request-id";
 
@@ -23,17 +28,60 @@ pub fn is_internal(name: &str) -> bool {
         && name[..INTERNAL_PREFIX.len()].eq_ignore_ascii_case(INTERNAL_PREFIX)
 }
 
-/// Compare a presented credential with the expected one in time independent of where
-/// they differ, so the secret cannot be guessed byte by byte from response times.
+/// Compare a presented credential with the expected one in time independent of where they
+/// differ and of the presented length: both are hashed to 32 bytes first (so there is no
+/// early exit on a length mismatch), then compared with OpenSSL's constant-time `CRYPTO_memcmp`.
 pub fn credential_matches(presented: &[u8], expected: &[u8]) -> bool {
-    if presented.len() != expected.len() {
+    use openssl::sha::sha256;
+    openssl::memcmp::eq(&sha256(presented), &sha256(expected))
+}
+
+/// `<unix secs>:<hex HMAC-SHA256(secret, "<secs>\n<path and query>")>`: what roostctl sends
+/// to an agent's admin port, whose address it read from etcd. A forged node record then
+/// collects a proof good for that one path for a minute, never the secret itself.
+pub fn admin_proof(secret: &[u8], path_and_query: &str, unix_secs: u64) -> String {
+    format!(
+        "{unix_secs}:{}",
+        hex(&admin_mac(secret, path_and_query, unix_secs))
+    )
+}
+
+/// True when `proof` is [`admin_proof`] of `path_and_query` under `secret`, made within
+/// [`ADMIN_PROOF_WINDOW_SECS`] of `now_secs`.
+pub fn admin_proof_valid(secret: &[u8], path_and_query: &str, proof: &[u8], now_secs: u64) -> bool {
+    let Ok(proof) = std::str::from_utf8(proof) else {
+        return false;
+    };
+    let Some((secs, mac)) = proof.split_once(':') else {
+        return false;
+    };
+    let Ok(secs) = secs.parse::<u64>() else {
+        return false;
+    };
+    if secs.abs_diff(now_secs) > ADMIN_PROOF_WINDOW_SECS {
         return false;
     }
-    presented
-        .iter()
-        .zip(expected)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-        == 0
+    let expected = hex(&admin_mac(secret, path_and_query, secs));
+    credential_matches(mac.as_bytes(), expected.as_bytes())
+}
+
+fn admin_mac(secret: &[u8], path_and_query: &str, unix_secs: u64) -> Vec<u8> {
+    use openssl::hash::MessageDigest;
+    use openssl::pkey::PKey;
+    use openssl::sign::Signer;
+    let mac = || -> Result<Vec<u8>, openssl::error::ErrorStack> {
+        let key = PKey::hmac(secret)?;
+        let mut signer = Signer::new(MessageDigest::sha256(), &key)?;
+        signer.update(format!("{unix_secs}\n{path_and_query}").as_bytes())?;
+        signer.sign_to_vec()
+    };
+    // HMAC-SHA256 with an in-memory key fails only when OpenSSL itself is broken; an empty
+    // MAC then matches nothing a sender could make.
+    mac().unwrap_or_default()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A request id we accept from outside: short, printable, no spaces.
@@ -101,6 +149,34 @@ mod tests {
         assert!(!credential_matches(b"secreT", b"secret"));
         assert!(!credential_matches(b"secret1", b"secret"));
         assert!(!credential_matches(b"", b"secret"));
+        assert!(!credential_matches(b"secret", b""));
+        assert!(credential_matches(b"", b""));
+    }
+
+    #[test]
+    fn admin_proofs_bind_the_path_and_expire() {
+        let secret = b"0123456789abcdef";
+        let proof = admin_proof(secret, "/sites/a.example/log?lines=5", 1_000);
+        let ok = |path: &str, now| admin_proof_valid(secret, path, proof.as_bytes(), now);
+        assert!(ok("/sites/a.example/log?lines=5", 1_000));
+        assert!(ok(
+            "/sites/a.example/log?lines=5",
+            1_000 + ADMIN_PROOF_WINDOW_SECS
+        ));
+        assert!(!ok(
+            "/sites/a.example/log?lines=5",
+            1_001 + ADMIN_PROOF_WINDOW_SECS
+        ));
+        assert!(!ok("/sites/b.example/log?lines=5", 1_000));
+        assert!(!ok("/sites", 1_000));
+        assert!(!admin_proof_valid(
+            b"another secret!!",
+            "/sites/a.example/log?lines=5",
+            proof.as_bytes(),
+            1_000
+        ));
+        assert!(!admin_proof_valid(secret, "/sites", b"garbage", 1_000));
+        assert!(!proof.contains("0123456789abcdef"));
     }
 
     #[test]

@@ -178,8 +178,8 @@ enum WatchEnd {
 }
 
 impl<T: Record, I: Index<T>> Informer<T, I> {
-    /// Start informing on `prefix` from the etcd at `urls`, on the current tokio runtime.
-    pub fn start(urls: &str, prefix: &str) -> Arc<Self> {
+    /// Start informing on `prefix` from the etcd `access` reaches, on the current tokio runtime.
+    pub fn start(access: &crate::etcd::EtcdAccess, prefix: &str) -> Arc<Self> {
         let informer = Arc::new(Self {
             prefix: prefix.to_string(),
             current: ArcSwap::from_pointee(Snapshot::default()),
@@ -187,7 +187,7 @@ impl<T: Record, I: Index<T>> Informer<T, I> {
             revision: watch::channel(0).0,
             stats: InformerStats::default(),
         });
-        tokio::spawn(informer.clone().run(urls.to_string()));
+        tokio::spawn(informer.clone().run(access.clone()));
         informer
     }
 
@@ -228,7 +228,7 @@ impl<T: Record, I: Index<T>> Informer<T, I> {
         now_ms().saturating_sub(last)
     }
 
-    async fn run(self: Arc<Self>, urls: String) {
+    async fn run(self: Arc<Self>, access: crate::etcd::EtcdAccess) {
         let mut backoff = BACKOFF_MIN;
         let mut client: Option<Client> = None;
         let mut phase = Phase::Listing;
@@ -237,7 +237,7 @@ impl<T: Record, I: Index<T>> Informer<T, I> {
         loop {
             let c = match &client {
                 Some(c) => c.clone(),
-                None => match crate::etcd::connect(&urls).await {
+                None => match access.connect().await {
                     Ok(c) => {
                         client = Some(c.clone());
                         c

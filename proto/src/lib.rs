@@ -13,11 +13,13 @@
 //! - [`pages`]: the one style of error page both write themselves.
 //! - [`request_rules`]: what the edge accepts in a request head, body framing and trailers.
 //! - [`etcd`]: connecting to etcd the same way everywhere.
+//! - [`etcd_security`]: the TLS and credential options for a secured etcd.
 //! - [`cert`]: the TLS certificates the proxy serves by SNI name.
 
 pub mod cert;
 pub mod env_vars;
 pub mod etcd;
+pub mod etcd_security;
 pub mod headers;
 pub mod host;
 pub mod hosts;

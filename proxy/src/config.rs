@@ -6,8 +6,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use roost_proto::etcd::EtcdAccess;
+use roost_proto::etcd_security::EtcdSecurityArgs;
 use serde::Deserialize;
 
+use crate::agent_tls::AgentTls;
 use crate::forwarded::Cidr;
 
 /// roost-proxy: the edge. Routes each request by its Host to the node that serves the site.
@@ -17,6 +20,9 @@ pub struct Args {
     /// etcd endpoints, comma separated.
     #[arg(long, env = "ROOST_ETCD")]
     pub etcd: Option<String>,
+    /// TLS and credentials for a secured etcd (deploy/etcd/README.md).
+    #[command(flatten)]
+    pub etcd_security: EtcdSecurityArgs,
     /// Where clients (or the load balancer) connect with plain HTTP.
     #[arg(long)]
     pub listen: Option<String>,
@@ -38,6 +44,16 @@ pub struct Args {
     /// A file holding the secret presented to agents.
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
+    /// Reach agents over TLS, trusting only agent certificates from this CA (PEM), each
+    /// naming its node id (`DNS:<node-id>`). Without it agents are reached in clear text.
+    #[arg(long, value_name = "FILE")]
+    pub agent_ca: Option<PathBuf>,
+    /// The certificate (PEM) this proxy presents to agents (with --agent-client-key).
+    #[arg(long, value_name = "FILE")]
+    pub agent_client_cert: Option<PathBuf>,
+    /// The private key (PEM) of --agent-client-cert.
+    #[arg(long, value_name = "FILE")]
+    pub agent_client_key: Option<PathBuf>,
     /// Load balancers whose X-Forwarded-For/-Proto/-Host are believed, as CIDRs, comma separated.
     #[arg(long, value_delimiter = ',')]
     pub trusted_proxies: Option<Vec<String>>,
@@ -65,6 +81,11 @@ pub struct SiteLimits {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     etcd: Option<String>,
+    etcd_ca: Option<PathBuf>,
+    etcd_cert: Option<PathBuf>,
+    etcd_key: Option<PathBuf>,
+    etcd_user: Option<String>,
+    etcd_password_file: Option<PathBuf>,
     listen: Option<String>,
     listen_tls: Option<String>,
     tls_cert_dir: Option<PathBuf>,
@@ -73,6 +94,9 @@ struct FileConfig {
     admin: Option<String>,
     prefix: Option<String>,
     secret_file: Option<PathBuf>,
+    agent_ca: Option<PathBuf>,
+    agent_client_cert: Option<PathBuf>,
+    agent_client_key: Option<PathBuf>,
     trusted_proxies: Option<Vec<String>>,
     threads: Option<usize>,
     grace_period_secs: Option<u64>,
@@ -95,7 +119,8 @@ struct FileConfig {
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub etcd: String,
+    /// Where etcd is, and the TLS material and user to reach it with (files read at load).
+    pub etcd: EtcdAccess,
     pub listen: String,
     pub listen_tls: Option<String>,
     pub tls_cert_dir: Option<PathBuf>,
@@ -105,6 +130,8 @@ pub struct Config {
     pub admin: String,
     pub prefix: String,
     pub secret: Option<Vec<u8>>,
+    /// TLS to agents; `None`: plain HTTP.
+    pub agent_tls: Option<AgentTls>,
     pub trusted_proxies: Vec<Cidr>,
     pub threads: usize,
     /// After SIGTERM (and the drain delay), at most this long to finish requests in flight.
@@ -150,6 +177,14 @@ impl Config {
             Some(path) => Some(roost_runtime::read_secret(&path)?),
             None => None,
         };
+        let agent_tls = match args.agent_ca.or(file.agent_ca) {
+            Some(ca) => Some(AgentTls::load(
+                &ca,
+                args.agent_client_cert.or(file.agent_client_cert).as_ref(),
+                args.agent_client_key.or(file.agent_client_key).as_ref(),
+            )?),
+            None => None,
+        };
         let trusted_proxies = args
             .trusted_proxies
             .or(file.trusted_proxies)
@@ -174,11 +209,20 @@ impl Config {
             ),
             None => None,
         };
+        let etcd_security = args.etcd_security.or(EtcdSecurityArgs {
+            etcd_ca: file.etcd_ca,
+            etcd_cert: file.etcd_cert,
+            etcd_key: file.etcd_key,
+            etcd_user: file.etcd_user,
+            etcd_password_file: file.etcd_password_file,
+        });
+        let etcd_urls = args
+            .etcd
+            .or(file.etcd)
+            .unwrap_or_else(|| roost_proto::etcd::DEFAULT_ENDPOINTS.into());
+        let etcd = EtcdAccess::new(&etcd_urls, &etcd_security)?;
         Ok(Self {
-            etcd: args
-                .etcd
-                .or(file.etcd)
-                .unwrap_or_else(|| roost_proto::etcd::DEFAULT_ENDPOINTS.into()),
+            etcd,
             listen: args
                 .listen
                 .or(file.listen)
@@ -196,6 +240,7 @@ impl Config {
                 .or(file.prefix)
                 .unwrap_or_else(|| roost_proto::keys::DEFAULT_PREFIX.into()),
             secret,
+            agent_tls,
             trusted_proxies,
             threads: args
                 .threads
@@ -278,6 +323,38 @@ max_body_bytes = 0
         std::fs::write(&path, "no_such_option = 1\n").unwrap();
         let args = Args::parse_from(["roost-proxy", "--config", path.to_str().unwrap()]);
         assert!(Config::load(args).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn etcd_security_comes_from_the_file_and_flags_win() {
+        let dir = std::env::temp_dir().join(format!("roost-proxy-etcd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let password = dir.join("password");
+        std::fs::write(&password, "pw\n").unwrap();
+        let path = dir.join("proxy.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "etcd_user = \"from-file\"\netcd_password_file = {:?}\n",
+                password.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        let config = path.to_str().unwrap();
+        let cfg = Config::load(Args::parse_from(["roost-proxy", "--config", config])).unwrap();
+        assert_eq!(cfg.etcd.security().user(), Some("from-file"));
+        let args = Args::parse_from(["roost-proxy", "--config", config, "--etcd-user", "flag"]);
+        assert_eq!(
+            Config::load(args).unwrap().etcd.security().user(),
+            Some("flag")
+        );
+        // A CA file that cannot be read stops the proxy, naming the option and the file.
+        std::fs::write(&path, "etcd_ca = \"/nonexistent/ca.pem\"\n").unwrap();
+        let e = Config::load(Args::parse_from(["roost-proxy", "--config", config]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--etcd-ca /nonexistent/ca.pem"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

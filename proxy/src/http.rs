@@ -205,10 +205,13 @@ async fn linger(session: &mut Session) {
     let _ = session.downstream_session.drain_request_body().await;
 }
 
-/// Bytes of the request head as a client sent it (near enough: names, values, separators).
-/// How the proxy reaches the agent at `addr`: for requests and for warm calls alike.
-pub fn agent_peer(cfg: &Config, addr: SocketAddr, io_timeout: Duration) -> HttpPeer {
-    let mut peer = HttpPeer::new(addr, false, String::new());
+/// How the proxy reaches the agent of `node` at `addr`: for requests and for warm calls alike.
+pub fn agent_peer(cfg: &Config, node: &str, addr: SocketAddr, io_timeout: Duration) -> HttpPeer {
+    // With --agent-ca: TLS, and the agent's certificate must name `node` (docs/security.md).
+    let mut peer = match &cfg.agent_tls {
+        Some(tls) => tls.peer(addr, node),
+        None => HttpPeer::new(addr, false, String::new()),
+    };
     peer.options.connection_timeout = Some(Duration::from_millis(cfg.connect_timeout_ms));
     peer.options.read_timeout = Some(io_timeout);
     peer.options.write_timeout = Some(io_timeout);
@@ -216,6 +219,7 @@ pub fn agent_peer(cfg: &Config, addr: SocketAddr, io_timeout: Duration) -> HttpP
     peer
 }
 
+/// Bytes of the request head as a client sent it (near enough: names, values, separators).
 fn header_bytes(req: &RequestHeader) -> usize {
     let line = req.method.as_str().len() + req.uri.to_string().len() + 12;
     line + req
@@ -476,6 +480,7 @@ impl ProxyHttp for EdgeHttp {
         // The agent answers 504 at the site's own timeout; wait a little longer for that.
         let peer = agent_peer(
             &self.cfg,
+            node,
             sockaddr,
             ctx.request_timeout + Duration::from_secs(5),
         );

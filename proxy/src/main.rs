@@ -8,6 +8,7 @@
 //! (deploy/UPGRADE.md), then drains the same way.
 
 mod admin;
+mod agent_tls;
 mod awaiting;
 mod config;
 mod forwarded;
@@ -46,6 +47,18 @@ fn main() -> Result<()> {
     if cfg.secret.is_none() {
         warn!("no --secret-file: agents that require a secret will refuse this proxy");
     }
+    match &cfg.agent_tls {
+        None => warn!(
+            "no --agent-ca: agents are reached over plain HTTP, so whoever can write a node \
+             record in etcd receives the secret; see docs/security.md"
+        ),
+        Some(tls) if !tls.has_client_cert() => warn!(
+            "--agent-ca without --agent-client-cert: agents that require a client certificate \
+             will refuse this proxy"
+        ),
+        Some(_) => {}
+    }
+    check_etcd(&cfg)?;
     // Nothing here may start a thread: in daemon mode pingora forks inside `run`, and only
     // the forking thread survives. The etcd informers start in the `control` service.
     let router = Router::new(Duration::from_secs(cfg.suspect_secs));
@@ -129,7 +142,7 @@ fn main() -> Result<()> {
     server.add_service(edge);
     server.add_service(admin);
 
-    info!(listen = %cfg.listen, listen_tls = ?cfg.listen_tls, admin = %cfg.admin, etcd = %cfg.etcd,
+    info!(listen = %cfg.listen, listen_tls = ?cfg.listen_tls, admin = %cfg.admin, etcd = %cfg.etcd.urls(),
         upgrade = cfg.upgrade, "roost-proxy starting");
     server.run(RunArgs {
         shutdown_signal: Box::new(DrainOnSignal {
@@ -141,6 +154,33 @@ fn main() -> Result<()> {
     });
     info!("roost-proxy stopped");
     Ok(())
+}
+
+/// Stop at start when etcd refuses this proxy (certificates, credentials, a role that can't
+/// read the prefix): retrying can't fix those, and a proxy that never syncs only says 503.
+/// An etcd that is merely down is logged; the informers keep trying. The runtime is dropped
+/// before pingora starts, so no thread outlives it into a daemon fork.
+fn check_etcd(cfg: &Config) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let layout = Layout::new(&cfg.prefix);
+    let reads = [layout.sites_prefix(), layout.nodes_prefix()];
+    let checked = runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), cfg.etcd.check(&reads, &[])).await
+    });
+    match checked {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if e.fatal => Err(anyhow::anyhow!("etcd: {e}")),
+        Ok(Err(e)) => {
+            warn!(error = %e, "etcd is not reachable yet; serving nothing until it is");
+            Ok(())
+        }
+        Err(_) => {
+            warn!(etcd = %cfg.etcd.urls(), "etcd did not answer within 10s; serving nothing until it does");
+            Ok(())
+        }
+    }
 }
 
 /// etcd, the routing table and the certificates: started once the server runs (after any

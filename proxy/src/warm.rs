@@ -187,7 +187,7 @@ impl Warmer {
         let (site, revision) = (route.host.clone(), table.revision);
         let this = self.clone();
         tokio::spawn(async move {
-            let outcome = match this.call(&addr, &site, revision).await {
+            let outcome = match this.call(&node, &addr, &site, revision).await {
                 Ok(()) => Outcome::Sent,
                 Err(e) => {
                     debug!(site = %site, node = %node, error = %e, "warm call failed");
@@ -206,12 +206,19 @@ impl Warmer {
             .inc();
     }
 
-    /// One warm call to the agent at `addr`, over the same kind of connection as requests.
-    async fn call(&self, addr: &str, site: &str, revision: i64) -> pingora_core::Result<()> {
+    /// One warm call to the agent of `node` at `addr`, over the same kind of connection as
+    /// requests (TLS checked against the node id when the proxy has `--agent-ca`).
+    async fn call(
+        &self,
+        node: &str,
+        addr: &str,
+        site: &str,
+        revision: i64,
+    ) -> pingora_core::Result<()> {
         let sockaddr: SocketAddr = addr.parse().map_err(|_| {
             pingora_core::Error::explain(pingora_core::ErrorType::ConnectError, "bad node address")
         })?;
-        let peer = agent_peer(&self.cfg, sockaddr, CALL_TIMEOUT);
+        let peer = agent_peer(&self.cfg, node, sockaddr, CALL_TIMEOUT);
         let (mut session, _) = self.connector.get_http_session(&peer).await?;
         let mut req = RequestHeader::build("POST", b"/", None)?;
         req.insert_header(http::header::HOST, site)?;

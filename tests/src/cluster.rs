@@ -13,6 +13,7 @@ use crate::etcd::Etcd;
 use crate::http::{get, Response};
 use crate::ports::free_addr;
 use crate::process::{pid_alive, read_log, tail, Proc};
+use crate::secure_etcd::{agent_user, Pki, OPERATOR_USER, PROXY_USER};
 use crate::temp::TempRoot;
 use crate::users::{site_dir, User};
 use crate::wait::{wait_for, wait_until};
@@ -55,20 +56,39 @@ impl Cluster {
 
     /// [`Cluster::start`] with options.
     pub fn start_with(opts: Options) -> Cluster {
+        Self::launch(opts, false)
+    }
+
+    /// [`Cluster::start_with`] secured as production runs it: etcd with TLS, client
+    /// certificates and auth with `deploy/etcd/roles.sh`'s roles (the proxy as `roost-proxy`,
+    /// the agent as `roost-agent-node-1`, roostctl as `roost-operator`), and proxy → agent
+    /// over mutual TLS with a CA of its own ([`MESH_CA`]).
+    pub fn start_secured(opts: Options) -> Cluster {
+        Self::launch(opts, true)
+    }
+
+    fn launch(opts: Options, secured: bool) -> Cluster {
         let proxy_bin = bin(PROXY);
         let agent_bin = bin(AGENT);
         let root = TempRoot::new("cluster");
-        let etcd = Etcd::start_in(root.path());
+        let etcd = if secured {
+            Etcd::start_secured_in(root.path(), &[NODE_ID])
+        } else {
+            Etcd::start_in(root.path())
+        };
         let secret = random_hex(32);
         let secret_file = root.path().join("secret");
         std::fs::write(&secret_file, &secret).expect("write secret file");
         let state_dir = root.subdir("state");
+        if secured {
+            make_mesh_certs(root.path());
+        }
         let (agent_addr, agent_admin) = (free_addr(), free_addr());
         let (proxy_addr, proxy_admin) = (free_addr(), free_addr());
 
         let cmd = agent_command(
             &agent_bin,
-            etcd.url(),
+            &etcd,
             agent_addr,
             agent_admin,
             &state_dir,
@@ -90,7 +110,9 @@ impl Cluster {
             .arg("--admin")
             .arg(proxy_admin.to_string())
             .arg("--secret-file")
-            .arg(&secret_file);
+            .arg(&secret_file)
+            .args(etcd_client_args(&etcd, PROXY_USER))
+            .args(mesh_args(root.path(), PROXY));
         log_env(&mut cmd);
         let mut proxy = Proc::spawn(
             "proxy",
@@ -185,6 +207,7 @@ impl Cluster {
         Command::new(bin(CTL))
             .arg("--etcd")
             .arg(self.etcd.url())
+            .args(etcd_client_args(&self.etcd, OPERATOR_USER))
             .args(args)
             .output()
             .unwrap_or_else(|e| panic!("run roostctl: {e}"))
@@ -262,11 +285,22 @@ impl Cluster {
         crate::edge::metric_sum(&text, name)
     }
 
+    /// The header that opens the agent's `/sites` and logs: the secret (a test trusts the
+    /// address it started the agent on).
+    pub fn admin_auth(&self) -> [(&str, &str); 1] {
+        [("x-roost-auth", self.secret.as_str())]
+    }
+
     /// The agent's `/sites` table.
     pub fn agent_sites(&self) -> serde_json::Value {
-        get(self.agent_admin, Some("localhost"), "/sites", &[])
-            .map(|r| r.json())
-            .unwrap_or(serde_json::Value::Null)
+        get(
+            self.agent_admin,
+            Some("localhost"),
+            "/sites",
+            &self.admin_auth(),
+        )
+        .map(|r| r.json())
+        .unwrap_or(serde_json::Value::Null)
     }
 
     /// Start the agent again on the same state directory, addresses and node id (after the
@@ -274,7 +308,7 @@ impl Cluster {
     pub fn restart_agent(&mut self) {
         let cmd = agent_command(
             &bin(AGENT),
-            self.etcd.url(),
+            &self.etcd,
             self.agent_addr,
             self.agent_admin,
             &self.state_dir,
@@ -345,7 +379,12 @@ impl Cluster {
                 );
             }
         }
-        if let Ok(r) = get(self.agent_admin, Some("localhost"), "/sites", &[]) {
+        if let Ok(r) = get(
+            self.agent_admin,
+            Some("localhost"),
+            "/sites",
+            &self.admin_auth(),
+        ) {
             s += &format!("--- agent /sites ({}) ---\n{}\n", r.status, r.text());
         }
         s += &format!("--- etcd log ---\n{}\n", tail(&self.etcd.log(), 10));
@@ -428,9 +467,54 @@ fn truncate(s: &str, n: usize) -> &str {
 }
 
 /// The agent's command line; also used to restart it on the same state.
+/// The proxy ↔ agent CA of a secured cluster, under `<root>/mesh/`.
+pub const MESH_CA: &str = "mesh/mesh-ca.crt";
+
+/// A CA for proxy ↔ agent TLS, the agent's certificate (naming the node id, as proxies
+/// check) and the proxy's client certificate.
+fn make_mesh_certs(root: &Path) {
+    let pki = Pki::new(&root.join("mesh"), "mesh");
+    pki.issue_with_names(NODE_ID, &format!("DNS:{NODE_ID},IP:127.0.0.1"));
+    pki.issue("roost-proxy");
+}
+
+/// `component`'s proxy ↔ agent TLS flags when [`make_mesh_certs`] ran under `root`.
+fn mesh_args(root: &Path, component: &str) -> Vec<String> {
+    let ca = root.join(MESH_CA);
+    if !ca.is_file() {
+        return Vec::new();
+    }
+    let file = |name: &str| root.join("mesh").join(name).to_string_lossy().into_owned();
+    let ca = ca.to_string_lossy().into_owned();
+    if component == PROXY {
+        vec![
+            "--agent-ca".into(),
+            ca,
+            "--agent-client-cert".into(),
+            file("mesh-roost-proxy.crt"),
+            "--agent-client-key".into(),
+            file("mesh-roost-proxy.key"),
+        ]
+    } else {
+        vec![
+            "--tls-cert".into(),
+            file(&format!("mesh-{NODE_ID}.crt")),
+            "--tls-key".into(),
+            file(&format!("mesh-{NODE_ID}.key")),
+            "--client-ca".into(),
+            ca,
+        ]
+    }
+}
+
+/// The `--etcd-*` flags to act as `user` on `etcd`; none for a plain etcd.
+pub fn etcd_client_args(etcd: &Etcd, user: &str) -> Vec<String> {
+    etcd.tls().map(|t| t.client_args(user)).unwrap_or_default()
+}
+
 fn agent_command(
     bin: &Path,
-    etcd: &str,
+    etcd: &Etcd,
     addr: SocketAddr,
     admin: SocketAddr,
     state_dir: &Path,
@@ -439,7 +523,9 @@ fn agent_command(
 ) -> Command {
     let mut cmd = Command::new(bin);
     cmd.arg("--etcd")
-        .arg(etcd)
+        .arg(etcd.url())
+        .args(etcd_client_args(etcd, &agent_user(NODE_ID)))
+        .args(mesh_args(root, AGENT))
         .args(["--node-id", NODE_ID])
         .arg("--listen")
         .arg(addr.to_string())

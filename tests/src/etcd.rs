@@ -8,6 +8,7 @@ use nix::sys::signal::Signal;
 
 use crate::ports::free_addr;
 use crate::process::{tail, Proc};
+use crate::secure_etcd::EtcdTls;
 use crate::temp::TempRoot;
 use crate::wait::wait_until;
 
@@ -20,6 +21,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Etcd {
     proc: Proc,
     url: String,
+    /// Set when this etcd runs with TLS, client certificates and auth.
+    tls: Option<EtcdTls>,
     // Declared last: the directory outlives the process during drop.
     _own_root: Option<TempRoot>,
 }
@@ -35,18 +38,45 @@ impl Etcd {
 
     /// Start etcd with its data dir and log under `dir`; wait until it answers.
     pub fn start_in(dir: &Path) -> Etcd {
+        Self::launch(dir, None)
+    }
+
+    /// Start etcd as production runs it: TLS and `--client-cert-auth` on the client port,
+    /// then `deploy/etcd/roles.sh` for `nodes` and `auth enable`. The harness's own etcdctl
+    /// acts as root (a certificate with CN=root).
+    pub fn start_secured_in(dir: &Path, nodes: &[&str]) -> Etcd {
+        let tls = EtcdTls::new(dir);
+        let etcd = Self::launch(dir, Some(tls));
+        let tls = etcd.tls.as_ref().expect("just set");
+        tls.apply_roles(&etcd.url, nodes);
+        etcd
+    }
+
+    /// TLS material and passwords, when started with [`Etcd::start_secured_in`].
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.tls.as_ref()
+    }
+
+    fn launch(dir: &Path, tls: Option<EtcdTls>) -> Etcd {
         let client = free_addr();
         let peer = free_addr();
-        let url = format!("http://{client}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{client}");
         let peer_url = format!("http://{peer}");
-        let cmd = etcd_command("test", &dir.join("etcd-data"), &url, &peer_url, "new");
+        let mut cmd = etcd_command("test", &dir.join("etcd-data"), &url, &peer_url, "new");
+        let ctl_args = tls.as_ref().map(|t| t.etcdctl_args()).unwrap_or_default();
+        if let Some(tls) = &tls {
+            cmd.args(tls.server_args());
+        }
         let mut proc = Proc::spawn("etcd", cmd, &dir.join("etcd.log"), Signal::SIGKILL);
         let mut etcd_ok = false;
         let ready = wait_until(START_TIMEOUT, || {
             if proc.exited().is_some() {
                 return true;
             }
-            etcd_ok = etcdctl_at(&url, &["endpoint", "health"]).status.success();
+            etcd_ok = etcdctl_at(&url, &ctl_args, &["endpoint", "health"])
+                .status
+                .success();
             etcd_ok
         });
         if !ready || !etcd_ok {
@@ -59,6 +89,7 @@ impl Etcd {
         Etcd {
             proc,
             url,
+            tls,
             _own_root: None,
         }
     }
@@ -70,7 +101,25 @@ impl Etcd {
 
     /// Run `etcdctl` (API v3) against this etcd.
     pub fn etcdctl(&self, args: &[&str]) -> Output {
-        etcdctl_at(&self.url, args)
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|t| t.etcdctl_args())
+            .unwrap_or_default();
+        etcdctl_at(&self.url, &tls, args)
+    }
+
+    /// Run `etcdctl` as etcd user `user` (a client certificate with CN = `user`); only on a
+    /// secured etcd.
+    pub fn etcdctl_as(&self, user: &str, args: &[&str]) -> Output {
+        let tls = self.tls.as_ref().expect("etcdctl_as needs a secured etcd");
+        let cert = tls.client_cert(user);
+        let flags = [
+            format!("--cacert={}", tls.pki.ca_cert().display()),
+            format!("--cert={}", cert.cert.display()),
+            format!("--key={}", cert.key.display()),
+        ];
+        etcdctl_at(&self.url, &flags, args)
     }
 
     /// `etcdctl put KEY VALUE`; panics if it fails.
@@ -105,13 +154,14 @@ impl Etcd {
     }
 }
 
-fn etcdctl_at(url: &str, args: &[&str]) -> Output {
+fn etcdctl_at(url: &str, tls: &[String], args: &[&str]) -> Output {
     Command::new(ETCDCTL)
         .env("ETCDCTL_API", "3")
         .arg("--endpoints")
         .arg(url)
         .arg("--dial-timeout=2s")
         .arg("--command-timeout=5s")
+        .args(tls)
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("run {ETCDCTL}: {e}"))

@@ -19,6 +19,7 @@ pub mod ports;
 pub mod process;
 pub mod procfs;
 pub mod prometheus;
+pub mod secure_etcd;
 pub mod temp;
 pub mod users;
 pub mod wait;

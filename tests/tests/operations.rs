@@ -59,11 +59,17 @@ fn worker_pid(body: &str) -> Option<u32> {
 /// host -> (node, worker pid) from every live agent's `/sites`.
 fn workers_by_host(c: &Launched) -> HashMap<String, Vec<(String, u32)>> {
     let mut by_host: HashMap<String, Vec<(String, u32)>> = HashMap::new();
+    // `/sites` names users and pids, so it needs the cluster secret.
+    let secret_file = c.state["secret_file"]
+        .as_str()
+        .expect("launcher state: secret_file");
+    let secret = std::fs::read_to_string(secret_file).expect("read the cluster secret");
+    let auth = [("x-roost-auth", secret.trim())];
     for n in c.nodes() {
         if !pid_alive(n.pid) {
             continue;
         }
-        let sites = get(n.admin, Some("localhost"), "/sites", &[])
+        let sites = get(n.admin, Some("localhost"), "/sites", &auth)
             .map(|r| r.json())
             .unwrap_or(Value::Null);
         for s in sites.as_array().into_iter().flatten() {
