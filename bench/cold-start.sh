@@ -7,4 +7,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 deploy/install-deps.sh --bench # nginx and php-fpm, the PHP-FPM ondemand baseline
 cargo build --release -p roost-agent -p roost-proxy -p roost-bench
-exec target/release/roost-bench --bin-dir target/release "$@"
+exec target/release/roost-bench --bin-dir target/release --php-fpm "$@"

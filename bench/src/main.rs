@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use std::net::SocketAddr;
 
 use roost_tests::ports::free_addr;
+use roost_tests::process::Proc;
 use roost_tests::{ensure_user, get, site_dir, wait_until, TempRoot};
 use serde_json::json;
 
@@ -35,6 +36,7 @@ struct Args {
     bin_dir: PathBuf,
     warm: usize,
     cgroups: bool,
+    php_fpm: bool,
 }
 
 /// The command line; `Args` is what the benchmark uses, defaults resolved.
@@ -53,6 +55,10 @@ struct Flags {
     /// Run the agent without per-site cgroups.
     #[arg(long)]
     no_cgroups: bool,
+    /// Add PHP-FPM `pm = ondemand` behind nginx to the rotation (bench/cold-start.sh does;
+    /// needs `deploy/install-deps.sh --bench`).
+    #[arg(long)]
+    php_fpm: bool,
     /// Where roost-agent and roost-proxy are (default: this binary's directory).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -65,6 +71,7 @@ fn args() -> Args {
         bin_dir: f.bin_dir.unwrap_or_else(roost_tests::bins::current_exe_dir),
         warm: f.warm,
         cgroups: !f.no_cgroups,
+        php_fpm: f.php_fpm,
     }
 }
 
@@ -82,6 +89,50 @@ fn timed_get(addr: SocketAddr, host: &str) -> Duration {
         die(&format!("{host}: {} {}", r.status, r.text()));
     }
     took
+}
+
+/// nginx -> PHP-FPM with one `ondemand` pool per site, none started; where to send requests.
+/// The processes stop when the returned guard drops.
+fn php_fpm_baseline(
+    root: &TempRoot,
+    sites_dir: &std::path::Path,
+    n: usize,
+) -> (SocketAddr, Vec<Proc>) {
+    let php_hosts: Vec<String> = (0..=n)
+        .map(|i| {
+            if i == n {
+                "warmup-p.bench".to_string()
+            } else {
+                format!("p{i}.bench")
+            }
+        })
+        .collect();
+    let php_dir = sites_dir.join("php");
+    std::fs::create_dir_all(&php_dir).unwrap();
+    let php_script = php_dir.join("index.php");
+    std::fs::write(
+        &php_script,
+        "<?php\nheader('Content-Type: text/plain');\necho \"Hello, world\\n\";\n",
+    )
+    .unwrap();
+    let php_sockets = root.subdir("php-sockets");
+    let php_fpm = incumbents::php_fpm(root.path(), USER, &php_hosts, &php_sockets);
+    let nginx_addr = free_addr();
+    let nginx = incumbents::nginx(
+        root.path(),
+        &incumbents::nginx_php_servers(nginx_addr, &php_hosts, &php_sockets, &php_script),
+    );
+    let php_ok = wait_until(Duration::from_secs(30), || {
+        get(nginx_addr, Some("warmup-p.bench"), "/", &[])
+            .is_ok_and(|r| r.status == 200 && r.text() == "Hello, world\n")
+    });
+    if !php_ok {
+        die(&format!(
+            "nginx -> PHP-FPM never answered; logs in {}",
+            root.path().display()
+        ));
+    }
+    (nginx_addr, vec![php_fpm, nginx])
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -177,47 +228,15 @@ fn main() {
     }
 
     // PHP-FPM: a pool per site (plus a warm-up pool), no child in any until its first request.
-    let php_hosts: Vec<String> = (0..=n)
-        .map(|i| {
-            if i == n {
-                "warmup-p.bench".to_string()
-            } else {
-                format!("p{i}.bench")
-            }
-        })
-        .collect();
-    let php_dir = sites_dir.join("php");
-    std::fs::create_dir_all(&php_dir).unwrap();
-    let php_script = php_dir.join("index.php");
-    std::fs::write(
-        &php_script,
-        "<?php\nheader('Content-Type: text/plain');\necho \"Hello, world\\n\";\n",
-    )
-    .unwrap();
-    let php_sockets = root.subdir("php-sockets");
-    let _php_fpm = incumbents::php_fpm(root.path(), USER, &php_hosts, &php_sockets);
-    let nginx_addr = free_addr();
-    let _nginx = incumbents::nginx(
-        root.path(),
-        &incumbents::nginx_php_servers(nginx_addr, &php_hosts, &php_sockets, &php_script),
-    );
-    let php_ok = wait_until(Duration::from_secs(30), || {
-        get(nginx_addr, Some("warmup-p.bench"), "/", &[])
-            .is_ok_and(|r| r.status == 200 && r.text() == "Hello, world\n")
-    });
-    if !php_ok {
-        die(&format!(
-            "nginx -> PHP-FPM never answered; logs in {}",
-            root.path().display()
-        ));
-    }
-
-    let (mut zygote, mut direct, mut php) = (Vec::new(), Vec::new(), Vec::new());
+    let php = a.php_fpm.then(|| php_fpm_baseline(&root, &sites_dir, n));
+    let (mut zygote, mut direct, mut php_ms) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..n {
         zygote.push(ms(timed_get(node.proxy, &format!("z{i}.bench"))));
         std::thread::sleep(Duration::from_millis(50));
-        php.push(ms(timed_get(nginx_addr, &format!("p{i}.bench"))));
-        std::thread::sleep(Duration::from_millis(50));
+        if let Some((nginx_addr, _)) = &php {
+            php_ms.push(ms(timed_get(*nginx_addr, &format!("p{i}.bench"))));
+            std::thread::sleep(Duration::from_millis(50));
+        }
         direct.push(ms(timed_get(node.proxy, &format!("d{i}.bench"))));
         // Let the fresh gunicorn finish booting in the background before the next sample.
         std::thread::sleep(Duration::from_millis(150));
@@ -239,7 +258,9 @@ fn main() {
     );
     println!("{}", summary("zygote (forked worker)", &mut zygote));
     println!("{}", summary("direct (fresh gunicorn)", &mut direct));
-    println!("{}", summary("nginx -> PHP-FPM ondemand", &mut php));
+    if !php_ms.is_empty() {
+        println!("{}", summary("nginx -> PHP-FPM ondemand", &mut php_ms));
+    }
     println!("{}", summary("warm, zygote worker", &mut warm_z));
     println!("{}", summary("warm, direct worker", &mut warm_d));
 

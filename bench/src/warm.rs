@@ -7,7 +7,8 @@
 //! `/proc/<pid>/stat`) of every process on the path, so each hop's CPU µs per request is
 //! measured rather than guessed; that number is far less sensitive to neighbours than req/s.
 //!
-//! Paths: Roost (proxy -> agent -> zygote-forked worker), roost-agent direct -> worker,
+//! Paths: Roost (proxy -> agent -> zygote-forked worker), the same with the site started as
+//! a fresh gunicorn (`spawn = direct`), roost-agent direct -> worker,
 //! nginx -> gunicorn sync -w2 (keep-alive upstream), Apache mod_wsgi daemon mode, gunicorn
 //! sync -w2 direct, gunicorn gthread -w2 x4 direct (the server Roost's worker runs).
 //!
@@ -34,6 +35,7 @@ const HELLO: &str = "def application(environ, start_response):\n    body = b'Hel
 const BODY: &str = "Hello, world\n";
 const USER: &str = "roost-bench";
 const SITE: &str = "hello.bench";
+const DIRECT_SITE: &str = "direct.bench";
 
 /// The command line.
 #[derive(clap::Parser)]
@@ -69,6 +71,19 @@ struct Flags {
     /// Keep the servers running after the tables, until Enter (to attach `perf record`).
     #[arg(long)]
     hold: bool,
+    /// After the tables, profile Roost's proxy, agent and worker under `wrk -c16` with
+    /// `perf record -g` (one run each) and write `perf report` summaries into this directory.
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// Extra TOML for the agent's config file (e.g. 'work_stealing = false'); `\n` separates lines.
+    #[arg(long, default_value = "")]
+    agent_toml: String,
+    /// TOML for the proxy's config file.
+    #[arg(long, default_value = "")]
+    proxy_toml: String,
+    /// RUST_LOG of proxy and agent ("info": one line per request at each, the default).
+    #[arg(long, default_value = "info")]
+    log_filter: String,
     /// Where roost-agent and roost-proxy are (default: this binary's directory).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -89,6 +104,8 @@ struct Hop {
 struct Target {
     name: &'static str,
     addr: SocketAddr,
+    /// The `Host` every request names.
+    host: &'static str,
     headers: Vec<(String, String)>,
     hops: Vec<Hop>,
 }
@@ -126,12 +143,34 @@ fn ticks_per_sec() -> f64 {
     }
 }
 
-/// CPU seconds of each hop's processes now.
-fn hop_cpu(path: &Target) -> Vec<f64> {
+/// Context switches (voluntary and not) of every live thread of `pid`.
+fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// (CPU seconds, context switches) of each hop's processes now.
+fn hop_cpu(path: &Target) -> Vec<(f64, f64)> {
     let tps = ticks_per_sec();
     path.hops
         .iter()
-        .map(|h| (h.pids)().into_iter().map(cpu_ticks).sum::<u64>() as f64 / tps)
+        .map(|h| {
+            let pids = (h.pids)();
+            let ticks: u64 = pids.iter().copied().map(cpu_ticks).sum();
+            let switches: u64 = pids.iter().copied().map(context_switches).sum();
+            (ticks as f64 / tps, switches as f64)
+        })
         .collect()
 }
 
@@ -143,6 +182,8 @@ struct Run {
     errors: u64,
     /// CPU µs per request of each hop.
     cpu_us: Vec<f64>,
+    /// Context switches per request of each hop.
+    switches: Vec<f64>,
 }
 
 fn parse_duration_ms(s: &str) -> Option<f64> {
@@ -194,7 +235,7 @@ fn wrk(path: &Target, conns: usize, seconds: u64) -> Run {
     let before = hop_cpu(path);
     let mut cmd = Command::new("wrk");
     cmd.args(["-t1", "--latency", "-H"])
-        .arg(format!("Host: {SITE}"))
+        .arg(format!("Host: {}", path.host))
         .arg(format!("-c{conns}"))
         .arg(format!("-d{seconds}s"))
         .arg("--timeout")
@@ -217,15 +258,22 @@ fn wrk(path: &Target, conns: usize, seconds: u64) -> Run {
         p99_ms,
         requests,
         errors,
-        cpu_us: per_request_us(&before, &after, requests),
+        cpu_us: per_request(&before, &after, requests, |c| c.0 * 1e6),
+        switches: per_request(&before, &after, requests, |c| c.1),
     }
 }
 
-fn per_request_us(before: &[f64], after: &[f64], requests: u64) -> Vec<f64> {
+/// Per hop: how much of `what` the run cost per request.
+fn per_request(
+    before: &[(f64, f64)],
+    after: &[(f64, f64)],
+    requests: u64,
+    what: impl Fn(&(f64, f64)) -> f64,
+) -> Vec<f64> {
     before
         .iter()
         .zip(after)
-        .map(|(b, a)| (a - b) * 1e6 / requests.max(1) as f64)
+        .map(|(b, a)| (what(a) - what(b)) / requests.max(1) as f64)
         .collect()
 }
 
@@ -282,7 +330,7 @@ impl Conn {
 }
 
 fn request_bytes(path: &Target) -> Vec<u8> {
-    let mut r = format!("GET / HTTP/1.1\r\nHost: {SITE}\r\n");
+    let mut r = format!("GET / HTTP/1.1\r\nHost: {}\r\n", path.host);
     for (k, v) in &path.headers {
         r += &format!("{k}: {v}\r\n");
     }
@@ -348,7 +396,8 @@ fn fixed_rate(path: &Target, rate: u32, conns: usize, seconds: u64) -> Run {
         p99_ms: pct(&lat, 99.0),
         requests,
         errors,
-        cpu_us: per_request_us(&before, &after, requests),
+        cpu_us: per_request(&before, &after, requests, |c| c.0 * 1e6),
+        switches: per_request(&before, &after, requests, |c| c.1),
     }
 }
 
@@ -373,7 +422,8 @@ fn wait_serving(path: &Target, log_hint: &Path) {
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     let ok = wait_until(Duration::from_secs(60), || {
-        get(path.addr, Some(SITE), "/", &headers).is_ok_and(|r| r.status == 200 && r.text() == BODY)
+        get(path.addr, Some(path.host), "/", &headers)
+            .is_ok_and(|r| r.status == 200 && r.text() == BODY)
     });
     if !ok {
         die(&format!(
@@ -441,6 +491,51 @@ fn apache_conf(root: &Path, listen: SocketAddr, app_dir: &Path, workers: u32) ->
     path
 }
 
+/// `perf record -g` on one hop's processes while wrk loads the path, then the report's top
+/// symbols (self time) into `dir/<hop>.txt`.
+fn profile(path: &Target, hop: &Hop, dir: &Path, seconds: u64) {
+    let pids: Vec<String> = (hop.pids)().iter().map(u32::to_string).collect();
+    let data = dir.join(format!("{}.perf.data", hop.label));
+    let mut perf = Command::new("perf");
+    perf.args(["record", "-g", "-q", "-o"])
+        .arg(&data)
+        .arg("-p")
+        .arg(pids.join(","))
+        .args(["--", "sleep", &seconds.to_string()]);
+    let Ok(mut child) = perf.spawn() else {
+        die("perf is not installed; run deploy/install-deps.sh --bench");
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let run = wrk(path, 16, seconds - 1);
+    let _ = child.wait();
+    let report = Command::new("perf")
+        .args([
+            "report",
+            "--no-children",
+            "--stdio",
+            "--percent-limit",
+            "0.7",
+            "-g",
+            "none",
+            "-i",
+        ])
+        .arg(&data)
+        .output();
+    let text = report
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let out = dir.join(format!("{}.txt", hop.label));
+    std::fs::write(
+        &out,
+        format!(
+            "# {} under wrk -c16: {:.0} req/s (perf attached)\n{text}",
+            hop.label, run.rps
+        ),
+    )
+    .unwrap();
+    println!("profile of {}: {}", hop.label, out.display());
+}
+
 fn main() {
     let f = <Flags as clap::Parser>::parse();
     let (seconds, rounds, rate) = if f.smoke {
@@ -471,20 +566,29 @@ fn main() {
     let r = root.path();
 
     // Roost: one node, default logging (one line per request at each hop, as operators run it).
+    let proxy_toml = r.join("proxy.toml");
+    std::fs::write(&proxy_toml, f.proxy_toml.replace("\\n", "\n")).unwrap();
     let node = node::start(
         r,
         &bin_dir,
         &NodeOptions {
-            agent_config: "preload = []\n".into(),
-            agent_log_filter: "info".into(),
-            proxy_log_filter: "info".into(),
-            proxy_args: vec![],
+            agent_config: format!("preload = []\n{}\n", f.agent_toml.replace("\\n", "\n")),
+            agent_log_filter: f.log_filter.clone(),
+            proxy_log_filter: f.log_filter.clone(),
+            proxy_args: vec!["--config".into(), proxy_toml.display().to_string()],
         },
     );
     let record = json!({"user": USER, "app": "app:application", "dir": app_dir, "idle_timeout": 86400,
         "workers": f.workers, "threads": f.threads});
     node.etcd
         .put(&format!("{PREFIX}/sites/{SITE}"), &record.to_string());
+    // The same app started by the agent as a fresh gunicorn (`spawn = direct`), not a zygote fork.
+    let mut direct = record.clone();
+    direct["spawn"] = json!("direct");
+    node.etcd.put(
+        &format!("{PREFIX}/sites/{DIRECT_SITE}"),
+        &direct.to_string(),
+    );
 
     // The incumbents.
     let nginx_upstream = r.join("gunicorn-behind-nginx.sock");
@@ -552,10 +656,13 @@ fn main() {
     };
     let rw = roost_worker.clone();
     let rw2 = roost_worker.clone();
+    let direct_worker = std::rc::Rc::new(std::cell::Cell::new(0u32));
+    let dw = direct_worker.clone();
     let mut paths = vec![
         Target {
             name: "roost",
             addr: node.proxy,
+            host: SITE,
             headers: vec![],
             hops: vec![
                 Hop {
@@ -573,8 +680,29 @@ fn main() {
             ],
         },
         Target {
+            name: "roost-spawn-direct",
+            addr: node.proxy,
+            host: DIRECT_SITE,
+            headers: vec![],
+            hops: vec![
+                Hop {
+                    label: "proxy",
+                    pids: Box::new(move || vec![proxy_pid]),
+                },
+                Hop {
+                    label: "agent",
+                    pids: Box::new(move || vec![agent_pid]),
+                },
+                Hop {
+                    label: "worker",
+                    pids: Box::new(move || tree(dw.get())),
+                },
+            ],
+        },
+        Target {
             name: "agent-direct",
             addr: node.agent,
+            host: SITE,
             headers: vec![
                 ("x-roost-site".into(), SITE.into()),
                 ("x-roost-auth".into(), node.secret.clone()),
@@ -593,6 +721,7 @@ fn main() {
         Target {
             name: "nginx-gunicorn",
             addr: nginx_addr,
+            host: SITE,
             headers: vec![],
             hops: vec![
                 Hop {
@@ -608,6 +737,7 @@ fn main() {
         Target {
             name: "apache-mod_wsgi",
             addr: apache_addr,
+            host: SITE,
             headers: vec![],
             hops: vec![
                 Hop {
@@ -623,6 +753,7 @@ fn main() {
         Target {
             name: "gunicorn-sync",
             addr: sync_addr,
+            host: SITE,
             headers: vec![],
             hops: vec![Hop {
                 label: "worker",
@@ -632,6 +763,7 @@ fn main() {
         Target {
             name: "gunicorn-gthread",
             addr: gthread_addr,
+            host: SITE,
             headers: vec![],
             hops: vec![Hop {
                 label: "worker",
@@ -654,6 +786,9 @@ fn main() {
     {
         roost_worker.set(worker_pid(&node, SITE));
     }
+    if paths.iter().any(|p| p.name == "roost-spawn-direct") {
+        direct_worker.set(worker_pid(&node, DIRECT_SITE));
+    }
     // Warm every path (worker imports, connection pools) before anything is measured.
     for p in &paths {
         let _ = wrk(p, 16, 1);
@@ -668,6 +803,12 @@ fn main() {
         f.threads,
         bin_dir.display()
     );
+    if !f.agent_toml.is_empty() || !f.proxy_toml.is_empty() || f.log_filter != "info" {
+        println!(
+            "agent config: {:?}; proxy config: {:?}; RUST_LOG={}",
+            f.agent_toml, f.proxy_toml, f.log_filter
+        );
+    }
     let mut failed = false;
     let mut tables: Vec<(String, Vec<Vec<Run>>)> = Vec::new();
     let loads: Vec<(String, Option<usize>)> = f
@@ -692,7 +833,7 @@ fn main() {
     }
     for (label, runs) in &tables {
         println!("\n### {label}\n");
-        println!("| path | req/s | × nginx | p50 ms | p99 ms | p99 × nginx | CPU µs/request per hop | errors |");
+        println!("| path | req/s | × nginx | p50 ms | p99 ms | p99 × nginx | per request and hop: CPU µs (context switches) | errors |");
         println!("| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |");
         let base = paths.iter().position(|p| p.name == "nginx-gunicorn");
         let med = |i: usize, f: &dyn Fn(&Run) -> f64| median(runs[i].iter().map(f).collect());
@@ -716,13 +857,29 @@ fn main() {
                 .hops
                 .iter()
                 .enumerate()
-                .map(|(h, hop)| format!("{} {:.1}", hop.label, med(i, &|r| r.cpu_us[h])))
+                .map(|(h, hop)| {
+                    format!(
+                        "{} {:.1} ({:.1} cs)",
+                        hop.label,
+                        med(i, &|r| r.cpu_us[h]),
+                        med(i, &|r| r.switches[h])
+                    )
+                })
                 .collect();
             println!(
                 "| {} | {rps:.0} | {x_rps} | {p50:.2} | {p99:.2} | {x_p99} | {} | {errors} |",
                 p.name,
                 hops.join(", ")
             );
+        }
+    }
+    if let Some(dir) = &f.profile {
+        if let Some(roost) = paths.iter().find(|p| p.name == "roost") {
+            std::fs::create_dir_all(dir)
+                .unwrap_or_else(|e| die(&format!("{}: {e}", dir.display())));
+            for hop in &roost.hops {
+                profile(roost, hop, dir, seconds.max(3));
+            }
         }
     }
     if f.hold {
