@@ -256,8 +256,13 @@ impl ProxyHttp for EdgeHttp {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         // HTTP/1.1 pipelining (RFC 9112 §9.3.2): requests a client sent ahead are served one
         // after another, answers in order, instead of pingora's default of dropping them with
-        // the connection. Each still goes through every phase here.
-        session.downstream_session.set_pipelining_enabled(true);
+        // the connection. Each still goes through every phase here. Not for an upgrade
+        // (WebSocket): there pingora keeps its default, since with pipelining on, client
+        // bytes its idle read takes before it switches to the upgraded body would be held
+        // for a next request. The setting carries over to the connection's next request, so
+        // it is set on each.
+        let upgrade = session.downstream_session.is_upgrade_req();
+        session.downstream_session.set_pipelining_enabled(!upgrade);
         let client_timeout = Some(Duration::from_secs(self.cfg.client_timeout_secs));
         session.downstream_session.set_read_timeout(client_timeout);
         session.downstream_session.set_write_timeout(client_timeout);
