@@ -2,6 +2,10 @@
 # Install the system packages Roost needs to build, test and run, if any are missing.
 # Debian/Ubuntu, as root. Safe to run again: it installs nothing when all are present.
 #
+#   deploy/install-deps.sh           what the build, the tests and a cluster need
+#   deploy/install-deps.sh --bench   that, plus the incumbents the benchmarks compare against
+#                                    (bench/warm-path.sh and bench/cold-start.sh call it)
+#
 # This list is the one place that says what Roost takes from the system. deploy/check-deps.sh
 # (run by deploy/test.sh) traces what the build and the tests really open and fails if any of
 # it comes from a package this list does not bring, so a package installed by hand, or one that
@@ -38,6 +42,29 @@ packages=(
   busybox-static    # the guest's initramfs: a libc-free shell, insmod, mount, switch_root
 )
 
+# The benchmarks only (bench/warm-path.sh, bench/cold-start.sh): the load tool and the servers
+# Roost is compared with. Never needed by the build or the test suite, so installed only with
+# --bench, and deploy/check-deps.sh (which reads `packages` above) does not allow them to a test.
+bench_packages=(
+  wrk                     # the closed-loop load generator every row of the warm-path table uses
+  nginx-light             # the nginx -> gunicorn and nginx -> PHP-FPM baselines
+  apache2                 # the mod_wsgi daemon-mode baseline
+  libapache2-mod-wsgi-py3 # mod_wsgi itself
+  php-fpm                 # the pm = ondemand cold-start baseline
+  linux-perf              # perf record -g, for the profiles in BENCHMARKS.md
+)
+
+bench=0
+for arg in "$@"; do
+  case "$arg" in
+    --bench) bench=1 ;;
+    *) echo "usage: deploy/install-deps.sh [--bench]" >&2; exit 2 ;;
+  esac
+done
+if ((bench)); then
+  packages+=("${bench_packages[@]}")
+fi
+
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -50,7 +77,26 @@ if ((${#missing[@]})); then
     exit 1
   fi
   apt-get update
-  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+  # nginx, apache2 and php-fpm start their services (on :80) as they install. The benchmarks
+  # start their own copies on free ports, so forbid service starts during the install with a
+  # policy-rc.d (exit 101: "action forbidden"), unless the machine already has one.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# deploy/install-deps.sh: no service starts while it installs\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    own_policy=1
+  fi
+  status=0
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" || status=$?
+  if ((own_policy)); then rm -f "$policy"; fi
+  if ((status)); then exit "$status"; fi
+  # Under systemd the units are still enabled: stop and disable them, so none holds :80 after a reboot.
+  if ((bench)) && [ -d /run/systemd/system ]; then
+    for unit in nginx apache2 php*-fpm; do
+      systemctl disable --now "$unit" >/dev/null 2>&1 || true
+    done
+  fi
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

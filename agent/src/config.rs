@@ -92,6 +92,7 @@ struct FileConfig {
     log_max_bytes: Option<u64>,
     preload: Option<Vec<String>>,
     request_threads: Option<usize>,
+    work_stealing: Option<bool>,
     min_site_uid: Option<u32>,
     site_group: Option<String>,
     interpreters: Option<Vec<PathBuf>>,
@@ -101,6 +102,9 @@ struct FileConfig {
     default_io_weight: Option<u32>,
     default_max_concurrent_requests: Option<u32>,
 }
+
+/// See [`Config::work_stealing`] and BENCHMARKS.md for why this is the default.
+const WORK_STEALING_DEFAULT: bool = true;
 
 /// Settings in force.
 #[derive(Debug, Clone)]
@@ -142,6 +146,9 @@ pub struct Config {
     pub preload: Vec<String>,
     /// Threads serving requests (pingora's runtime); defaults to the CPU count.
     pub request_threads: usize,
+    /// Whether request threads steal each other's tasks (one tokio runtime shared by all)
+    /// or each runs its own connections (pingora's no-steal runtimes).
+    pub work_stealing: bool,
     /// Which unix users sites may run as (issue 10): anyone who can write a site record
     /// must not get to run code as `daemon` or `postgres`.
     pub site_users: SiteUserPolicy,
@@ -255,6 +262,7 @@ impl Config {
                 "request_threads",
                 new.request_threads != self.request_threads,
             ),
+            ("work_stealing", new.work_stealing != self.work_stealing),
         ];
         for (name, changed) in fixed {
             if changed {
@@ -278,6 +286,7 @@ impl Config {
         new.preload = self.preload.clone();
         new.worker_nofile = self.worker_nofile;
         new.request_threads = self.request_threads;
+        new.work_stealing = self.work_stealing;
         Ok(new)
     }
 
@@ -384,6 +393,7 @@ impl Config {
                 .request_threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
                 .max(1),
+            work_stealing: file.work_stealing.unwrap_or(WORK_STEALING_DEFAULT),
             site_users: SiteUserPolicy {
                 min_uid: file.min_site_uid.unwrap_or(1000),
                 group: file.site_group,

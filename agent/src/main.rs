@@ -82,6 +82,7 @@ fn main() -> Result<()> {
 
     let conf = ServerConf {
         threads: cfg.request_threads,
+        work_stealing: cfg.work_stealing,
         // The drain is done by DrainOnSignal before pingora is told to stop.
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(2),

@@ -5,33 +5,38 @@
 //! sites per mode, then times the first request to each never-started site end to end
 //! (client -> proxy -> agent -> worker start -> response, one TCP connection per request),
 //! alternating a zygote site and a direct (`"spawn": "direct"`, fresh gunicorn) site so both
-//! modes see the same machine. Then: warm requests for the path's own cost, the PSS of one
+//! modes see the same machine, and a third incumbent in the same rotation: PHP-FPM
+//! `pm = ondemand` behind nginx, one pool per site, each from zero children (what shared hosts
+//! run for PHP today). Then: warm requests for the path's own cost, the PSS of one
 //! warm worker of each mode, and the median boot timeline the zygote-forked workers logged.
 //!
 //! Run (as root: sites run as a real unix user): `bench/cold-start.sh [--sites N]`.
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal;
+use std::net::SocketAddr;
+
 use roost_tests::ports::free_addr;
 use roost_tests::process::Proc;
-use roost_tests::{ensure_user, get, site_dir, wait_until, Etcd, TempRoot};
-use serde_json::{json, Value};
+use roost_tests::{ensure_user, get, site_dir, wait_until, TempRoot};
+use serde_json::json;
+
+mod incumbents;
+mod node;
+use node::{worker_pid, NodeOptions, PREFIX};
 
 const HELLO: &str = "def application(environ, start_response):\n    body = b'Hello, world\\n'\n    start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))])\n    return [body]\n";
 const USER: &str = "roost-bench";
-const PREFIX: &str = "/roost";
 
 struct Args {
     sites: usize,
     bin_dir: PathBuf,
     warm: usize,
     cgroups: bool,
+    php_fpm: bool,
 }
 
 /// The command line; `Args` is what the benchmark uses, defaults resolved.
@@ -50,6 +55,10 @@ struct Flags {
     /// Run the agent without per-site cgroups.
     #[arg(long)]
     no_cgroups: bool,
+    /// Add PHP-FPM `pm = ondemand` behind nginx to the rotation (bench/cold-start.sh does;
+    /// needs `deploy/install-deps.sh --bench`).
+    #[arg(long)]
+    php_fpm: bool,
     /// Where roost-agent and roost-proxy are (default: this binary's directory).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -62,6 +71,7 @@ fn args() -> Args {
         bin_dir: f.bin_dir.unwrap_or_else(roost_tests::bins::current_exe_dir),
         warm: f.warm,
         cgroups: !f.no_cgroups,
+        php_fpm: f.php_fpm,
     }
 }
 
@@ -70,100 +80,59 @@ fn die(msg: &str) -> ! {
     std::process::exit(2)
 }
 
-struct Node {
-    proxy: SocketAddr,
-    agent_admin: SocketAddr,
-    /// The agents' secret: `/sites` names users and pids, so it needs it.
-    secret: String,
-    state_dir: PathBuf,
-    agent_log: PathBuf,
-    _proxy: Proc,
-    _agent: Proc,
-    etcd: Etcd,
-}
-
-fn start(root: &Path, bin_dir: &Path, cgroups: bool) -> Node {
-    let etcd = Etcd::start_in(root);
-    let secret = format!(
-        "{:032x}",
-        std::process::id() as u128 * 0x9e37_79b9_7f4a_7c15
-    );
-    let secret_file = root.join("secret");
-    std::fs::write(&secret_file, &secret).unwrap();
-    let state_dir = root.join("state");
-    let config = root.join("agent.toml");
-    // Long idle timeouts keep every started worker for the PSS reading; a short grace ends the run fast.
-    std::fs::write(
-        &config,
-        format!("stop_grace_secs = 2\nmax_workers = 1000\npreload = []\ncgroups = {cgroups}\n"),
-    )
-    .unwrap();
-    let (agent_addr, agent_admin, proxy, proxy_admin) =
-        (free_addr(), free_addr(), free_addr(), free_addr());
-    let mut cmd = Command::new(bin_dir.join("roost-agent"));
-    cmd.args([
-        "--etcd",
-        etcd.url(),
-        "--node-id",
-        &format!("bench-{}", std::process::id()),
-    ])
-    .arg("--listen")
-    .arg(agent_addr.to_string())
-    .arg("--admin")
-    .arg(agent_admin.to_string())
-    .arg("--state-dir")
-    .arg(&state_dir)
-    .arg("--config")
-    .arg(&config)
-    .arg("--secret-file")
-    .arg(&secret_file)
-    .env("RUST_LOG", "info,roost_agent::zygote=debug")
-    .env("NO_COLOR", "1");
-    let agent_log = root.join("agent.log");
-    let agent = Proc::spawn("agent", cmd, &agent_log, Signal::SIGTERM);
-    let mut cmd = Command::new(bin_dir.join("roost-proxy"));
-    cmd.args(["--etcd", etcd.url()])
-        .arg("--listen")
-        .arg(proxy.to_string())
-        .arg("--admin")
-        .arg(proxy_admin.to_string())
-        .arg("--secret-file")
-        .arg(&secret_file)
-        .env("RUST_LOG", "warn")
-        .env("NO_COLOR", "1");
-    let proxy_proc = Proc::spawn("proxy", cmd, &root.join("proxy.log"), Signal::SIGTERM);
-    let ready = wait_until(Duration::from_secs(60), || {
-        [proxy_admin, agent_admin]
-            .iter()
-            .all(|a| get(*a, Some("localhost"), "/readyz", &[]).is_ok_and(|r| r.status == 200))
-    });
-    if !ready {
-        die(&format!(
-            "proxy or agent not ready; logs in {}",
-            root.display()
-        ));
-    }
-    Node {
-        proxy,
-        agent_admin,
-        secret,
-        state_dir,
-        agent_log,
-        _proxy: proxy_proc,
-        _agent: agent,
-        etcd,
-    }
-}
-
-/// One request on a new connection through the proxy; the time to the end of the response.
-fn timed_get(node: &Node, host: &str) -> Duration {
+/// One request on a new connection to `addr`; the time to the end of the response.
+fn timed_get(addr: SocketAddr, host: &str) -> Duration {
     let t0 = Instant::now();
-    let r = get(node.proxy, Some(host), "/", &[]).unwrap_or_else(|e| die(&format!("{host}: {e}")));
+    let r = get(addr, Some(host), "/", &[]).unwrap_or_else(|e| die(&format!("{host}: {e}")));
     let took = t0.elapsed();
     if r.status != 200 || r.text() != "Hello, world\n" {
         die(&format!("{host}: {} {}", r.status, r.text()));
     }
     took
+}
+
+/// nginx -> PHP-FPM with one `ondemand` pool per site, none started; where to send requests.
+/// The processes stop when the returned guard drops.
+fn php_fpm_baseline(
+    root: &TempRoot,
+    sites_dir: &std::path::Path,
+    n: usize,
+) -> (SocketAddr, Vec<Proc>) {
+    let php_hosts: Vec<String> = (0..=n)
+        .map(|i| {
+            if i == n {
+                "warmup-p.bench".to_string()
+            } else {
+                format!("p{i}.bench")
+            }
+        })
+        .collect();
+    let php_dir = sites_dir.join("php");
+    std::fs::create_dir_all(&php_dir).unwrap();
+    let php_script = php_dir.join("index.php");
+    std::fs::write(
+        &php_script,
+        "<?php\nheader('Content-Type: text/plain');\necho \"Hello, world\\n\";\n",
+    )
+    .unwrap();
+    let php_sockets = root.subdir("php-sockets");
+    let php_fpm = incumbents::php_fpm(root.path(), USER, &php_hosts, &php_sockets);
+    let nginx_addr = free_addr();
+    let nginx = incumbents::nginx(
+        root.path(),
+        &incumbents::nginx_php_servers(nginx_addr, &php_hosts, &php_sockets, &php_script),
+    );
+    let php_ok = wait_until(Duration::from_secs(30), || {
+        get(nginx_addr, Some("warmup-p.bench"), "/", &[])
+            .is_ok_and(|r| r.status == 200 && r.text() == "Hello, world\n")
+    });
+    if !php_ok {
+        die(&format!(
+            "nginx -> PHP-FPM never answered; logs in {}",
+            root.path().display()
+        ));
+    }
+    (nginx_addr, vec![php_fpm, nginx])
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -201,39 +170,25 @@ fn children(parent: u32) -> Vec<u32> {
     roost_tests::procfs::children(parent)
 }
 
-/// The pid the agent reports for `host`'s current worker.
-fn worker_pid(node: &Node, host: &str) -> u32 {
-    let auth = [("x-roost-auth", node.secret.as_str())];
-    let r = get(node.agent_admin, Some("localhost"), "/sites", &auth)
-        .unwrap_or_else(|e| die(&format!("/sites: {e}")));
-    let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-    let sites = v
-        .as_array()
-        .cloned()
-        .or_else(|| v["sites"].as_array().cloned())
-        .unwrap_or_default();
-    sites
-        .iter()
-        .find(|s| s["host"] == host)
-        .and_then(|s| s["pid"].as_u64())
-        .map(|p| p as u32)
-        .unwrap_or_else(|| die(&format!("no worker pid for {host} in /sites: {}", r.text())))
-}
-
 fn main() {
     let a = args();
-    for b in ["roost-agent", "roost-proxy"] {
-        if !a.bin_dir.join(b).is_file() {
-            die(&format!(
-                "{} not found; build it first (bench/cold-start.sh does)",
-                a.bin_dir.join(b).display()
-            ));
-        }
-    }
     let root = TempRoot::new("bench");
     let user = ensure_user(USER);
     let sites_dir = root.subdir("sites");
-    let node = start(root.path(), &a.bin_dir, a.cgroups);
+    // Long idle timeouts keep every started worker for the PSS reading; a short grace ends the run fast.
+    let node = node::start(
+        root.path(),
+        &a.bin_dir,
+        &NodeOptions {
+            agent_config: format!(
+                "stop_grace_secs = 2\nmax_workers = 1000\npreload = []\ncgroups = {}\n",
+                a.cgroups
+            ),
+            agent_log_filter: "info,roost_agent::zygote=debug".into(),
+            proxy_log_filter: "warn".into(),
+            proxy_args: vec![],
+        },
+    );
     let n = a.sites;
     println!(
         "roost cold-start benchmark: {n} sites per mode, cgroups {}, binaries from {}, {} CPUs, kernel {}",
@@ -272,11 +227,17 @@ fn main() {
         }
     }
 
-    let (mut zygote, mut direct) = (Vec::new(), Vec::new());
+    // PHP-FPM: a pool per site (plus a warm-up pool), no child in any until its first request.
+    let php = a.php_fpm.then(|| php_fpm_baseline(&root, &sites_dir, n));
+    let (mut zygote, mut direct, mut php_ms) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..n {
-        zygote.push(ms(timed_get(&node, &format!("z{i}.bench"))));
+        zygote.push(ms(timed_get(node.proxy, &format!("z{i}.bench"))));
         std::thread::sleep(Duration::from_millis(50));
-        direct.push(ms(timed_get(&node, &format!("d{i}.bench"))));
+        if let Some((nginx_addr, _)) = &php {
+            php_ms.push(ms(timed_get(*nginx_addr, &format!("p{i}.bench"))));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        direct.push(ms(timed_get(node.proxy, &format!("d{i}.bench"))));
         // Let the fresh gunicorn finish booting in the background before the next sample.
         std::thread::sleep(Duration::from_millis(150));
         print!(".");
@@ -284,10 +245,10 @@ fn main() {
     }
     println!();
     let mut warm_z: Vec<f64> = (0..a.warm)
-        .map(|_| ms(timed_get(&node, "z0.bench")))
+        .map(|_| ms(timed_get(node.proxy, "z0.bench")))
         .collect();
     let mut warm_d: Vec<f64> = (0..a.warm)
-        .map(|_| ms(timed_get(&node, "d0.bench")))
+        .map(|_| ms(timed_get(node.proxy, "d0.bench")))
         .collect();
 
     println!("\nfirst request to a never-started site, client -> proxy -> agent -> new worker -> client (ms)");
@@ -297,6 +258,9 @@ fn main() {
     );
     println!("{}", summary("zygote (forked worker)", &mut zygote));
     println!("{}", summary("direct (fresh gunicorn)", &mut direct));
+    if !php_ms.is_empty() {
+        println!("{}", summary("nginx -> PHP-FPM ondemand", &mut php_ms));
+    }
     println!("{}", summary("warm, zygote worker", &mut warm_z));
     println!("{}", summary("warm, direct worker", &mut warm_d));
 

@@ -69,6 +69,9 @@ pub struct Args {
     pub daemon: bool,
 }
 
+/// See [`Config::work_stealing`] and BENCHMARKS.md for why this is the default.
+const WORK_STEALING_DEFAULT: bool = true;
+
 /// Limits that can be set per site under `[sites."<host>"]`.
 #[derive(Deserialize, Default, Debug, Clone)]
 #[serde(deny_unknown_fields)]
@@ -99,6 +102,7 @@ struct FileConfig {
     agent_client_key: Option<PathBuf>,
     trusted_proxies: Option<Vec<String>>,
     threads: Option<usize>,
+    work_stealing: Option<bool>,
     grace_period_secs: Option<u64>,
     drain_delay_secs: Option<u64>,
     max_node_attempts: Option<usize>,
@@ -134,6 +138,9 @@ pub struct Config {
     pub agent_tls: Option<AgentTls>,
     pub trusted_proxies: Vec<Cidr>,
     pub threads: usize,
+    /// Whether request threads steal each other's tasks (one tokio runtime shared by all)
+    /// or each runs its own connections (pingora's no-steal runtimes).
+    pub work_stealing: bool,
     /// After SIGTERM (and the drain delay), at most this long to finish requests in flight.
     pub grace_period_secs: u64,
     /// After SIGTERM, keep accepting this long while /readyz says 503, so the load balancer
@@ -246,6 +253,7 @@ impl Config {
                 .threads
                 .or(file.threads)
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            work_stealing: file.work_stealing.unwrap_or(WORK_STEALING_DEFAULT),
             grace_period_secs: file.grace_period_secs.unwrap_or(30),
             drain_delay_secs: file.drain_delay_secs.unwrap_or(0),
             max_node_attempts: file.max_node_attempts.unwrap_or(3).max(1),

@@ -1,9 +1,10 @@
 //! The edge's request path, one pingora phase per step:
 //!
-//! 1. `request_filter`: the request-acceptance rules (`roost_proto::request_rules`: framing,
-//!    target form, which host), canonicalise the host, find the site, check limits, check a
-//!    chunked body's framing and trailers as far as the tap reads ahead, rank the site's
-//!    nodes (400/404/405/408/413/421/431/503 here). Nothing reaches an agent before this.
+//! 1. `request_filter`: let a client pipeline (answers in order), the request-acceptance
+//!    rules (`roost_proto::request_rules`: framing, target form, which host), canonicalise
+//!    the host, find the site, check limits, check a chunked body's framing and trailers as
+//!    far as the tap reads ahead, rank the site's nodes (400/404/405/408/413/421/431/503
+//!    here). Nothing reaches an agent before this.
 //! 2. `request_body_filter`: count body bytes against the site's limit while streaming.
 //! 3. `upstream_peer`: the next node of the ranking.
 //! 4. `fail_to_connect`: a node that can't be reached is marked suspect and the request
@@ -257,6 +258,15 @@ impl ProxyHttp for EdgeHttp {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        // HTTP/1.1 pipelining (RFC 9112 §9.3.2): requests a client sent ahead are served one
+        // after another, answers in order, instead of pingora's default of dropping them with
+        // the connection. Each still goes through every phase here. Not for an upgrade
+        // (WebSocket): there pingora keeps its default, since with pipelining on, client
+        // bytes its idle read takes before it switches to the upgraded body would be held
+        // for a next request. The setting carries over to the connection's next request, so
+        // it is set on each.
+        let upgrade = session.downstream_session.is_upgrade_req();
+        session.downstream_session.set_pipelining_enabled(!upgrade);
         let client_timeout = Some(Duration::from_secs(self.cfg.client_timeout_secs));
         session.downstream_session.set_read_timeout(client_timeout);
         session.downstream_session.set_write_timeout(client_timeout);

@@ -73,6 +73,7 @@ fn main() -> Result<()> {
 
     let conf = ServerConf {
         threads: cfg.threads,
+        work_stealing: cfg.work_stealing,
         // The grace period is an upper bound: the drain watcher below exits as soon as
         // nothing is in flight.
         grace_period_seconds: Some(cfg.grace_period_secs),
