@@ -88,6 +88,8 @@ from gunicorn.workers import base as _gunicorn_base  # noqa: E402
 from gunicorn.workers.gthread import ThreadWorker  # noqa: E402
 import concurrent.futures.thread  # noqa: E402,F401  (gthread's pool; imported lazily otherwise, in every worker)
 import selectors  # noqa: E402
+from gunicorn import http as _gunicorn_http  # noqa: E402
+from gunicorn.http import wsgi as _gunicorn_wsgi  # noqa: E402
 from threading import RLock  # noqa: E402
 
 
@@ -170,6 +172,29 @@ class RoostWorker(ThreadWorker):
             prev = t
         self.log.info("first response %.2f ms after the fork (%s ms)", (prev - t0) * 1000, ", ".join(parts))
 
+    def _rehearse(self):
+        """Walk the request path once, without the app, before the first client: parse a
+        request, build its environ, write a response, and start a pool thread. A forked
+        worker pays a copy-on-write fault for every zygote page it writes (reference counts
+        included), and the first request would otherwise pay them all; a worker started
+        ahead of its request (a proxy's warm call) pays them while it waits."""
+        ours = theirs = None
+        try:
+            ours, theirs = socket.socketpair()
+            ours.sendall(b"GET /rehearsal HTTP/1.1\r\nHost: rehearsal\r\n\r\n")
+            req = next(_gunicorn_http.RequestParser(self.cfg, theirs, ""))
+            resp, _environ = _gunicorn_wsgi.create(req, theirs, "", "", self.cfg)
+            resp.start_response("204 No Content", [("Content-Length", "0")])
+            resp.write(b"")
+            resp.close()
+            self.tpool.submit(int).result()
+        except Exception as e:  # a rehearsal never stops a worker
+            self.log.debug("[roost] rehearsal skipped: %s", e)
+        finally:
+            for s in (ours, theirs):
+                if s is not None:
+                    s.close()
+
     def init_signals(self):
         for s in self.SIGNALS:
             signal.signal(s, signal.SIG_DFL)
@@ -192,6 +217,7 @@ class RoostWorker(ThreadWorker):
         # The lifeline is watched by the same loop as the socket: no thread of its own.
         self.poller.register(WORKER_LIFELINE_FD, selectors.EVENT_READ, self._lifeline_lost)
         self.wsgi = wsgi
+        self._rehearse()
         self.booted = True
         # Stopping (SIGTERM or a lost lifeline): the loop ends within a second, accepts
         # nothing more, and every connection already accepted is served before the exit;
