@@ -39,6 +39,8 @@ pub struct RequestCtx {
     request_id: String,
     ticket: Option<Ticket>,
     started: Instant,
+    /// A proxy's warm call, not a request: counted in `roost_agent_warm_calls_total` only.
+    warm_call: bool,
 }
 
 impl AgentHttp {
@@ -118,6 +120,7 @@ impl ProxyHttp for AgentHttp {
             request_id: String::new(),
             ticket: None,
             started: Instant::now(),
+            warm_call: false,
         }
     }
 
@@ -175,6 +178,7 @@ impl ProxyHttp for AgentHttp {
                 .await;
         };
         if session.req_header().headers.contains_key(headers::WARM) {
+            ctx.warm_call = true;
             return self.answer_warm_call(session, site, spec).await;
         }
         match self.supervisor.acquire(&site, &spec).await {
@@ -416,6 +420,9 @@ impl ProxyHttp for AgentHttp {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
         // Give the worker back first: the idle clock starts when the response is done.
         let reached_worker = ctx.ticket.take().is_some();
+        if ctx.warm_call {
+            return;
+        }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let class = status_class(status);
         self.metrics.count_request(
