@@ -18,13 +18,12 @@ The child, in an order that leaves nothing behind: joins the site's cgroups, sta
 session, sets its supplementary groups, gid and uid, no-new-privs and umask 027, keeps only
 fd 0 (/dev/null), 1 and 2 (the site's log), 3 (the listening socket) and 4 (the lifeline),
 replaces its environment with the site's, enters the site's directory as the user, puts it
-and its virtualenv's site-packages on sys.path, imports the app and serves it with
-gunicorn's gthread worker on the inherited socket (no arbiter). Workers outlive the zygote;
+and its virtualenv's site-packages on sys.path, imports the app and serves it on the
+inherited socket with `roost_worker.serve` (gunicorn's gthread worker, no arbiter). Workers outlive the zygote;
 they stop when the agent goes away (EOF on the lifeline, watched by the server's own loop).
 """
 
 import ctypes
-import errno
 import gc
 import importlib
 import json
@@ -37,9 +36,15 @@ import threading
 import time
 import traceback
 
+# The worker's server lives beside this script. -I keeps the script's directory off sys.path,
+# so it is put there for this one import only: a worker's sys.path is its site's alone.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import roost_worker  # noqa: E402  (the WSGI server: the first preload)
+from roost_worker import LISTEN_FD, WORKER_LIFELINE_FD  # noqa: E402
+
+del sys.path[0]
+
 CONTROL_FD, EVENTS_FD, LIFELINE_FD = 3, 4, 5
-# In a worker: the listening socket (SD_LISTEN_FDS_START) and the lifeline.
-LISTEN_FD, WORKER_LIFELINE_FD = 3, 4
 MAX_SPEC = 1 << 20
 PR_SET_NAME = 15
 PR_SET_NO_NEW_PRIVS = 38
@@ -80,160 +85,6 @@ def status_text(status):
     return "wait status %d" % status
 
 
-# --- the server inside a worker ------------------------------------------------------------
-
-from gunicorn.config import Config  # noqa: E402  (the WSGI server is the first preload)
-from gunicorn.glogging import Logger  # noqa: E402
-from gunicorn.workers import base as _gunicorn_base  # noqa: E402
-from gunicorn.workers.gthread import ThreadWorker  # noqa: E402
-import concurrent.futures.thread  # noqa: E402,F401  (gthread's pool; imported lazily otherwise, in every worker)
-import selectors  # noqa: E402
-from gunicorn import http as _gunicorn_http  # noqa: E402
-from gunicorn.http import wsgi as _gunicorn_wsgi  # noqa: E402
-from threading import RLock  # noqa: E402
-
-
-class _NoHeartbeat:
-    """gunicorn's WorkerTmp is a temp file the arbiter watches; there is no arbiter here."""
-
-    def __init__(self, cfg):
-        pass
-
-    def notify(self):
-        pass
-
-    def fileno(self):
-        return -1
-
-    def close(self):
-        pass
-
-
-# Boot timeline of this worker (perf_counter seconds), from the zygote's fork on: logged once,
-# with the first response, so an operator (and the benchmark) sees where a cold start went.
-_T = {}
-
-
-def _mark(phase):
-    _T.setdefault(phase, time.perf_counter())
-
-
-class RoostWorker(ThreadWorker):
-    """gunicorn's gthread worker without its arbiter.
-
-    Differences from the stock worker: no heartbeat file, no wake-up pipe, and no parent
-    check: the parent is the zygote, and a worker must outlive it; the lifeline ties the
-    worker to the agent instead.
-    """
-
-    def notify(self):
-        pass
-
-    def is_parent_alive(self):
-        return True
-
-    def _lifeline_lost(self, fd):
-        """EOF on the lifeline: the agent is gone (even SIGKILLed). Stop as on SIGTERM, and
-        let SIGALRM end the process if requests in flight outlast the grace period."""
-        try:
-            if os.read(fd, 64):
-                return  # the agent never writes; ignore
-        except BlockingIOError:
-            return
-        except OSError:
-            pass
-        with self._lock:
-            self.poller.unregister(fd)
-        self.log.info("[roost] the agent is gone; stopping")
-        self.alive = False
-        signal.alarm(int(self.cfg.graceful_timeout) + 1)
-
-    def accept(self, server, listener):
-        _mark("accept")
-        return super().accept(server, listener)
-
-    def handle_request(self, req, conn):
-        try:
-            return super().handle_request(req, conn)
-        finally:
-            if "response" not in _T:
-                _mark("response")
-                self._log_boot()
-
-    def _log_boot(self):
-        t0 = _T.get("fork")
-        if t0 is None:
-            return
-        phases = ("forked", "spec", "cgroup", "setup", "import", "server", "accept", "response")
-        prev, parts = t0, []
-        for p in phases:
-            t = _T.get(p, prev)
-            parts.append("%s %.2f" % (p, (t - prev) * 1000))
-            prev = t
-        self.log.info("first response %.2f ms after the fork (%s ms)", (prev - t0) * 1000, ", ".join(parts))
-
-    def _rehearse(self):
-        """Walk the request path once, without the app, before the first client: parse a
-        request, build its environ, write a response, and start a pool thread. A forked
-        worker pays a copy-on-write fault for every zygote page it writes (reference counts
-        included), and the first request would otherwise pay them all; a worker started
-        ahead of its request (a proxy's warm call) pays them while it waits."""
-        ours = theirs = None
-        try:
-            ours, theirs = socket.socketpair()
-            ours.sendall(b"GET /rehearsal HTTP/1.1\r\nHost: rehearsal\r\n\r\n")
-            req = next(_gunicorn_http.RequestParser(self.cfg, theirs, ""))
-            resp, _environ = _gunicorn_wsgi.create(req, theirs, "", "", self.cfg)
-            resp.start_response("204 No Content", [("Content-Length", "0")])
-            resp.write(b"")
-            resp.close()
-            self.tpool.submit(int).result()
-        except Exception as e:  # a rehearsal never stops a worker
-            self.log.debug("[roost] rehearsal skipped: %s", e)
-        finally:
-            for s in (ours, theirs):
-                if s is not None:
-                    s.close()
-
-    def init_signals(self):
-        for s in self.SIGNALS:
-            signal.signal(s, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, self.handle_exit)
-        signal.signal(signal.SIGQUIT, self.handle_quit)
-        signal.signal(signal.SIGINT, self.handle_quit)
-        signal.signal(signal.SIGABRT, self.handle_abort)
-        # SIGTERM must not interrupt a request's system calls.
-        signal.siginterrupt(signal.SIGTERM, False)
-
-    def serve(self, wsgi):
-        self.pid = os.getpid()
-        self.tpool = self.get_thread_pool()
-        # epoll, not poll(2): a kept-alive connection is registered by a pool thread while
-        # the main thread waits, and only epoll sees it at once (poll would wait out its
-        # 1 s timeout). Its fd is the one the worker opens itself.
-        self.poller = selectors.EpollSelector()
-        self._lock = RLock()
-        self.init_signals()
-        # The lifeline is watched by the same loop as the socket: no thread of its own.
-        self.poller.register(WORKER_LIFELINE_FD, selectors.EVENT_READ, self._lifeline_lost)
-        self.wsgi = wsgi
-        self._rehearse()
-        self.booted = True
-        # Stopping (SIGTERM or a lost lifeline): the loop ends within a second, accepts
-        # nothing more, and every connection already accepted is served before the exit;
-        # connections still in the backlog stay there for the next worker.
-        self.run()
-
-
-def _server_templates():
-    cfg = Config()
-    for k, v in (("worker_class", "gthread"), ("errorlog", "-"), ("loglevel", "info")):
-        cfg.set(k, v)
-    return cfg, Logger(cfg)
-
-
-_CFG, _LOG = _server_templates()
-_gunicorn_base.WorkerTmp = _NoHeartbeat
 
 
 # --- the worker: everything after the fork ------------------------------------------------------
@@ -313,7 +164,7 @@ def _load_app(app):
 
 def worker_main(chan_fd, zygote_socks):
     """Runs in the forked child; never returns."""
-    _mark("forked")
+    roost_worker.mark("forked")
     code = 1
     try:
         code = _worker(chan_fd, zygote_socks)
@@ -344,7 +195,7 @@ def _worker(chan_fd, zygote_socks):
     if not data:
         return 0  # the agent withdrew the request
     spec = json.loads(data)
-    _mark("spec")
+    roost_worker.mark("spec")
     if len(fds) != 2:
         raise RuntimeError("expected the listening socket and the log file, got %d fds" % len(fds))
     listen_fd, log_fd = _high(fds[0]), _high(fds[1])
@@ -353,7 +204,7 @@ def _worker(chan_fd, zygote_socks):
     # 1. The site's cgroups, before anything else runs or allocates.
     for path in spec["cgroup_procs"]:
         _join_cgroup(path)
-    _mark("cgroup")
+    roost_worker.mark("cgroup")
     # 2. A session of its own: the agent signals the worker's whole tree as -pid.
     os.setsid()
     # 3. Privileges: groups, gid, uid; then no way back.
@@ -379,45 +230,14 @@ def _worker(chan_fd, zygote_socks):
     host = spec["host"]
     set_name("roost:" + host)
     sys.argv = ["roost-worker", host]
-    _mark("setup")
+    roost_worker.mark("setup")
     _setup_path(spec["dir"], spec.get("virtualenv"))
     gc.enable()
     # 7. The app.
     app = _load_app(spec["app"])
-    _mark("import")
+    roost_worker.mark("import")
     # 8. Serve.
-    cfg = _CFG
-    cfg.set("threads", int(spec["threads"]))
-    cfg.set("graceful_timeout", int(spec["grace"]))
-    cfg.set("timeout", int(spec["timeout"]))
-    # More processes for `workers` > 1: forks of this one, app already imported, serving the
-    # same socket in the same session. The first one leads: the agent signals it, and it
-    # passes the stop on; the others stop when it is gone.
-    leader, others = os.getpid(), []
-    for _ in range(int(spec.get("workers", 1)) - 1):
-        pid = os.fork()
-        if pid == 0:
-            others = None
-            break
-        others.append(pid)
-    listener = socket.socket(fileno=LISTEN_FD)
-    worker = RoostWorker(0, os.getppid(), [listener], None, int(spec["timeout"]), cfg, _LOG)
-    if others is None:
-        worker.is_parent_alive = lambda: os.getppid() == leader
-    _LOG.info("Roost worker %s serving %s (threads %d, forked from the zygote)", os.getpid(), spec["app"], int(spec["threads"]))
-    _mark("server")
-    worker.serve(app)
-    for pid in others or ():
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except OSError:
-            pass
-    for pid in others or ():
-        try:
-            os.waitpid(pid, 0)
-        except OSError:
-            pass
-    _LOG.info("Worker exiting (pid: %s)", os.getpid())
+    roost_worker.serve(app, spec)
     return 0
 
 
@@ -485,8 +305,7 @@ def spare_main(sock, zygote_socks):
         msg, fds, _, _ = socket.recv_fds(sock, 4096, 1)
         if not msg or len(fds) != 1:
             os._exit(0)  # the zygote is gone (or never needed this spare)
-        _T.clear()
-        _T["fork"] = json.loads(msg)["t"]
+        roost_worker.start_timeline(json.loads(msg)["t"])
         sock.close()
     except BaseException:
         traceback.print_exc()
@@ -579,8 +398,7 @@ def fork(control, events, req_id, chan_fd, spare):
     # No reaping between fork and pidfd_open: the pid can't be recycled under the pidfd.
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
     try:
-        _T.clear()
-        _T["fork"] = t
+        roost_worker.start_timeline(t)
         pid = os.fork()
         if pid == 0:
             worker_main(chan_fd, (control, events))

@@ -1,7 +1,8 @@
 //! Zygotes: one preloaded fork server per base Python interpreter (DESIGN.md, decision 4).
 //!
-//! A zygote is `python -I roost_zygote.py` (the script is embedded in this binary and
-//! written to `<state-dir>/zygote/`), run as root with no site's code, data or privilege.
+//! A zygote is `python -I roost_zygote.py` (the script, and the worker's server module
+//! `roost_worker.py` beside it, are embedded in this binary and written to
+//! `<state-dir>/zygote/`), run as root with no site's code, data or privilege.
 //! It gets three fds: 3, a control socket (SOCK_SEQPACKET) on which the agent asks for a
 //! fork and gets back the child's pid and a pidfd; 4, an events socket on which it reports
 //! each child's exit status; 5, the lifeline: the read end of a pipe whose write end only
@@ -50,6 +51,8 @@ use super::socket::ensure_dir;
 
 /// The zygote's Python source, installed at start so the binary is self-contained.
 pub const SCRIPT: &str = include_str!("../../python/roost_zygote.py");
+/// The server a worker runs, a module the zygote imports from its own directory.
+const WORKER_MODULE: &str = include_str!("../../python/roost_worker.py");
 
 /// fds the zygote finds its channels on (see the script).
 const CONTROL_FD: RawFd = 3;
@@ -608,9 +611,16 @@ pub fn trusted_interpreter(interpreter: &Path) -> Result<PathBuf, String> {
 fn install_script(state_dir: &Path) -> io::Result<PathBuf> {
     let dir = state_dir.join("zygote");
     ensure_dir(&dir, 0o755)?;
-    let path = dir.join("roost_zygote.py");
-    let tmp = dir.join(format!(".roost_zygote.py.{}", std::process::id()));
-    fs::write(&tmp, SCRIPT)?;
+    // The module first: a zygote that starts between the two renames finds the new one.
+    install_file(&dir, "roost_worker.py", WORKER_MODULE)?;
+    install_file(&dir, "roost_zygote.py", SCRIPT)
+}
+
+/// Writes `contents` to `dir/name`, root's and world-readable, replacing it atomically.
+fn install_file(dir: &Path, name: &str, contents: &str) -> io::Result<PathBuf> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+    fs::write(&tmp, contents)?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644))?;
     nix::unistd::chown(
         &tmp,
@@ -648,5 +658,7 @@ mod tests {
     fn the_embedded_script_is_the_repo_file() {
         assert!(SCRIPT.contains("def worker_main"));
         assert!(SCRIPT.contains("PR_SET_NO_NEW_PRIVS"));
+        assert!(SCRIPT.contains("import roost_worker"));
+        assert!(WORKER_MODULE.contains("def serve(app, spec)"));
     }
 }
