@@ -198,6 +198,9 @@ impl Router {
             }
             if !Arc::ptr_eq(&n, &last_nodes) {
                 node_set = Arc::new(node_set_of(&n));
+                // A node that left etcd is no longer anyone's suspect (or the gauge would
+                // report it until its deadline, and an alert on it would fire for nothing).
+                self.suspects.keep_only(|id| n.items.contains_key(id));
             }
             last_sites = s;
             last_nodes = n;
@@ -253,6 +256,16 @@ impl Suspects {
         }
         let mut until = self.until.lock().unwrap_or_else(|e| e.into_inner());
         until.remove(node);
+        self.any.store(!until.is_empty(), Ordering::Release);
+    }
+
+    /// Forget every suspect for which `present` is false (nodes gone from the node set).
+    fn keep_only(&self, present: impl Fn(&str) -> bool) {
+        if !self.any.load(Ordering::Acquire) {
+            return;
+        }
+        let mut until = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        until.retain(|id, _| present(id));
         self.any.store(!until.is_empty(), Ordering::Release);
     }
 
@@ -353,6 +366,19 @@ mod tests {
         let demoted = router.ranked(&t, route);
         assert_eq!(demoted.last().unwrap().0, cached[0].0);
         assert_eq!(t.ranked_addrs(route)[0].0, cached[0].0);
+    }
+
+    #[test]
+    fn a_node_that_leaves_the_node_set_is_no_longer_counted_as_suspect() {
+        let s = Suspects::new(Duration::from_secs(60));
+        s.mark("gone");
+        s.mark("kept");
+        assert_eq!(s.count(), 2);
+        s.keep_only(|id| id == "kept");
+        assert_eq!(s.count(), 1);
+        s.keep_only(|_| false);
+        assert_eq!(s.count(), 0);
+        assert!(!s.any(), "nothing left to demote: the fast path is back");
     }
 
     #[test]

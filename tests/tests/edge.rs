@@ -294,6 +294,7 @@ fn a_dead_agent_fails_over_to_the_next_node_of_the_ranking() {
     let second = edge
         .served_by("failover-2")
         .expect("no agent logged failover-2");
+    let suspected_at = Instant::now();
     assert_ne!(second, first, "served by the dead node?");
     assert!(p.log().contains("node unreachable; trying the next node"));
     let retries = p.metric("roost_proxy_failovers_total").unwrap();
@@ -318,6 +319,23 @@ fn a_dead_agent_fails_over_to_the_next_node_of_the_ranking() {
         "a suspect node was tried first"
     );
     assert!(p.metric("roost_proxy_suspect_nodes").unwrap() >= 1.0);
+
+    // When the dead node leaves etcd (its lease expires; deleted here to save the wait), it
+    // stops being anyone's suspect at once, well before its 10 s of suspicion would end.
+    let dead = edge.agents[victim].id.clone();
+    let out = edge.etcd.etcdctl(&["del", &format!("/roost/nodes/{dead}")]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        wait_until(Duration::from_secs(5), || p
+            .metric("roost_proxy_suspect_nodes")
+            == Some(0.0)),
+        "a node gone from etcd is still counted as suspect: {:?}",
+        p.metric("roost_proxy_suspect_nodes")
+    );
+    assert!(
+        suspected_at.elapsed() < Duration::from_secs(10),
+        "the gauge fell only when the suspicion expired"
+    );
 }
 
 #[test]
