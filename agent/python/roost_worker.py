@@ -52,6 +52,10 @@ class _NoHeartbeat:
 _T = {}
 
 
+# Called once, after the first response (the zygote sets it: the module report, issue 14).
+after_first_response = lambda: None  # noqa: E731
+
+
 def mark(phase):
     _T.setdefault(phase, time.perf_counter())
 
@@ -103,6 +107,7 @@ class RoostWorker(ThreadWorker):
             if "response" not in _T:
                 mark("response")
                 self._log_boot()
+                after_first_response()
 
     def _log_boot(self):
         t0 = _T.get("fork")

@@ -45,6 +45,9 @@ from roost_worker import LISTEN_FD, WORKER_LIFELINE_FD  # noqa: E402
 del sys.path[0]
 
 CONTROL_FD, EVENTS_FD, LIFELINE_FD = 3, 4, 5
+# In a worker, until its first response: the channel the agent sent its spec on, for the
+# report of the modules it imported (issue 14).
+REPORT_FD = 5
 MAX_SPEC = 1 << 20
 PR_SET_NAME = 15
 PR_SET_NO_NEW_PRIVS = 38
@@ -191,7 +194,7 @@ def _worker(chan_fd, zygote_socks):
         s.detach()
     chan = socket.socket(fileno=chan_fd)
     data, fds, _, _ = socket.recv_fds(chan, MAX_SPEC, 2)
-    chan.close()
+    report_fd = _high(chan.detach())  # fd 5 below: the module report (issue 14)
     if not data:
         return 0  # the agent withdrew the request
     spec = json.loads(data)
@@ -213,13 +216,14 @@ def _worker(chan_fd, zygote_socks):
     os.setresuid(spec["uid"], spec["uid"], spec["uid"])
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     os.umask(0o027)
-    # 4. fds: 0 /dev/null, 1-2 the site's log, 3 the socket, 4 the lifeline; nothing else.
+    # 4. fds: 0 /dev/null, 1-2 the site's log, 3 the socket, 4 the lifeline, 5 the module
+    # report (closed after the first response); nothing else.
     sys.stdout.flush()
     sys.stderr.flush()
     devnull = _high(os.open("/dev/null", os.O_RDWR))
-    for src, dst in ((devnull, 0), (log_fd, 1), (log_fd, 2), (listen_fd, LISTEN_FD), (lifeline_fd, WORKER_LIFELINE_FD)):
+    for src, dst in ((devnull, 0), (log_fd, 1), (log_fd, 2), (listen_fd, LISTEN_FD), (lifeline_fd, WORKER_LIFELINE_FD), (report_fd, REPORT_FD)):
         os.dup2(src, dst, inheritable=dst < 3)
-    os.closerange(WORKER_LIFELINE_FD + 1, 1 << 20)
+    os.closerange(REPORT_FD + 1, 1 << 20)
     # 5. The site's environment and nothing else.
     os.environ.clear()
     for k, v in spec["env"]:
@@ -239,6 +243,319 @@ def _worker(chan_fd, zygote_socks):
     # 8. Serve.
     roost_worker.serve(app, spec)
     return 0
+
+
+# --- learning: which of the interpreter's modules a site imported (issue 14) -------------------
+#
+# After its first response a worker tells the agent, on its spec channel (fd 5), which
+# modules it imported that come from the interpreter's own, root-owned paths: the stdlib and
+# the system's dist-packages, never the site's directory or virtualenv. The agent groups the
+# reports into framework sets and starts a framework zygote for a set that several sites
+# share. The report comes from tenant code: the agent checks it, and every module goes
+# through a probe (below) before a zygote imports it.
+
+# The base zygote's modules (set in main): a worker reports only what it added to them.
+BASE_MODULES = frozenset()
+# (directory, kind) of the interpreter's own sys.path under -I, longest first; kind is
+# "third_party" for dist-/site-packages, else "stdlib".
+ROOT_PATHS = ()
+REPORT_MAX_MODULES = 2000
+REPORT_MAX_BYTES = 60000
+
+
+def _root_paths():
+    out = []
+    for p in sys.path:
+        if not p or not os.path.isabs(p):
+            continue
+        p = os.path.normpath(p)
+        kind = "third_party" if os.path.basename(p) in ("dist-packages", "site-packages") else "stdlib"
+        out.append((p + "/", kind))
+    out.sort(key=lambda e: -len(e[0]))
+    return tuple(out)
+
+
+def _kind_of(path):
+    for prefix, kind in ROOT_PATHS:
+        if path.startswith(prefix):
+            return kind
+    return None
+
+
+def _importable_name(name):
+    """A dotted name of identifiers: what the agent accepts (a few modules are loaded under
+    other names, e.g. `_sysconfigdata__x86_64-linux-gnu`; they are not worth preloading)."""
+    return name.isascii() and all(part.isidentifier() for part in name.split("."))
+
+
+def imported_modules():
+    """{"third_party": [...], "stdlib": [...]}: modules this process imported beyond the
+    base zygote's, from the interpreter's own paths, in import order."""
+    found = {"third_party": [], "stdlib": []}
+    for name, mod in list(sys.modules.items()):
+        if name in BASE_MODULES or mod is None or not _importable_name(name):
+            continue
+        path = getattr(mod, "__file__", None)
+        if not isinstance(path, str):
+            continue  # built in, or a namespace package: nothing to preload
+        kind = _kind_of(os.path.normpath(path))
+        if kind is not None:
+            found[kind].append(name)
+    return found
+
+
+def report_modules():
+    """Runs once in a worker after its first response (roost_worker's hook): send the report,
+    bounded, and close the channel."""
+    try:
+        found = imported_modules()
+        for kind in found:
+            found[kind] = found[kind][:REPORT_MAX_MODULES]
+        msg = json.dumps(found, separators=(",", ":")).encode()
+        while len(msg) > REPORT_MAX_BYTES:  # very large apps: keep the start of each list
+            for kind in found:
+                found[kind] = found[kind][: len(found[kind]) * 3 // 4]
+            msg = json.dumps(found, separators=(",", ":")).encode()
+        s = socket.socket(fileno=os.dup(REPORT_FD))
+        try:
+            s.send(msg)
+        finally:
+            s.close()
+    except OSError:
+        pass  # the agent stopped listening (it reads one report per worker)
+    finally:
+        try:
+            os.close(REPORT_FD)
+        except OSError:
+            pass
+
+
+# --- probes and framework zygotes ----------------------------------------------------------------
+#
+# A probe is a child of the base zygote (root, like it, with no site's anything) that imports
+# candidate modules one by one and watches each import: a module that fails, starts a thread,
+# leaves a new fd open, creates a socket or reads a settings variable from the environment is
+# left out, with everything its import brought in (removed from sys.modules, so a later module
+# that needs it imports it again and is judged by the same effects). Only modules whose files
+# lie under the interpreter's own paths, owned by root and writable by no one else, are
+# imported at all. The probe answers with the modules it kept, and exits.
+
+SETTINGS_MARKERS = ("SETTINGS", "_CONFIG")
+
+
+def _owned_by_root(path):
+    """`path` and every directory above it are root's and writable only by root."""
+    p = os.path.normpath(path)
+    while True:
+        try:
+            st = os.lstat(p)
+        except OSError:
+            return False
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            return False
+        if p == "/":
+            return True
+        p = os.path.dirname(p)
+
+
+def _origin_problem(name):
+    """Why `name` may not be imported by root, or None. Its parents are imported already."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except BaseException as e:
+        return "import_error", "%s: %s" % (type(e).__name__, e)
+    if spec is None:
+        return "import_error", "not found"
+    places = [spec.origin] if spec.has_location and spec.origin else list(spec.submodule_search_locations or [])
+    if not places:
+        return "not_root_owned", "no file (%s)" % (spec.origin,)
+    for place in places:
+        real = os.path.realpath(place)
+        if _kind_of(real) is None or not _owned_by_root(real):
+            return "not_root_owned", "%s is outside the interpreter's root-owned paths" % place
+    return None
+
+
+class _Watch:
+    """What one import did: threads, fds, sockets, environment reads."""
+
+    env_reads = []
+    sockets = 0
+
+    @classmethod
+    def install(cls):
+        """Watch the environment and socket creation; returns the function that stops it
+        (a framework zygote must not pass the watch on to its workers)."""
+        environ_type = type(os.environ)
+        getitem, init = environ_type.__getitem__, socket.socket.__init__
+
+        def watched_getitem(self, key):
+            cls.env_reads.append(key)
+            return getitem(self, key)
+
+        def watched_init(self, *a, **kw):
+            cls.sockets += 1
+            init(self, *a, **kw)
+
+        environ_type.__getitem__ = watched_getitem
+        socket.socket.__init__ = watched_init
+
+        def restore():
+            environ_type.__getitem__ = getitem
+            socket.socket.__init__ = init
+
+        return restore
+
+    def __init__(self):
+        self.fds = set(os.listdir("/proc/self/fd"))
+        self.tasks = len(os.listdir("/proc/self/task"))
+        _Watch.env_reads = []
+        _Watch.sockets = 0
+
+    def problem(self):
+        settings = sorted({k for k in _Watch.env_reads if isinstance(k, str) and any(m in k.upper() for m in SETTINGS_MARKERS)})
+        if settings:
+            return "reads_settings", "reads %s from the environment" % ", ".join(settings)
+        if len(os.listdir("/proc/self/task")) > self.tasks:
+            return "starts_thread", "started a thread"
+        if _Watch.sockets:
+            return "opens_socket", "created a socket"
+        new = set(os.listdir("/proc/self/fd")) - self.fds
+        # (listdir's own fd is in both lists, at the same number unless the import kept one)
+        if new:
+            targets = []
+            for fd in sorted(new):
+                try:
+                    targets.append(os.readlink("/proc/self/fd/" + fd))
+                except OSError:
+                    pass
+            return "opens_fd", "left fds open (%s)" % ", ".join(targets)
+        return None
+
+
+def probe_modules(modules):
+    """Import `modules` in order, in this (throwaway) process; returns (kept, left_out), with
+    left_out a list of {"module", "reason", "detail"}."""
+    import importlib
+
+    restore = _Watch.install()
+    try:
+        return _probe_each(modules, importlib)
+    finally:
+        restore()
+        _Watch.env_reads = []
+
+
+def _probe_each(modules, importlib):
+    kept, left_out, refused = [], [], set()
+    for name in modules:
+        parent = name.rpartition(".")[0]
+        while parent:
+            if parent in refused:
+                break
+            parent = parent.rpartition(".")[0]
+        if parent:
+            refused.add(name)
+            continue  # its package was left out: so is it (not reported again)
+        if name in sys.modules:
+            kept.append(name)  # imported by an earlier module, which passed
+            continue
+        before = set(sys.modules)
+        problem = _origin_problem(name)
+        if problem is None:
+            watch = _Watch()
+            error = None
+            try:
+                importlib.import_module(name)
+            except BaseException as e:
+                error = "import_error", "%s: %s" % (type(e).__name__, str(e)[:200])
+            effect = watch.problem()
+            # A failure that came from reading settings is reported as that.
+            problem = effect if effect and (error is None or effect[0] == "reads_settings") else error
+        if problem is None:
+            kept.append(name)
+            continue
+        refused.add(name)
+        left_out.append({"module": name, "reason": problem[0], "detail": problem[1]})
+        for m in set(sys.modules) - before:
+            del sys.modules[m]
+    return kept, left_out
+
+
+def _receive_request(chan_fd, max_fds):
+    chan = socket.socket(fileno=chan_fd)
+    data, fds, _, _ = socket.recv_fds(chan, MAX_SPEC, max_fds)
+    if not data:
+        os._exit(0)  # the agent withdrew the request
+    return chan, json.loads(data), fds
+
+
+def probe_main(chan_fd, zygote_socks):
+    """A probe's life; never returns."""
+    code = 1
+    try:
+        for s in zygote_socks:
+            s.detach()
+        set_name("roost-probe")
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        chan, req, _ = _receive_request(chan_fd, 0)
+        kept, left_out = probe_modules(req["modules"])
+        paths = [p.rstrip("/") for p, _ in ROOT_PATHS]  # the agent's fingerprint of them
+        chan.send(json.dumps({"kept": kept, "left_out": left_out, "paths": paths}).encode())
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def framework_main(chan_fd, zygote_socks):
+    """A framework zygote: imports its framework's modules (all probed already), checks that
+    this left no thread and no fd behind, then serves fork requests like the base zygote, on
+    the control and events sockets the agent sent with the request. Never returns."""
+    code = 1
+    try:
+        for s in zygote_socks:
+            s.detach()
+        set_name("roost-zygote-fw")
+        # Out of the way of fds 3 and 4 first (a spare closed them: the channel may be 3).
+        chan, req, fds = _receive_request(_high(chan_fd), 2)
+        if len(fds) != 2:
+            raise RuntimeError("expected the control and events sockets, got %d fds" % len(fds))
+        control, events = _high(fds[0]), _high(fds[1])
+        os.dup2(control, CONTROL_FD)
+        os.dup2(events, EVENTS_FD)
+        for fd in os.listdir("/proc/self/fd"):
+            if int(fd) > LIFELINE_FD and int(fd) != chan.fileno():
+                try:
+                    os.close(int(fd))
+                except OSError:
+                    pass
+        watch = _Watch()
+        kept, left_out = probe_modules(req["modules"])
+        problem = watch.problem() if not left_out else ("changed", "%d modules failed again" % len(left_out))
+        if problem is not None:
+            chan.send(json.dumps({"error": "%s: %s" % problem, "left_out": left_out}).encode())
+            return
+        gc.collect()
+        gc.freeze()  # shared copy-on-write with every worker, as in the base zygote
+        chan.send(json.dumps({"ready": True, "modules": len(kept)}).encode())
+        chan.close()
+        log("framework zygote ready: %d modules (%s)" % (len(kept), ", ".join(req.get("packages", []))))
+        code = serve_forks(socket.socket(fileno=CONTROL_FD), socket.socket(fileno=EVENTS_FD))
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+CHILD_ROLES = {"worker": worker_main, "probe": probe_main, "framework": framework_main}
 
 
 # --- the zygote ------------------------------------------------------------------------------
@@ -305,21 +622,31 @@ def spare_main(sock, zygote_socks):
         msg, fds, _, _ = socket.recv_fds(sock, 4096, 1)
         if not msg or len(fds) != 1:
             os._exit(0)  # the zygote is gone (or never needed this spare)
-        roost_worker.start_timeline(json.loads(msg)["t"])
+        handover = json.loads(msg)
+        roost_worker.start_timeline(handover["t"])
+        role = CHILD_ROLES.get(handover.get("role", "worker"), worker_main)
         sock.close()
     except BaseException:
         traceback.print_exc()
         os._exit(1)
-    worker_main(fds[0], ())
+    role(fds[0], ())
 
 
 def main():
+    global BASE_MODULES, ROOT_PATHS
     modules = json.loads(sys.argv[1]) if len(sys.argv) > 1 else []
     set_name("roost-zygote")
-    control = socket.socket(fileno=CONTROL_FD)
-    events = socket.socket(fileno=EVENTS_FD)
-    events.setblocking(False)
+    ROOT_PATHS = _root_paths()
+    roost_worker.after_first_response = report_modules
     preload(modules)
+    BASE_MODULES = frozenset(sys.modules)
+    return serve_forks(socket.socket(fileno=CONTROL_FD), socket.socket(fileno=EVENTS_FD))
+
+
+def serve_forks(control, events):
+    """The fork server's loop (the base zygote's, and a framework zygote's); returns the
+    exit code."""
+    events.setblocking(False)
     # Everything imported so far is shared, copy-on-write, with every worker: keep the
     # collector from touching (and so copying) it.
     gc.collect()
@@ -340,6 +667,8 @@ def main():
                 pass  # the agent is not listening; its pidfd still tells it the worker exited
 
     signal.signal(signal.SIGCHLD, reap)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    reap()  # children that ended before the handler was ours
     poller = select.poll()
     poller.register(CONTROL_FD, select.POLLIN)
     poller.register(LIFELINE_FD, select.POLLIN)
@@ -362,21 +691,23 @@ def main():
                 log("control socket closed; exiting")
                 return 0
             req = json.loads(msg)
-            if req.get("op") != "fork" or len(fds) != 1:
+            role = req.get("role", "worker")
+            if req.get("op") != "fork" or len(fds) != 1 or role not in CHILD_ROLES:
                 for fd_ in fds:
                     os.close(fd_)
                 control.send(json.dumps({"id": req.get("id"), "error": "bad request"}).encode())
                 continue
-            spare = fork(control, events, req["id"], fds[0], spare)
+            spare = fork(control, events, req["id"], fds[0], spare, role)
 
 
-def fork(control, events, req_id, chan_fd, spare):
-    """Answer a fork request: hand the channel to the spare, or fork a child for it.
-    Returns the spare that is left (None: make a new one when idle)."""
+def fork(control, events, req_id, chan_fd, spare, role="worker"):
+    """Answer a fork request: hand the channel to the spare, or fork a child for it; the
+    child becomes a worker, a probe or a framework zygote (`role`). Returns the spare that
+    is left (None: make a new one when idle)."""
     t = time.perf_counter()
     if spare is not None:
         try:
-            socket.send_fds(spare.sock, [json.dumps({"t": t}).encode()], [chan_fd])
+            socket.send_fds(spare.sock, [json.dumps({"t": t, "role": role}).encode()], [chan_fd])
         except OSError:
             handed = False  # the spare died; fork instead
         else:
@@ -401,7 +732,7 @@ def fork(control, events, req_id, chan_fd, spare):
         roost_worker.start_timeline(t)
         pid = os.fork()
         if pid == 0:
-            worker_main(chan_fd, (control, events))
+            CHILD_ROLES[role](chan_fd, (control, events))
         os.close(chan_fd)
         fds = []
         try:

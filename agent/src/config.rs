@@ -101,6 +101,12 @@ struct FileConfig {
     cpu_weight: Option<u32>,
     default_io_weight: Option<u32>,
     default_max_concurrent_requests: Option<u32>,
+    frameworks: Option<bool>,
+    frameworks_max: Option<usize>,
+    frameworks_min_sites: Option<usize>,
+    frameworks_max_rss_mb: Option<u64>,
+    frameworks_pin: Option<Vec<String>>,
+    frameworks_forbid: Option<Vec<String>>,
 }
 
 /// See [`Config::work_stealing`] and BENCHMARKS.md for why this is the default.
@@ -160,6 +166,70 @@ pub struct Config {
     pub worker_nofile: u64,
     /// CPU, I/O and concurrency limits for sites whose record names none (issue 10).
     pub site_limits: SiteLimitDefaults,
+    /// Framework zygotes learnt from what sites import (issue 14, `launch/frameworks.rs`).
+    pub frameworks: FrameworkSettings,
+}
+
+/// Zero-config framework preloading (docs/first-hit.md). Fixed at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameworkSettings {
+    /// Learn framework sets and keep framework zygotes at all.
+    pub enabled: bool,
+    /// Framework zygotes at most (each a process of tens of MB).
+    pub max_sets: usize,
+    /// Sites that must share a set before it gets a zygote.
+    pub min_sites: usize,
+    /// A framework zygote larger than this (RSS) is stopped and its set not built again.
+    pub max_rss_bytes: u64,
+    /// Modules added to every set whose packages include their top-level package (still probed).
+    pub pin: Vec<String>,
+    /// Modules (and everything below them) never preloaded.
+    pub forbid: Vec<String>,
+}
+
+impl Default for FrameworkSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_sets: 4,
+            min_sites: 2,
+            max_rss_bytes: 256 << 20,
+            pin: Vec::new(),
+            forbid: Vec::new(),
+        }
+    }
+}
+
+impl FrameworkSettings {
+    fn from_file(file: &FileConfig) -> Result<Self> {
+        let d = Self::default();
+        let s = Self {
+            enabled: file.frameworks.unwrap_or(d.enabled),
+            max_sets: file.frameworks_max.unwrap_or(d.max_sets),
+            min_sites: file.frameworks_min_sites.unwrap_or(d.min_sites),
+            max_rss_bytes: file
+                .frameworks_max_rss_mb
+                .map(|mb| mb << 20)
+                .unwrap_or(d.max_rss_bytes),
+            pin: file.frameworks_pin.clone().unwrap_or_default(),
+            forbid: file.frameworks_forbid.clone().unwrap_or_default(),
+        };
+        if s.max_sets > 64 {
+            anyhow::bail!("frameworks_max: {} is more than 64", s.max_sets);
+        }
+        if s.min_sites == 0 {
+            anyhow::bail!("frameworks_min_sites: must be at least 1");
+        }
+        for (key, names) in [("frameworks_pin", &s.pin), ("frameworks_forbid", &s.forbid)] {
+            if let Some(bad) = names
+                .iter()
+                .find(|n| !crate::launch::frameworks::valid_module_name(n))
+            {
+                anyhow::bail!("{key}: {bad:?} is not a dotted Python module name");
+            }
+        }
+        Ok(s)
+    }
 }
 
 /// Per-site limits a site record may override. Weights are cgroup v2's scale (1..=10000,
@@ -257,6 +327,7 @@ impl Config {
             ("capacity", new.capacity != self.capacity),
             ("cgroups", new.cgroups != self.cgroups),
             ("preload", new.preload != self.preload),
+            ("frameworks*", new.frameworks != self.frameworks),
             ("worker_nofile", new.worker_nofile != self.worker_nofile),
             (
                 "request_threads",
@@ -284,6 +355,7 @@ impl Config {
         new.capacity = self.capacity;
         new.cgroups = self.cgroups;
         new.preload = self.preload.clone();
+        new.frameworks = self.frameworks.clone();
         new.worker_nofile = self.worker_nofile;
         new.request_threads = self.request_threads;
         new.work_stealing = self.work_stealing;
@@ -296,6 +368,7 @@ impl Config {
             None => FileConfig::default(),
         };
         let site_limits = SiteLimitDefaults::from_file(&file)?;
+        let frameworks = FrameworkSettings::from_file(&file)?;
         let node_id = args
             .node_id
             .or(file.node_id)
@@ -403,6 +476,7 @@ impl Config {
                 .unwrap_or_else(|| vec![roost_proto::site::DEFAULT_PYTHON.into()]),
             worker_nofile: file.worker_nofile.unwrap_or(4096).max(64),
             site_limits,
+            frameworks,
         })
     }
 }

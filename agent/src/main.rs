@@ -73,7 +73,7 @@ fn main() -> Result<()> {
     );
     // Zygotes before any request thread exists: the manager thread that forks them lives
     // as long as the agent (their parent-death signal follows it).
-    if let Err(e) = launch::zygote::init(&cfg.state_dir, &cfg.preload) {
+    if let Err(e) = launch::zygote::init(&cfg.state_dir, &cfg.preload, &cfg.frameworks) {
         warn!(error = %e, "cannot start zygotes; every worker will be started directly");
     }
     let registration = Registration::new(cfg.clone());

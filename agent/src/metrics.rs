@@ -83,6 +83,102 @@ pub struct Metrics {
     site_memory_bytes: IntGaugeVec,
     site_memory_limit_bytes: IntGaugeVec,
     site_cpu_seconds: CounterVec,
+    frameworks: FrameworkMetrics,
+}
+
+/// The framework zygotes (issue 14), read from `launch::framework_zygotes` at each scrape.
+/// Per-framework series (`framework` label: the set's packages) exist while its zygote
+/// does, at most `frameworks_max` of them.
+struct FrameworkMetrics {
+    zygotes: IntGauge,
+    modules: IntGaugeVec,
+    rss_bytes: IntGaugeVec,
+    pid: IntGaugeVec,
+    left_out: IntCounterVec,
+    forks: IntCounterVec,
+    reports_refused: IntCounter,
+}
+
+impl FrameworkMetrics {
+    fn new() -> Self {
+        let per_framework = |name: &str, help: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &["framework"]).expect("valid metric")
+        };
+        Self {
+            zygotes: gauge(
+                "roost_agent_framework_zygotes",
+                "Framework zygotes running: forks of a base zygote that preload a framework several sites share",
+            ),
+            modules: per_framework(
+                "roost_agent_framework_zygote_modules",
+                "Modules a framework zygote preloaded, per framework (its packages)",
+            ),
+            rss_bytes: per_framework(
+                "roost_agent_framework_zygote_rss_bytes",
+                "Resident memory of a framework zygote, per framework",
+            ),
+            pid: per_framework(
+                "roost_agent_framework_zygote_pid",
+                "Process id of a framework zygote, per framework (its workers' parent)",
+            ),
+            left_out: counter_vec(
+                "roost_agent_framework_modules_left_out_total",
+                "Modules kept out of framework zygotes, by reason (failed to import, side effect, not root's, forbidden)",
+                "reason",
+            ),
+            forks: counter_vec(
+                "roost_agent_zygote_forks_total",
+                "Workers forked from a zygote, by zygote (base: the interpreter's; framework: one that preloads the site's framework)",
+                "zygote",
+            ),
+            reports_refused: counter(
+                "roost_agent_framework_reports_refused_total",
+                "Workers' module reports refused as malformed (too large, bad names)",
+            ),
+        }
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        vec![
+            Box::new(self.zygotes.clone()),
+            Box::new(self.modules.clone()),
+            Box::new(self.rss_bytes.clone()),
+            Box::new(self.pid.clone()),
+            Box::new(self.left_out.clone()),
+            Box::new(self.forks.clone()),
+            Box::new(self.reports_refused.clone()),
+        ]
+    }
+
+    fn refresh(&self) {
+        let Some(fw) = crate::launch::zygote::global().and_then(|z| z.frameworks()) else {
+            return;
+        };
+        let stats = fw.stats();
+        self.zygotes.set(stats.zygotes.len() as i64);
+        self.modules.reset();
+        self.rss_bytes.reset();
+        self.pid.reset();
+        for (name, pid, modules, rss) in &stats.zygotes {
+            self.modules.with_label_values(&[name]).set(*modules as i64);
+            self.rss_bytes.with_label_values(&[name]).set(*rss as i64);
+            self.pid.with_label_values(&[name]).set(*pid as i64);
+        }
+        let catch_up = |c: &IntCounter, total: u64| {
+            if total > c.get() {
+                c.inc_by(total - c.get());
+            }
+        };
+        for (reason, n) in stats.left_out {
+            catch_up(&self.left_out.with_label_values(&[reason]), n);
+        }
+        catch_up(&self.forks.with_label_values(&["base"]), stats.forks_base);
+        catch_up(
+            &self.forks.with_label_values(&["framework"]),
+            stats.forks_framework,
+        );
+        catch_up(&self.reports_refused, stats.reports_refused);
+    }
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -251,8 +347,9 @@ impl Metrics {
                 &["site"],
             )
             .expect("valid metric"),
+            frameworks: FrameworkMetrics::new(),
         };
-        let collectors: Vec<Box<dyn Collector>> = vec![
+        let mut collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.requests.clone()),
             Box::new(m.rejected.clone()),
             Box::new(m.admin_refused.clone()),
@@ -284,6 +381,7 @@ impl Metrics {
             Box::new(m.site_memory_limit_bytes.clone()),
             Box::new(m.site_cpu_seconds.clone()),
         ];
+        collectors.extend(m.frameworks.collectors());
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
         }
@@ -306,6 +404,12 @@ impl Metrics {
         }
         for state in WORKER_STATES {
             m.workers.with_label_values(&[state]);
+        }
+        for reason in crate::launch::framework_zygotes::LEFT_OUT_REASONS {
+            m.frameworks.left_out.with_label_values(&[reason]);
+        }
+        for zygote in ["base", "framework"] {
+            m.frameworks.forks.with_label_values(&[zygote]);
         }
         m
     }
@@ -386,6 +490,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
+        self.frameworks.refresh();
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         buf

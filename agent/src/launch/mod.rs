@@ -8,11 +8,15 @@
 //!   socket (`socket.rs`), user (`users.rs`) and cgroup (`cgroup.rs`), then a worker forked
 //!   from its interpreter's zygote (`zygote.rs`, with `fdpass.rs`; the Python side is
 //!   `agent/python/roost_zygote.py`) or started directly (`direct.rs`).
+//! - `frameworks.rs` (which frameworks sites share) and `framework_zygotes.rs` (the zygotes
+//!   that preload them): the second level of the zygote tree.
 //! - `watchdog.rs`: the RSS fallback for nodes without cgroups.
 
 pub mod cgroup;
 pub mod direct;
 pub mod fdpass;
+pub mod framework_zygotes;
+pub mod frameworks;
 pub mod interpreters;
 pub mod rlimit;
 pub mod socket;

@@ -19,6 +19,12 @@
 //! a request to hand it the channel; a fork request then costs a message, not a fork, and
 //! the next spare is forked once the zygote has been idle for a moment.
 //!
+//! Below the base zygotes are *framework zygotes* (`framework_zygotes.rs`): forks of a base
+//! zygote that have imported a framework several sites share, learnt from what workers
+//! report after their first response on their spec channel (which the agent keeps open for
+//! that). A site whose last run used a framework forks from its framework zygote; when
+//! there is none, or it fails the fork, from the base zygote.
+//!
 //! Workers are not the agent's children: their exit is learnt from the pidfd (readable when
 //! the process ends, whoever its parent is) and their status from the zygote's report.
 //! Workers outlive their zygote; a zygote that dies is restarted by the manager thread,
@@ -47,7 +53,9 @@ use tracing::{debug, info, warn};
 
 use super::direct::{check, worker_env, Launch};
 use super::fdpass::{pidfd_open, recv_with_fds, send_with_fds, set_timeouts};
+use super::framework_zygotes::{FrameworkZygote, Frameworks};
 use super::socket::ensure_dir;
+use crate::config::FrameworkSettings;
 
 /// The zygote's Python source, installed at start so the binary is self-contained.
 pub const SCRIPT: &str = include_str!("../../python/roost_zygote.py");
@@ -59,7 +67,7 @@ const CONTROL_FD: RawFd = 3;
 const EVENTS_FD: RawFd = 4;
 const LIFELINE_FD: RawFd = 5;
 /// How long a fork request may take, including a fresh zygote's preloading.
-const FORK_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const FORK_TIMEOUT: Duration = Duration::from_secs(10);
 /// A zygote that dies sooner than this after its start counts as failing to start.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -75,8 +83,15 @@ pub fn global() -> Option<&'static Arc<Zygotes>> {
 
 /// Install the script, create the lifeline, start the manager and the system
 /// interpreter's zygote (so the first cold start finds it warm).
-pub fn init(state_dir: &Path, preload: &[String]) -> io::Result<Arc<Zygotes>> {
+/// Then the framework zygotes of the state file (`framework_zygotes.rs`).
+pub fn init(
+    state_dir: &Path,
+    preload: &[String],
+    frameworks: &FrameworkSettings,
+) -> io::Result<Arc<Zygotes>> {
     let zygotes = Zygotes::start(state_dir, preload)?;
+    let fw = Frameworks::start(frameworks.clone(), state_dir, Arc::downgrade(&zygotes))?;
+    let _ = zygotes.frameworks.set(fw);
     let _ = GLOBAL.set(zygotes.clone());
     Ok(zygotes)
 }
@@ -86,6 +101,7 @@ pub struct Zygotes {
     live: Mutex<HashMap<PathBuf, Arc<Zygote>>>,
     manager: Mutex<mpsc::Sender<Start>>,
     exits: Arc<ExitBoard>,
+    frameworks: OnceLock<Arc<Frameworks>>,
     /// The lifeline's write end: held, never written, never inherited; closed only by the
     /// kernel when the agent exits.
     _lifeline: OwnedFd,
@@ -114,6 +130,7 @@ impl Zygotes {
             live: Mutex::new(HashMap::new()),
             manager: Mutex::new(tx),
             exits: Arc::new(ExitBoard::default()),
+            frameworks: OnceLock::new(),
             _lifeline: lifeline_write,
         });
         let manager = Manager {
@@ -135,6 +152,20 @@ impl Zygotes {
             }
         }
         Ok(zygotes)
+    }
+
+    /// The framework zygotes and what the agent learnt of them.
+    pub fn frameworks(&self) -> Option<&Arc<Frameworks>> {
+        self.frameworks.get()
+    }
+
+    pub(super) fn exit_board(&self) -> Arc<ExitBoard> {
+        self.exits.clone()
+    }
+
+    /// The base zygote of `interpreter`, started if needed.
+    pub(super) fn base(&self, interpreter: &Path) -> Result<Arc<Zygote>, String> {
+        self.get(interpreter)
     }
 
     /// The live zygote for `interpreter`, started (by the manager thread) if needed.
@@ -180,20 +211,38 @@ impl Zygotes {
         let interpreter = launch.zygote_interpreter.ok_or_else(|| {
             io::Error::other("no allowed interpreter was chosen for this site's zygote")
         })?;
-        let zygote = self.get(interpreter).map_err(io::Error::other)?;
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )?;
+        let framework = self
+            .frameworks
+            .get()
+            .and_then(|fw| fw.zygote_for(host, interpreter).map(|z| (fw, z)));
         let t1 = Instant::now();
-        let (pid, pidfd) = zygote.fork(theirs)?;
-        let t2 = Instant::now();
-        let pidfd = match pidfd {
-            Some(fd) => fd,
-            None => pidfd_open(pid)?,
+        let forked = match framework {
+            Some((fw, fz)) => match fork_from(&fz.zygote) {
+                Ok(forked) => {
+                    fw.forks_framework.fetch_add(1, Ordering::Relaxed);
+                    Some((forked, Some(fz)))
+                }
+                Err(e) => {
+                    warn!(site = %host, set = %fz.name, error = %e,
+                        "the framework zygote failed the fork; forking from the base zygote");
+                    fw.failed(&fz);
+                    None
+                }
+            },
+            None => None,
         };
+        let ((ours, pid, pidfd), from) = match forked {
+            Some(f) => f,
+            None => {
+                let zygote = self.get(interpreter).map_err(io::Error::other)?;
+                let forked = fork_from(&zygote)?;
+                if let Some(fw) = self.frameworks.get() {
+                    fw.forks_base.fetch_add(1, Ordering::Relaxed);
+                }
+                (forked, None)
+            }
+        };
+        let t2 = Instant::now();
         let app = spec.app.clone().unwrap_or_default();
         let message = json!({
             "host": host,
@@ -218,26 +267,91 @@ impl Zygotes {
             message.as_bytes(),
             &[listener.as_raw_fd(), log.as_raw_fd()],
         )?;
-        debug!(site = %host, pid, lookup_us = (t1 - t0).as_micros() as u64, fork_us = (t2 - t1).as_micros() as u64,
+        let zygote_name = from
+            .as_ref()
+            .map_or("base", |z: &Arc<FrameworkZygote>| z.name.as_str());
+        debug!(site = %host, pid, zygote = zygote_name, lookup_us = (t1 - t0).as_micros() as u64, fork_us = (t2 - t1).as_micros() as u64,
             send_us = t2.elapsed().as_micros() as u64, "worker forked");
+        // The channel stays open: the worker reports its modules on it after its first response.
+        let report = self.frameworks.get().map(|fw| {
+            (
+                fw.clone(),
+                ours,
+                host.to_string(),
+                interpreter.to_path_buf(),
+            )
+        });
         Ok(ForkedWorker {
             pid,
             pidfd,
             exits: self.exits.clone(),
+            report,
         })
     }
 }
 
+/// A worker forked from `zygote`: the agent's end of its channel, its pid and its pidfd.
+fn fork_from(zygote: &Zygote) -> io::Result<(OwnedFd, i32, OwnedFd)> {
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    let (pid, pidfd) = zygote.fork_role(theirs, "worker")?;
+    let pidfd = match pidfd {
+        Some(fd) => fd,
+        None => pidfd_open(pid)?,
+    };
+    Ok((ours, pid, pidfd))
+}
+
 impl Zygote {
-    /// Ask for a fork whose child reads its spec from `channel`; returns the child's pid
-    /// and, when the zygote could open one, its pidfd.
-    fn fork(&self, channel: OwnedFd) -> io::Result<(i32, Option<OwnedFd>)> {
+    /// A zygote the agent talks to on `control` (a framework zygote: `framework_zygotes.rs`).
+    pub(super) fn new(interpreter: PathBuf, pid: i32, control: OwnedFd) -> Self {
+        Self {
+            interpreter,
+            pid,
+            control: Mutex::new(control),
+            next_id: AtomicU64::new(1),
+            dead: AtomicBool::new(false),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub(super) fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    pub(super) fn mark_dead(&self) {
+        self.dead.store(true, Ordering::Release);
+    }
+
+    pub(super) fn kill(&self) {
+        self.mark_dead();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+
+    /// Ask for a fork whose child reads its request from `channel` and becomes a `role`
+    /// ("worker", "probe" or "framework": see the script); returns the child's pid and,
+    /// when the zygote could open one, its pidfd.
+    pub(super) fn fork_role(
+        &self,
+        channel: OwnedFd,
+        role: &str,
+    ) -> io::Result<(i32, Option<OwnedFd>)> {
         let control = self.control.lock().unwrap_or_else(|p| p.into_inner());
         if self.dead.load(Ordering::Acquire) {
             return Err(io::Error::other("the zygote has exited"));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let request = json!({"op": "fork", "id": id}).to_string();
+        let request = json!({"op": "fork", "id": id, "role": role}).to_string();
         let exchange = || -> io::Result<Result<(i32, Option<OwnedFd>), String>> {
             send_with_fds(
                 control.as_raw_fd(),
@@ -287,11 +401,17 @@ pub struct ForkedWorker {
     pub pid: i32,
     pidfd: OwnedFd,
     exits: Arc<ExitBoard>,
+    /// Its channel, for the module report, and what the report is about.
+    report: Option<(Arc<Frameworks>, OwnedFd, String, PathBuf)>,
 }
 
 impl ForkedWorker {
     /// Wait until the process has exited; describe how (as the zygote saw it, when it did).
-    pub async fn wait(self) -> String {
+    /// Meanwhile its module report is read, on a task of its own.
+    pub async fn wait(mut self) -> String {
+        if let Some((fw, channel, host, interpreter)) = self.report.take() {
+            tokio::spawn(fw.read_report(channel, host, interpreter));
+        }
         let pid = self.pid;
         // SAFETY: the OwnedFd stays open, and the same fd, for as long as the AsyncFd lives.
         match unsafe { AsyncFd::register_with_interest(self.pidfd, Interest::READABLE) } {
@@ -332,7 +452,7 @@ async fn poll_until_exit(fd: RawFd) {
 
 /// Exit statuses the zygotes reported, until the worker's waiter takes them.
 #[derive(Default)]
-struct ExitBoard {
+pub(super) struct ExitBoard {
     statuses: Mutex<HashMap<i32, String>>,
     changed: Notify,
 }
@@ -561,7 +681,7 @@ impl Manager {
 }
 
 /// Exit reports from one zygote, until it closes its end.
-fn read_events(events: OwnedFd, exits: Arc<ExitBoard>) {
+pub(super) fn read_events(events: OwnedFd, exits: Arc<ExitBoard>) {
     loop {
         match recv_with_fds(events.as_raw_fd(), 0) {
             Ok((bytes, _)) if bytes.is_empty() => return,
