@@ -35,6 +35,8 @@ packages=(
   openssl           # they make certificates and check handshakes with it
   util-linux        # setpriv, to run a tenant's code as the tenant
   fatrace           # deploy/check-deps.sh: records which system files a run opens
+  python3-django    # tests/frameworks.rs: Django sites whose workers teach the agent a framework zygote
+  python3-flask     # tests/frameworks.rs: the same with Flask sites
   prometheus        # promtool, for tests/metrics.rs: checks /metrics and dashboards/alerts.yml; the server scrapes a cluster in tests/operations.rs
   # the cgroup v2 VM test (deploy/vm-test.sh, run by deploy/test.sh --vm)
   qemu-system-x86   # qemu-system-x86_64 boots the guest (KVM when usable, else TCG)
