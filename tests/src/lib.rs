@@ -11,6 +11,7 @@ pub mod bulk;
 pub mod cluster;
 pub mod edge;
 pub mod etcd;
+pub mod frameworks;
 pub mod http;
 pub mod latency;
 pub mod launcher;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use roost_tests::cluster::PREFIX;
+use roost_tests::frameworks::{self, DJANGO_ENTRY, FLASK_ENTRY};
 use roost_tests::process::pid_exists;
 use roost_tests::procfs::{agent_pid, comm, ppid, status_field, zygote_pids};
 use roost_tests::{ensure_user, get, site_dir, wait_for, wait_until, Cluster, Options, User};
@@ -35,75 +36,13 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-const DJANGO_VIEWS: &str = r#"import os
-
-from django.http import HttpResponse
-from django.template import engines
-
-
-def index(request):
-    page = engines["django"].from_string(
-        "<form method=post>{% csrf_token %}</form> pid={{ pid }} ppid={{ ppid }}"
-    )
-    return HttpResponse(page.render({"pid": os.getpid(), "ppid": os.getppid()}, request))
-"#;
-
-const DJANGO_URLS: &str = r#"from django.urls import path
-
-from . import views
-
-urlpatterns = [path("", views.index)]
-"#;
-
-const FLASK_APP: &str = r#"import os
-
-from flask import Flask
-
-application = Flask(__name__)
-
-
-@application.route("/")
-def index():
-    return "flask route pid=%d ppid=%d" % (os.getpid(), os.getppid())
-"#;
-
-fn chown_tree(dir: &Path, user: &User) {
-    let status = Command::new("chown")
-        .arg("-R")
-        .arg(format!("{}:{}", user.uid, user.gid))
-        .arg(dir)
-        .status()
-        .expect("run chown");
-    assert!(status.success(), "chown -R {}", dir.display());
-}
-
-/// `django-admin startproject mysite` in the user's site directory, with a view that
-/// renders a CSRF token, every host allowed, and nothing else changed.
+/// `django-admin startproject` with a CSRF view (`roost_tests::frameworks`).
 fn django_site(c: &Cluster, user: &User, tag: &str) -> PathBuf {
-    let dir = site_dir(c.root(), user, tag, "");
-    std::fs::remove_file(dir.join("app.py")).unwrap();
-    let out = Command::new("django-admin")
-        .args(["startproject", "mysite"])
-        .arg(&dir)
-        .output()
-        .expect("run django-admin (python3-django)");
-    assert!(
-        out.status.success(),
-        "django-admin startproject: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let settings = dir.join("mysite/settings.py");
-    let text = std::fs::read_to_string(&settings).unwrap();
-    let text = text.replace("ALLOWED_HOSTS = []", "ALLOWED_HOSTS = ['*']");
-    std::fs::write(&settings, text).unwrap();
-    std::fs::write(dir.join("mysite/views.py"), DJANGO_VIEWS).unwrap();
-    std::fs::write(dir.join("mysite/urls.py"), DJANGO_URLS).unwrap();
-    chown_tree(&dir, user);
-    dir
+    frameworks::django_site(c.root(), user, tag)
 }
 
 fn flask_site(c: &Cluster, user: &User, tag: &str) -> PathBuf {
-    site_dir(c.root(), user, tag, FLASK_APP)
+    frameworks::flask_site(c.root(), user, tag)
 }
 
 fn put_site(c: &Cluster, host: &str, user: &User, dir: &Path, app: &str) {
@@ -159,12 +98,8 @@ fn first_fetch(c: &Cluster, host: &str) -> Page {
 }
 
 fn assert_django_page(p: &Page) {
-    let token = p
-        .body
-        .split(r#"name="csrfmiddlewaretoken" value=""#)
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .unwrap_or_else(|| panic!("no CSRF token in {:?}", p.body));
+    let token =
+        frameworks::csrf_token(&p.body).unwrap_or_else(|| panic!("no CSRF token in {:?}", p.body));
     assert_eq!(token.len(), 64, "a CSRF token: {token:?}");
     assert!(
         token.chars().all(|ch| ch.is_ascii_alphanumeric()),
@@ -173,7 +108,7 @@ fn assert_django_page(p: &Page) {
 }
 
 fn assert_flask_page(p: &Page) {
-    assert!(p.body.starts_with("flask route "), "{:?}", p.body);
+    assert!(frameworks::is_flask_page(&p.body), "{:?}", p.body);
 }
 
 /// The framework zygotes the agent reports: (its packages, pid), from its metrics.
@@ -235,6 +170,34 @@ fn assert_framework_process(pid: u32, base: u32) {
     );
 }
 
+/// `promtool check metrics` passes on the agent's metrics with framework series in them.
+fn promtool_accepts(c: &Cluster) {
+    use std::io::Write;
+    let text = get(c.agent_admin, Some("localhost"), "/metrics", &[])
+        .expect("scrape the agent")
+        .text();
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool (deploy/install-deps.sh installs the prometheus package)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn wait_gone(c: &Cluster, pid: u32) {
     assert!(
         wait_until(EXIT, || !pid_exists(pid)),
@@ -252,25 +215,25 @@ fn django_and_flask_sites_fork_from_framework_zygotes_learnt_with_no_configurati
         (
             "d1.example",
             django_site(&c, &alice, "d1"),
-            "mysite.wsgi:application",
+            DJANGO_ENTRY,
             "django",
         ),
         (
             "d2.example",
             django_site(&c, &bob, "d2"),
-            "mysite.wsgi:application",
+            DJANGO_ENTRY,
             "django",
         ),
         (
             "f1.example",
             flask_site(&c, &alice, "f1"),
-            "app:application",
+            FLASK_ENTRY,
             "flask",
         ),
         (
             "f2.example",
             flask_site(&c, &bob, "f2"),
-            "app:application",
+            FLASK_ENTRY,
             "flask",
         ),
     ];
@@ -325,6 +288,8 @@ fn django_and_flask_sites_fork_from_framework_zygotes_learnt_with_no_configurati
         ));
         assert!(rss > 10e6, "{name}: RSS {rss}");
     }
+
+    promtool_accepts(&c);
 
     // 3. The next cold starts fork from them and are served correctly.
     for (i, (host, _, _, framework)) in sites.iter().enumerate() {
