@@ -810,7 +810,10 @@ mod tests {
                 packages: ["flask".to_string()].into(),
                 modules: vec!["flask".into(), "json".into()],
             },
-            fingerprint: Fingerprint::of(Path::new("/usr/bin/python3"), &[packages_dir.clone()]),
+            fingerprint: Fingerprint::of(
+                Path::new("/usr/bin/python3"),
+                std::slice::from_ref(&packages_dir),
+            ),
         };
         file.save(std::slice::from_ref(&stored)).unwrap();
         assert_eq!(file.load().unwrap(), vec![stored.clone()]);
