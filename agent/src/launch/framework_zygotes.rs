@@ -66,6 +66,8 @@ pub struct FrameworkZygote {
     pub name: String,
     pub modules: usize,
     started: Instant,
+    /// What its modules were probed against.
+    fingerprint: Fingerprint,
     /// Whether the builder already handled its death.
     gone: AtomicBool,
 }
@@ -386,7 +388,7 @@ impl Builder {
             }
             if last_memory_check.elapsed() >= MEMORY_CHECK_EVERY {
                 last_memory_check = Instant::now();
-                self.check_memory();
+                self.check_live();
             }
         }
     }
@@ -413,13 +415,29 @@ impl Builder {
             .insert(key, (Some(Instant::now() + pause), pause));
     }
 
-    fn check_memory(&mut self) {
+    /// Each live framework zygote: over its memory limit, it is stopped and its set refused;
+    /// with its interpreter or packages changed, stopped and its set forgotten (to be learnt
+    /// again against the new packages).
+    fn check_live(&mut self) {
         let Some(fw) = self.fw.upgrade() else { return };
         let live: Vec<(Key, Arc<FrameworkZygote>)> = lock(&fw.live)
             .iter()
             .map(|(k, z)| (k.clone(), z.clone()))
             .collect();
         for (key, z) in live {
+            if z.fingerprint.current() != z.fingerprint {
+                info!(set = %z.name, pid = z.zygote.pid(),
+                    "the interpreter or its packages changed; stopping the framework zygote, to learn the set again");
+                lock(&fw.live).remove(&key);
+                z.gone.store(true, Ordering::Release);
+                z.zygote.kill();
+                lock(&fw.learner).discard(&key.0, &key.1);
+                lock(&fw.stored)
+                    .retain(|s| !(s.set.interpreter == key.0 && s.set.packages == key.1));
+                fw.save();
+                self.restarts.remove(&key);
+                continue;
+            }
             let Some(rss) = rss_bytes(z.zygote.pid()) else {
                 continue;
             };
@@ -461,6 +479,7 @@ impl Builder {
                     zygote: z,
                     name,
                     modules,
+                    fingerprint: fingerprint.clone(),
                     started: Instant::now(),
                     gone: AtomicBool::new(false),
                 });

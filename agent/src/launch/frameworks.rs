@@ -208,6 +208,13 @@ impl Learner {
         self.refused.insert(key);
     }
 
+    /// Forget a set, to be learnt again from the next reports (its interpreter or packages
+    /// changed).
+    pub fn discard(&mut self, interpreter: &Path, packages: &Packages) {
+        self.sets
+            .retain(|s| !(s.interpreter == interpreter && &s.packages == packages));
+    }
+
     /// Record `host`'s report; returns the sets that became framework sets (to build).
     pub fn observe(
         &mut self,
@@ -673,6 +680,11 @@ mod tests {
             "max_sets is 1"
         );
         let django = l.sets()[0].packages.clone();
+        // A discarded set is learnt again.
+        l.discard(&py(), &django);
+        assert!(l.sets().is_empty());
+        l.observe("d5", &py(), &report(DJANGO, &[]));
+        assert_eq!(l.observe("d6", &py(), &report(DJANGO, &[])).len(), 1);
         l.refuse(&py(), &django);
         assert!(l.sets().is_empty());
         assert!(l.observe("d3", &py(), &report(DJANGO, &[])).is_empty());
