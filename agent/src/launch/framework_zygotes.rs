@@ -500,6 +500,15 @@ impl Builder {
                 drop(all);
                 fw.save();
             }
+            Err(BuildError::Retry(e))
+                if self
+                    .restarts
+                    .get(&key)
+                    .is_some_and(|(_, p)| *p >= MAX_RESTART_AFTER) =>
+            {
+                warn!(set = %name, error = %e, "cannot build this framework zygote after retrying for minutes; its sites fork from the base zygote");
+                self.refuse(&fw, &key);
+            }
             Err(BuildError::Retry(e)) => {
                 let pause = self
                     .restarts
@@ -532,10 +541,13 @@ impl Builder {
         }
         // 1. The probe: which of the modules a root zygote may hold.
         let (probe, theirs) = channel().map_err(|e| BuildError::Retry(e.to_string()))?;
-        base.fork_role(theirs, "probe")
+        let (probe_pid, _) = base
+            .fork_role(theirs, "probe")
             .map_err(|e| BuildError::Retry(format!("forking a probe: {e}")))?;
-        let reply = exchange(&probe, json!({"modules": modules}), &[])
-            .map_err(|e| BuildError::Retry(format!("probe: {e}")))?;
+        let reply = exchange(&probe, json!({"modules": modules}), &[]).map_err(|e| {
+            kill(probe_pid); // a module that hangs on import must not keep it
+            BuildError::Retry(format!("probe: {e}"))
+        })?;
         let kept = names(&reply["kept"])
             .ok_or_else(|| BuildError::Refuse("the probe's answer has no module list".into()))?;
         let paths: Vec<PathBuf> = reply["paths"]
