@@ -167,7 +167,23 @@ fn a_forked_worker_is_exactly_its_site_user_and_holds_nothing_of_the_agent() {
     // fds: 0 /dev/null, 1-2 a pipe to the agent, which writes the site's log, 3 the site's
     // listening socket, 4 the lifeline (the pipe the zygote got from the agent); beyond
     // those only what the server opened itself after the drop: its one epoll instance and
-    // connections accepted on 3.
+    // connections accepted on 3. (Until its first response is out, fd 5 is also the channel
+    // it got its spec on, for the report of the modules it imported (issue 14): it closes
+    // that right after its first response.)
+    let sock_path = c.site_state_dir(host).join("sock");
+    let on_site_socket = |target: &String| {
+        let socks = unix_sockets();
+        inode_of(target)
+            .and_then(|i| socks.get(&i))
+            .is_some_and(|s| s.state == 3 && s.path.as_deref() == Some(sock_path.as_path()))
+    };
+    assert!(
+        wait_until(EXIT, || fds(pid)
+            .get(&5)
+            .is_none_or(|t| t == "anon_inode:[eventpoll]" || on_site_socket(t))),
+        "the worker kept its spec channel after its first response: {:?}",
+        fds(pid)
+    );
     let held = fds(pid);
     assert_eq!(
         held.get(&0).map(String::as_str),
@@ -182,7 +198,6 @@ fn a_forked_worker_is_exactly_its_site_user_and_holds_nothing_of_the_agent() {
         "the agent holds the other end of the worker's output pipe"
     );
     let socks = unix_sockets();
-    let sock_path = c.site_state_dir(host).join("sock");
     let listen = held
         .get(&3)
         .and_then(|t| inode_of(t))
