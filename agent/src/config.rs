@@ -495,3 +495,35 @@ fn default_node_id() -> String {
         .filter(|h| roost_proto::node::valid_node_id(h))
         .unwrap_or_else(|| "node-1".into())
 }
+
+#[cfg(test)]
+mod framework_settings_tests {
+    use super::*;
+
+    fn from_toml(text: &str) -> Result<FrameworkSettings> {
+        FrameworkSettings::from_file(&toml::from_str::<FileConfig>(text)?)
+    }
+
+    #[test]
+    fn the_example_config_has_the_defaults_and_bad_framework_settings_are_refused() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/agent.toml");
+        let file = read_file_config(&example).expect("the example config parses");
+        assert_eq!(
+            FrameworkSettings::from_file(&file).unwrap(),
+            FrameworkSettings::default()
+        );
+        let s =
+            from_toml("frameworks_max_rss_mb = 64\nframeworks_forbid = [\"django.contrib.gis\"]\n")
+                .unwrap();
+        assert_eq!(s.max_rss_bytes, 64 << 20);
+        assert_eq!(s.forbid, vec!["django.contrib.gis"]);
+        for bad in [
+            "frameworks_pin = [\"../etc\"]",
+            "frameworks_forbid = [\"a b\"]",
+            "frameworks_min_sites = 0",
+            "frameworks_max = 1000",
+        ] {
+            assert!(from_toml(bad).is_err(), "{bad}");
+        }
+    }
+}
