@@ -323,6 +323,8 @@ def report_modules():
             s.close()
     except OSError:
         pass  # the agent stopped listening (it reads one report per worker)
+    except Exception as e:  # the site's own sys.modules may hold anything; never fail a request
+        log("module report skipped: %s: %s" % (type(e).__name__, e))
     finally:
         try:
             os.close(REPORT_FD)
