@@ -14,6 +14,13 @@
 //! Slow work (reserving a slot of the node, binding sockets, starting workers, probing) runs
 //! in tasks the actor spawns; they report back with a message. Timers (idle stop, start
 //! deadline, stop grace) are the actor's own.
+//!
+//! Requests to a ready worker do not come here: they claim it through the site's gate
+//! (`gate.rs`, whose comment has the protocol). The actor keeps the gate open exactly while
+//! its current worker has answered and nothing is changing (no stop, removal, shutdown or
+//! give-back); it publishes each current worker's [`Route`] and retires the gate's epoch
+//! whenever that worker stops being current, taking over the count of its requests still in
+//! flight. So the actor's own in-flight count is the gate's plus those it took over.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -27,7 +34,8 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::capacity::{Capacity, Reservation, Running};
-use super::ticket::{AcquireError, SiteShared, SiteStatus, StopReason, Ticket};
+use super::gate::MAX_COUNT;
+use super::ticket::{AcquireError, Route, SiteShared, SiteStatus, StopReason, Ticket};
 use super::Ctx;
 use crate::launch::{
     BootWeight, BoxFut, Exit, LauncherKind, Listener, SocketRole, Started, Worker,
@@ -38,10 +46,12 @@ pub enum Msg {
     Acquire {
         reply: oneshot::Sender<Result<Ticket, AcquireError>>,
     },
-    /// A request ended.
+    /// A request ended on a worker whose gate epoch is retired.
     Release {
         generation: u64,
     },
+    /// The current worker's last request in flight ended (the actor asked, see `gate.rs`).
+    Quiet,
     /// A worker answered a request accepted at `accepted`.
     Answered {
         generation: u64,
@@ -128,7 +138,8 @@ struct Proc {
     answered: bool,
     /// The CPU weight it booted with; `Lowest` is raised when it answers.
     weight: BootWeight,
-    /// Requests holding a ticket for this worker.
+    /// Requests holding a ticket for this worker, once it is no longer current (while it is,
+    /// the gate counts them).
     in_flight: u32,
     /// Asked to stop (SIGTERM sent), and why.
     stopping: Option<StopReason>,
@@ -140,6 +151,7 @@ pub struct Actor {
     host: String,
     ctx: Arc<Ctx>,
     shared: Arc<SiteShared>,
+    /// The actor's own address (`shared.tx`), for the tasks it spawns.
     tx: UnboundedSender<Msg>,
     /// The spec the serving worker runs, and the next start uses.
     spec: Arc<SiteSpec>,
@@ -153,8 +165,10 @@ pub struct Actor {
     candidate_starting: Option<u64>,
     /// Requests waiting for a start in progress.
     pending: Vec<oneshot::Sender<Result<Ticket, AcquireError>>>,
-    in_flight: u32,
-    last_active: Instant,
+    /// Tickets of retired gate epochs still in flight (the gate counts the current one's).
+    in_flight_retired: u32,
+    /// The gate will send `Quiet` when the current worker's last request ends.
+    watching: bool,
     next_generation: u64,
     /// Workers in a row that died before answering anything.
     failures: u32,
@@ -176,18 +190,12 @@ pub struct Actor {
 }
 
 impl Actor {
-    pub fn new(
-        host: &str,
-        spec: Arc<SiteSpec>,
-        ctx: Arc<Ctx>,
-        shared: Arc<SiteShared>,
-        tx: UnboundedSender<Msg>,
-    ) -> Self {
+    pub fn new(host: &str, spec: Arc<SiteSpec>, ctx: Arc<Ctx>, shared: Arc<SiteShared>) -> Self {
         Self {
             host: host.to_string(),
             ctx,
+            tx: shared.tx.clone(),
             shared,
-            tx,
             spec,
             serving: None,
             current: None,
@@ -196,8 +204,8 @@ impl Actor {
             starting: None,
             candidate_starting: None,
             pending: Vec::new(),
-            in_flight: 0,
-            last_active: Instant::now(),
+            in_flight_retired: 0,
+            watching: false,
             next_generation: 1,
             failures: 0,
             retry_at: None,
@@ -215,23 +223,22 @@ impl Actor {
     pub async fn run(mut self, mut rx: UnboundedReceiver<Msg>) {
         loop {
             let idle_at = self.idle_deadline();
-            let msg = tokio::select! {
-                msg = rx.recv() => msg,
-                _ = sleep_until(idle_at) => {
-                    self.stop_current(StopReason::Idle);
-                    continue;
-                }
-            };
-            let Some(msg) = msg else { break };
-            self.handle(msg);
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(msg) => self.handle(msg),
+                    None => break,
+                },
+                _ = sleep_until(idle_at) => self.idle_due(),
+            }
             self.give_back_when_idle();
+            self.refresh_gate();
             if self.finished() {
                 break;
             }
         }
         let unregister = |ctx: &Ctx| {
             ctx.actors
-                .remove_if(&self.host, |_, h| h.tx.same_channel(&self.tx))
+                .remove_if(&self.host, |_, h| Arc::ptr_eq(&h.shared, &self.shared))
         };
         if self.left {
             // Out of the registry first: a request from now on starts a fresh actor, and one
@@ -273,19 +280,71 @@ impl Actor {
             && self.candidate_starting.is_none()
     }
 
-    /// When the current worker stops for being idle: no request for `idle_timeout`.
+    /// Requests holding a ticket: the current worker's (counted by the gate) and those of
+    /// workers no longer current.
+    fn in_flight(&self) -> u32 {
+        self.shared.gate.in_flight() + self.in_flight_retired
+    }
+
+    /// When the last request ended.
+    fn last_active(&self) -> Instant {
+        self.ctx
+            .instant_of(self.shared.last_active_ms.load(Ordering::Acquire))
+    }
+
+    /// When the current worker may stop for being idle: `idle_timeout` after the last
+    /// request ended. Requests still in flight are found when it is due (`idle_due`).
     fn idle_deadline(&self) -> Option<Instant> {
         let cur = self.current.as_ref()?;
-        if self.in_flight > 0 || self.candidate.is_some() || cur.stopping.is_some() {
+        if self.watching
+            || self.in_flight_retired > 0
+            || self.candidate.is_some()
+            || cur.stopping.is_some()
+        {
             return None;
         }
-        Some(self.last_active + Duration::from_secs(self.spec.idle_timeout))
+        Some(self.last_active() + Duration::from_secs(self.spec.idle_timeout))
+    }
+
+    /// The idle deadline passed: stop the worker if nothing is in flight (closing the gate in
+    /// the same step, so no claim slips in); otherwise wait for the last request's `Quiet`.
+    fn idle_due(&mut self) {
+        let Some(due) = self.idle_deadline() else {
+            return;
+        };
+        if Instant::now() < due {
+            return; // a request ended since: the next deadline is later
+        }
+        if self.shared.gate.close_if_idle() {
+            self.stop_current(StopReason::Idle);
+        } else {
+            self.watching = self.shared.gate.watch();
+        }
+    }
+
+    /// Open the gate exactly while requests may go to the current worker without asking.
+    fn refresh_gate(&self) {
+        let open = !self.removed
+            && !self.shutting_down
+            && !self.leaving
+            && !self.forgetting
+            && self
+                .current
+                .as_ref()
+                .is_some_and(|c| c.answered && c.stopping.is_none());
+        let gate = &self.shared.gate;
+        if open && !gate.is_open() {
+            gate.open();
+        } else if !open && gate.is_open() {
+            gate.close();
+        }
     }
 
     pub fn handle(&mut self, msg: Msg) {
         match msg {
             Msg::Acquire { reply } => self.acquire(reply),
             Msg::Release { generation } => self.release(generation),
+            Msg::Quiet => self.watching = false,
             Msg::Answered {
                 generation,
                 accepted,
@@ -296,10 +355,12 @@ impl Actor {
             Msg::Placement { here } => self.placement(here),
             Msg::Forgotten => self.forgotten(),
             Msg::Evict { reply } => {
-                let idle = self.in_flight == 0
+                // The gate closes only if nothing is in flight, in the same step: last.
+                let idle = self.in_flight_retired == 0
                     && self.candidate.is_none()
                     && self.candidate_starting.is_none()
-                    && self.current.as_ref().is_some_and(|c| c.stopping.is_none());
+                    && self.current.as_ref().is_some_and(|c| c.stopping.is_none())
+                    && self.shared.gate.close_if_idle();
                 if idle {
                     self.stop_current(StopReason::Evicted);
                 }
@@ -359,12 +420,12 @@ impl Actor {
         // The site's entry-process limit: refused here, before any worker (or thread of one)
         // is taken or started for the request.
         let cfg = self.ctx.cfg();
-        if let Some(max) = self
+        let max = self
             .spec
             .max_concurrent_requests
-            .or(cfg.site_limits.max_concurrent_requests)
-        {
-            if self.in_flight + self.pending.len() as u32 >= max {
+            .or(cfg.site_limits.max_concurrent_requests);
+        if let Some(max) = max {
+            if self.in_flight() + self.pending.len() as u32 >= max {
                 let _ = reply.send(Err(AcquireError::TooManyRequests { limit: max }));
                 return;
             }
@@ -388,15 +449,16 @@ impl Actor {
             self.stay();
         }
         if let Some(cur) = &self.current {
-            let result = if !cur.answered && self.in_flight >= limit {
-                Err(AcquireError::StartQueueFull {
-                    waiting: self.in_flight,
-                })
+            let in_flight = self.in_flight();
+            let result = if !cur.answered && in_flight >= limit {
+                Err(AcquireError::StartQueueFull { waiting: in_flight })
             } else {
                 if !cur.answered {
                     self.ctx.metrics.cold_waits.inc();
                 }
-                Ok(self.ticket())
+                // Claims through the open gate race this one: the limit is checked again
+                // in the same step that counts the ticket.
+                self.ticket(max)
             };
             let _ = reply.send(result);
             return;
@@ -426,36 +488,83 @@ impl Actor {
         self.begin_start();
     }
 
-    /// A ticket for the current worker.
-    fn ticket(&mut self) -> Ticket {
-        let cur = self.current.as_mut().expect("a current worker");
-        cur.in_flight += 1;
-        self.in_flight += 1;
-        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.ctx.in_flight.fetch_add(1, Ordering::AcqRel);
-        Ticket {
-            shared: self.shared.clone(),
-            tx: self.tx.clone(),
-            ctx: self.ctx.clone(),
-            socket_path: self
-                .serving
-                .as_ref()
-                .map(|(_, p)| p.clone())
-                .unwrap_or_default(),
-            generation: cur.generation,
-            request_timeout: Duration::from_secs(self.spec.request_timeout),
-            memory_limit_mb: self.spec.memory_limit_mb,
-            issued: std::time::Instant::now(),
+    /// A ticket for the current worker, counted in the gate unless `max` requests (of the
+    /// site's limit, if it has one) are already in flight.
+    fn ticket(&mut self, max: Option<u32>) -> Result<Ticket, AcquireError> {
+        let route = self
+            .shared
+            .route
+            .load_full()
+            .filter(|r| r.epoch == self.shared.gate.epoch())
+            .expect("the current worker's route is published");
+        let room = max.map_or(MAX_COUNT, |m| {
+            m.saturating_sub(self.in_flight_retired + self.pending.len() as u32)
+        });
+        if !self.shared.gate.add(room) {
+            return Err(AcquireError::TooManyRequests {
+                limit: max.unwrap_or(MAX_COUNT),
+            });
         }
+        Ok(Ticket::counted(&self.shared, &self.ctx, &route))
     }
 
+    /// A request on a worker that is no longer current ended.
     fn release(&mut self, generation: u64) {
-        self.in_flight = self.in_flight.saturating_sub(1);
-        self.last_active = Instant::now();
+        self.set_in_flight_retired(self.in_flight_retired.saturating_sub(1));
         if let Some(p) = self.proc_mut(generation) {
             p.in_flight = p.in_flight.saturating_sub(1);
         }
         self.stop_drained();
+    }
+
+    fn set_in_flight_retired(&mut self, n: u32) {
+        self.in_flight_retired = n;
+        self.shared.retired_in_flight.store(n, Ordering::Release);
+    }
+
+    /// Make `proc` the worker requests go to, and publish its route (the gate opens once it
+    /// has answered, see `refresh_gate`).
+    fn install_current(&mut self, proc: Proc) {
+        if let Some(old) = self.take_current() {
+            // Not expected: a start is begun only without a current worker. Never leak one.
+            self.retiring.push(old);
+            let i = self.retiring.len() - 1;
+            self.stop_retiring(i, StopReason::Replaced);
+        }
+        let epoch = self.shared.gate.epoch();
+        debug_assert_eq!(
+            self.shared.gate.in_flight(),
+            0,
+            "a fresh epoch counts nothing"
+        );
+        let socket_path: Arc<std::path::Path> = self
+            .serving
+            .as_ref()
+            .map(|(_, p)| Arc::from(p.as_path()))
+            .unwrap_or_else(|| Arc::from(std::path::Path::new("")));
+        self.shared.route.store(Some(Arc::new(Route {
+            epoch,
+            generation: proc.generation,
+            pid: proc.worker.pid(),
+            socket_path,
+            request_timeout: Duration::from_secs(proc.spec.request_timeout),
+            memory_limit_mb: proc.spec.memory_limit_mb,
+            max_concurrent_requests: proc.spec.max_concurrent_requests,
+        })));
+        self.current = Some(proc);
+        self.publish_current();
+    }
+
+    /// The current worker stops being current: close the gate, retire its epoch, and take
+    /// over the count of its requests still in flight (they now report to the actor).
+    fn take_current(&mut self) -> Option<Proc> {
+        let mut cur = self.current.take()?;
+        let in_flight = self.shared.gate.retire();
+        self.watching = false;
+        cur.in_flight += in_flight;
+        self.set_in_flight_retired(self.in_flight_retired + in_flight);
+        self.publish_current();
+        Some(cur)
     }
 
     /// Stop replaced workers that have finished their last request.
@@ -485,6 +594,7 @@ impl Actor {
     fn answered(&mut self, generation: u64, accepted: std::time::Instant) {
         if let Some(cur) = self.current.as_mut().filter(|c| c.generation == generation) {
             if !cur.answered {
+                // From now on requests claim it through the gate (`refresh_gate`).
                 cur.answered = true;
                 // The first answer of a new worker: one cold start, timed from the request.
                 self.ctx
@@ -533,7 +643,7 @@ impl Actor {
             return;
         }
         if !self.leaving {
-            info!(site = %self.host, in_flight = self.in_flight,
+            info!(site = %self.host, in_flight = self.in_flight(),
                 "the site is placed on another node now; giving it back here once idle");
             self.leaving = true;
             self.shared.leaving.store(true, Ordering::Release);
@@ -552,7 +662,13 @@ impl Actor {
         if !self.leaving || self.forgetting || self.left || self.removed || self.shutting_down {
             return;
         }
-        let busy = self.in_flight > 0
+        // No claims from now on; the last request in flight on the gate says when it ends.
+        self.shared.gate.close();
+        if self.shared.gate.watch() {
+            self.watching = true;
+            return;
+        }
+        let busy = self.in_flight_retired > 0
             || !self.pending.is_empty()
             || self.starting.is_some()
             || self.candidate_starting.is_some()
@@ -641,8 +757,7 @@ impl Actor {
         }
         let stale = *launch.spec != *self.spec;
         let proc = self.adopt(generation, launch);
-        self.current = Some(proc);
-        self.publish_current();
+        self.install_current(proc);
         if self.removed || self.shutting_down {
             let why = self.gone();
             for reply in self.pending.drain(..) {
@@ -670,8 +785,8 @@ impl Actor {
             let _ = tx.send(Msg::StartDeadline { generation });
         });
         for reply in std::mem::take(&mut self.pending) {
-            let ticket = self.ticket();
-            let _ = reply.send(Ok(ticket));
+            // Their limit was checked when they came.
+            let _ = reply.send(self.ticket(None));
         }
     }
 
@@ -755,14 +870,14 @@ impl Actor {
             .current
             .as_ref()
             .is_some_and(|c| c.generation == generation && !c.answered && c.stopping.is_none())
-            && self.in_flight > 0;
+            && self.in_flight() > 0;
         if !stuck {
             return;
         }
         let secs = self.ctx.cfg().start_timeout.as_secs();
         self.ctx.metrics.start_timeouts.inc();
         let pid = self.current.as_ref().map_or(0, |c| c.worker.pid());
-        warn!(site = %self.host, pid, waiting = self.in_flight, timeout_secs = secs, "worker did not answer in time; killing it");
+        warn!(site = %self.host, pid, waiting = self.in_flight(), timeout_secs = secs, "worker did not answer in time; killing it");
         self.fail_start(format!(
             "the worker did not answer within {secs} s of starting"
         ));
@@ -782,7 +897,7 @@ impl Actor {
             Instant::now() + exp.min(max)
         });
         self.shared.failures().last_failure = Some((std::time::Instant::now(), why));
-        if self.in_flight > 0 {
+        if self.in_flight() > 0 {
             self.serving = None;
         }
     }
@@ -796,8 +911,11 @@ impl Actor {
         } else {
             format!("worker exited ({}): {}", exit.status, exit.last_line)
         };
-        if let Some(cur) = self.current.take_if(|c| c.generation == generation) {
-            self.publish_current();
+        let is_current = self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.generation == generation);
+        if let Some(cur) = is_current.then(|| self.take_current()).flatten() {
             if cur.stopping.is_some() {
                 info!(site = %self.host, pid = cur.worker.pid(), status = %exit.status, "worker stopped");
             } else {
@@ -824,14 +942,17 @@ impl Actor {
     fn crashed(&mut self, cur: Proc, why: String) {
         self.ctx.metrics.worker_crashes.inc();
         warn!(site = %self.host, pid = cur.worker.pid(), lived_ms = cur.started.elapsed().as_millis() as u64,
-            answered = cur.answered, in_flight = self.in_flight, reason = %why, "worker exited unexpectedly");
+            answered = cur.answered, in_flight = self.in_flight(), reason = %why, "worker exited unexpectedly");
         if cur.answered {
             // A worker that served requests and then died is not a start failure. The
             // requests it had accepted are lost with it; those still waiting in the
             // socket's backlog are served by a new worker, started now.
             self.shared.failures().last_failure = Some((std::time::Instant::now(), why));
             drop(cur);
-            if self.in_flight > 0 && !self.removed && !self.shutting_down && self.starting.is_none()
+            if self.in_flight() > 0
+                && !self.removed
+                && !self.shutting_down
+                && self.starting.is_none()
             {
                 self.begin_start();
             }
@@ -843,8 +964,7 @@ impl Actor {
 
     /// Move the current worker to the retiring ones and ask it to stop.
     fn stop_current(&mut self, reason: StopReason) {
-        if let Some(cur) = self.current.take() {
-            self.publish_current();
+        if let Some(cur) = self.take_current() {
             self.retiring.push(cur);
             let i = self.retiring.len() - 1;
             self.stop_retiring(i, reason);
@@ -918,10 +1038,9 @@ impl Actor {
             // current one finishes its requests; the spec applies if the site is kept.
             self.new_spec = None;
             self.spec = spec;
-            if let Some(mut old) = self.current.take() {
+            if let Some(mut old) = self.take_current() {
                 old.drain_then_stop = Some(StopReason::Moved);
                 self.retiring.push(old);
-                self.publish_current();
                 self.stop_drained();
             }
             return;
@@ -939,7 +1058,7 @@ impl Actor {
             self.retry_at = None;
             if self.current.is_some() {
                 self.stop_current(StopReason::Replaced);
-                if self.in_flight > 0 && self.starting.is_none() {
+                if self.in_flight() > 0 && self.starting.is_none() {
                     self.begin_start();
                 }
             }
@@ -1031,7 +1150,7 @@ impl Actor {
         new.answered = true;
         // The old worker finishes the requests it has (and those in its socket's backlog,
         // which only its tickets can have reached), then stops.
-        if let Some(mut old) = self.current.take() {
+        if let Some(mut old) = self.take_current() {
             old.drain_then_stop = Some(StopReason::Replaced);
             self.retiring.push(old);
         }
@@ -1042,8 +1161,7 @@ impl Actor {
         self.failures = 0;
         self.retry_at = None;
         info!(site = %self.host, pid = new.worker.pid(), generation, "the new spec's worker answered; it serves from now on");
-        self.current = Some(new);
-        self.publish_current();
+        self.install_current(new);
         self.stop_drained();
     }
 
@@ -1074,6 +1192,7 @@ impl Actor {
     }
 
     fn status(&self) -> SiteStatus {
+        let in_flight = self.in_flight();
         let state = match (&self.current, self.starting, self.retiring.is_empty()) {
             (Some(c), _, _) if c.answered => "ready",
             (Some(_), _, _) | (None, Some(_), _) => "starting",
@@ -1087,9 +1206,9 @@ impl Actor {
             pid: self.current.as_ref().map(|c| c.worker.pid()),
             stopping: self.retiring.iter().map(|p| p.worker.pid()).collect(),
             candidate: self.candidate.as_ref().map(|c| c.worker.pid()),
-            in_flight: self.in_flight,
-            idle_for_secs: if self.in_flight == 0 {
-                self.last_active.elapsed().as_secs()
+            in_flight,
+            idle_for_secs: if in_flight == 0 {
+                self.last_active().elapsed().as_secs()
             } else {
                 0
             },

@@ -132,7 +132,7 @@ impl Capacity {
                 .filter(|(h, r)| {
                     h.as_str() != except
                         && !asked.contains(h.as_str())
-                        && r.shared.in_flight.load(Ordering::Acquire) == 0
+                        && r.shared.gate.in_flight() == 0
                 })
                 .min_by_key(|(_, r)| r.shared.last_active_ms.load(Ordering::Acquire))
                 .map(|(h, r)| (h.clone(), r.tx.clone()));

@@ -2,17 +2,22 @@
 //!
 //! Each site that received a request here has an actor ([`actor`]): a task that owns the
 //! site's state and is fed messages. The registry below only finds (or creates) a site's
-//! actor: a request sends `Acquire` and gets a [`Ticket`], whose drop sends `Release`.
+//! actor. A request to a site whose worker is ready claims it through the site's [`gate`]
+//! with atomics only, and its [`Ticket`]'s drop releases it the same way; the actor hears of
+//! a request only when its state must change (a start, a drain, a give-back, the end of the
+//! last request when an idle stop waits for it). Every other request sends `Acquire`.
 //! Nothing on the request path locks anything shared by all sites (the registry is a
 //! sharded map; the node's worker limit is an atomic, see [`capacity`]).
 //!
 //! - `actor.rs`: the per-site state machine.
 //! - `capacity.rs`: the node's worker limit and eviction.
+//! - `gate.rs`: the lock-free claim on a ready worker, and its protocol with the actor.
 //! - `placement.rs`: whether a site is still this node's (else it is given back).
 //! - `ticket.rs`: what a request holds; what readers outside an actor may see.
 
 mod actor;
 mod capacity;
+mod gate;
 mod placement;
 #[cfg(test)]
 mod tests;
@@ -72,11 +77,15 @@ impl Ctx {
     pub fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
+
+    /// The instant `ms` milliseconds after the agent started (the inverse of `now_ms`).
+    pub fn instant_of(&self, ms: u64) -> tokio::time::Instant {
+        self.started + Duration::from_millis(ms)
+    }
 }
 
-/// How the registry reaches a site's actor.
+/// How the registry reaches a site's actor (`shared.tx`) and its gate.
 struct Handle {
-    tx: UnboundedSender<Msg>,
     shared: Arc<SiteShared>,
     /// The spec last handed to the actor, to send only changes.
     spec_seen: ArcSwap<SiteSpec>,
@@ -120,32 +129,37 @@ impl Sites {
     }
 
     /// The actor of `host`, started if this is the site's first request here.
-    fn actor(&self, host: &str, spec: &Arc<SiteSpec>) -> (UnboundedSender<Msg>, Arc<SiteShared>) {
+    fn actor(&self, host: &str, spec: &Arc<SiteSpec>) -> Arc<SiteShared> {
         if let Some(h) = self.ctx.actors.get(host) {
-            return (h.tx.clone(), h.shared.clone());
+            return h.shared.clone();
         }
         let h = self.ctx.actors.entry(host.to_string()).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            let shared = Arc::new(SiteShared::new(host));
-            let actor = Actor::new(
-                host,
-                spec.clone(),
-                self.ctx.clone(),
-                shared.clone(),
-                tx.clone(),
-            );
+            let shared = Arc::new(SiteShared::new(host, tx, self.ctx.now_ms()));
+            let actor = Actor::new(host, spec.clone(), self.ctx.clone(), shared.clone());
             self.ctx.runtime.spawn(actor.run(rx));
             Handle {
-                tx,
                 shared,
                 spec_seen: ArcSwap::new(spec.clone()),
             }
         });
-        (h.tx.clone(), h.shared.clone())
+        h.shared.clone()
     }
 
     /// Claim a worker for one request to `host`, starting one if none is current.
     pub async fn acquire(&self, host: &str, spec: &Arc<SiteSpec>) -> Result<Ticket, AcquireError> {
+        if self.ctx.shutting_down.load(Ordering::Acquire) {
+            return Err(AcquireError::ShuttingDown);
+        }
+        // The fast path: a ready worker is claimed without waking the site's actor.
+        let claimed = self
+            .ctx
+            .actors
+            .get(host)
+            .and_then(|h| Ticket::claim(&h.shared, &self.ctx));
+        if let Some(claimed) = claimed {
+            return claimed;
+        }
         let gone = || {
             if self.ctx.shutting_down.load(Ordering::Acquire) {
                 AcquireError::ShuttingDown
@@ -159,9 +173,9 @@ impl Sites {
             if self.ctx.shutting_down.load(Ordering::Acquire) {
                 return Err(AcquireError::ShuttingDown);
             }
-            let (tx, shared) = self.actor(host, spec);
+            let shared = self.actor(host, spec);
             let (reply, answer) = oneshot::channel();
-            let answered = match tx.send(Msg::Acquire { reply }) {
+            let answered = match shared.tx.send(Msg::Acquire { reply }) {
                 Ok(()) => answer.await.ok(),
                 Err(_) => None,
             };
@@ -195,18 +209,18 @@ impl Sites {
         let me = self.ctx.cfg().node_id.clone();
         for h in self.ctx.actors.iter() {
             let Some(spec) = snapshot.items.get(h.key()) else {
-                let _ = h.tx.send(Msg::Removed);
+                let _ = h.shared.tx.send(Msg::Removed);
                 continue;
             };
             // Placement first: a site pinned elsewhere starts no new spec's worker here.
             let here = placement::placed_here(h.key(), spec.node.as_deref(), nodes, &me);
             // Only a change of decision is news to the actor.
             if here == h.shared.leaving.load(Ordering::Acquire) {
-                let _ = h.tx.send(Msg::Placement { here });
+                let _ = h.shared.tx.send(Msg::Placement { here });
             }
             if !Arc::ptr_eq(spec, &h.spec_seen.load()) {
                 h.spec_seen.store(spec.clone());
-                let _ = h.tx.send(Msg::SpecChanged(spec.clone()));
+                let _ = h.shared.tx.send(Msg::SpecChanged(spec.clone()));
             }
         }
     }
@@ -214,7 +228,12 @@ impl Sites {
     /// Every site's state that has an actor here, for `/sites`; cgroup reads run off the
     /// async threads.
     pub async fn status(&self) -> Vec<SiteStatus> {
-        let all: Vec<_> = self.ctx.actors.iter().map(|h| h.tx.clone()).collect();
+        let all: Vec<_> = self
+            .ctx
+            .actors
+            .iter()
+            .map(|h| h.shared.tx.clone())
+            .collect();
         self.status_of(all).await
     }
 
@@ -263,7 +282,11 @@ impl Sites {
             .iter()
             .filter_map(|h| {
                 let (done, finished) = oneshot::channel();
-                h.tx.send(Msg::Shutdown { done }).ok().map(|_| finished)
+                h.shared
+                    .tx
+                    .send(Msg::Shutdown { done })
+                    .ok()
+                    .map(|_| finished)
             })
             .collect();
         let deadline =

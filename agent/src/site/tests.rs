@@ -278,6 +278,7 @@ impl Node {
             .actors
             .get(host)
             .unwrap()
+            .shared
             .tx
             .send(msg)
             .unwrap();
@@ -838,4 +839,225 @@ async fn a_cold_start_boots_at_the_lowest_cpu_weight_until_it_answers_and_a_cand
         ["lowest 1", "raised w.example"]
     );
     drop(t);
+}
+
+/// Poll `acquire` once: `Some` if it finished without waiting for the site's actor (a round
+/// trip to it cannot complete within one poll: the actor is another task).
+fn without_the_actor<F: std::future::Future + Unpin>(f: &mut F) -> Option<F::Output> {
+    use std::task::{Context, Poll, Waker};
+    match std::pin::Pin::new(f).poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => Some(v),
+        Poll::Pending => None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ready_worker_is_claimed_and_released_without_the_actor_until_its_state_changes() {
+    let n = node(|_| {});
+    let mut limited = (*spec("ok:app", 600)).clone();
+    limited.max_concurrent_requests = Some(2);
+    let s = Arc::new(limited);
+    // Starting: requests ask the actor.
+    let mut first = Box::pin(n.sites.acquire("r.example", &s));
+    assert!(without_the_actor(&mut first).is_none());
+    let t = first.await.unwrap();
+    let mut second = Box::pin(n.sites.acquire("r.example", &s));
+    assert!(without_the_actor(&mut second).is_none(), "not answered yet");
+    drop(second.await.unwrap());
+    t.mark_answered(std::time::Instant::now());
+    settle(1).await;
+
+    // Ready: claimed with atomics only, on the same worker, counted by the actor's status.
+    let warm = without_the_actor(&mut Box::pin(n.sites.acquire("r.example", &s)))
+        .expect("a ready worker is claimed without the actor")
+        .unwrap();
+    assert_eq!(warm.generation, t.generation);
+    assert_eq!(n.state("r.example").await.in_flight, 2);
+    // The site's limit is enforced on the fast path too.
+    let refused = without_the_actor(&mut Box::pin(n.sites.acquire("r.example", &s)))
+        .expect("the limit is checked without the actor");
+    assert!(
+        matches!(refused, Err(AcquireError::TooManyRequests { limit: 2 })),
+        "{refused:?}"
+    );
+    drop(warm);
+    settle(1).await;
+    assert_eq!(n.state("r.example").await.in_flight, 1);
+
+    // Placed on another node while a request is in flight: the gate closes, and a request
+    // goes to the actor again, which keeps the site here for it.
+    n.send("r.example", Msg::Placement { here: false });
+    settle(1).await;
+    let mut moved = Box::pin(n.sites.acquire("r.example", &s));
+    assert!(
+        without_the_actor(&mut moved).is_none(),
+        "the gate is closed"
+    );
+    let late = moved.await.unwrap();
+    assert_eq!(late.generation, t.generation, "{:?}", n.events());
+    drop(t);
+    settle(1).await;
+    let again = without_the_actor(&mut Box::pin(n.sites.acquire("r.example", &s)))
+        .expect("kept here: the gate is open again")
+        .unwrap();
+    assert_eq!(again.generation, late.generation);
+    assert_eq!(n.events(), vec!["start 1 ok:app"]);
+    drop((late, again));
+    settle(1).await;
+    assert_eq!(n.state("r.example").await.in_flight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_busy_past_its_idle_timeout_stops_an_idle_timeout_after_its_last_request() {
+    let n = node(|_| {});
+    let s = spec("ok:app", 10);
+    let t = n.sites.acquire("busy.example", &s).await.unwrap();
+    t.mark_answered(std::time::Instant::now());
+    drop(t);
+    settle(1).await;
+    // A request claimed through the gate outlives the idle timeout: the actor finds it in
+    // flight when the deadline comes, and waits for the gate to say it ended.
+    let long = n.sites.acquire("busy.example", &s).await.unwrap();
+    settle(25_000).await;
+    assert_eq!(n.alive(), 1, "{:?}", n.events());
+    drop(long);
+    settle(9_000).await;
+    assert_eq!(n.alive(), 1, "idle for 9 s only");
+    settle(1_100).await;
+    assert_eq!(n.alive(), 0, "{:?}", n.events());
+    assert_eq!(n.metrics.worker_stops.with_label_values(&["idle"]).get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_claimed_on_the_old_worker_keeps_it_until_done_after_a_spec_change() {
+    let n = node(|_| {});
+    let v1 = spec("ok:v1", 600);
+    let t = n.sites.acquire("sc.example", &v1).await.unwrap();
+    t.mark_answered(std::time::Instant::now());
+    drop(t);
+    settle(1).await;
+    let old = without_the_actor(&mut Box::pin(n.sites.acquire("sc.example", &v1)))
+        .expect("claimed through the gate")
+        .unwrap();
+    n.send("sc.example", Msg::SpecChanged(spec("ok:v2", 600)));
+    settle(1).await;
+    let new = n.sites.acquire("sc.example", &v1).await.unwrap();
+    assert!(new.generation > old.generation, "the new worker serves");
+    let old_pid = old.pid;
+    assert_eq!(n.state("sc.example").await.stopping, vec![old_pid]);
+    assert!(
+        !n.events().contains(&format!("term {old_pid}")),
+        "the old worker finishes its request first: {:?}",
+        n.events()
+    );
+    assert_eq!(n.state("sc.example").await.in_flight, 2);
+    drop(old);
+    settle(1).await;
+    assert!(
+        n.events().contains(&format!("term {old_pid}")),
+        "{:?}",
+        n.events()
+    );
+    assert_eq!(n.state("sc.example").await.in_flight, 1);
+    drop(new);
+}
+
+/// Requests on four threads claim and release three sites as fast as they can while their
+/// actors stop idle workers (idle timeout 0), evict them (room for two workers), and swap one
+/// site's spec back and forth. A request holding a ticket for a worker that had answered
+/// must never see that worker stopped: only a drain (which waits for it), an idle stop or
+/// an eviction (which need nothing in flight) may stop an answered worker here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claims_racing_idle_stops_evictions_and_spec_changes_never_lose_a_request() {
+    let n = Arc::new(node(|c| {
+        c.max_workers = 2;
+        c.stop_grace = Duration::from_secs(1);
+    }));
+    let sites = [
+        ("idle.example", spec("ok:app", 0)),
+        ("warm.example", spec("ok:app", 600)),
+        ("swap.example", spec("ok:v1", 600)),
+    ];
+    let tasks: Vec<_> = (0..8u64)
+        .map(|seed| {
+            let (n, sites) = (n.clone(), sites.clone());
+            tokio::spawn(async move {
+                let (mut fast, mut served, mut violations) = (0u32, 0u32, Vec::new());
+                let mut rng = seed * 7919 + 17;
+                for _ in 0..400 {
+                    rng = rng
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let (host, s) = &sites[(rng >> 33) as usize % sites.len()];
+                    let mut claim = Box::pin(n.sites.acquire(host, s));
+                    let result = match without_the_actor(&mut claim) {
+                        Some(r) => {
+                            fast += 1;
+                            r
+                        }
+                        None => claim.await,
+                    };
+                    let Ok(t) = result else { continue };
+                    served += 1;
+                    let answered = |t: &super::Ticket| {
+                        t.shared.answered_generation.load(Ordering::Acquire) == t.generation
+                    };
+                    let was_answered = answered(&t);
+                    t.mark_answered(std::time::Instant::now());
+                    for _ in 0..(rng >> 61) {
+                        tokio::task::yield_now().await;
+                    }
+                    let alive = n.fake.table().alive.contains_key(&t.pid);
+                    if (was_answered || answered(&t)) && !alive {
+                        violations.push(format!("{host} pid {}", t.pid));
+                    }
+                    drop(t);
+                }
+                (fast, served, violations)
+            })
+        })
+        .collect();
+    let swapper = {
+        let n = n.clone();
+        tokio::spawn(async move {
+            for i in 0..150 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                let app = if i % 2 == 0 { "ok:v2" } else { "ok:v1" };
+                if let Some(h) = n.sites.ctx.actors.get("swap.example") {
+                    let _ = h.shared.tx.send(Msg::SpecChanged(spec(app, 600)));
+                }
+            }
+        })
+    };
+    let (mut fast, mut served) = (0, 0);
+    for t in tasks {
+        let (f, s, violations) = t.await.unwrap();
+        assert!(
+            violations.is_empty(),
+            "stopped under a request: {violations:?}"
+        );
+        fast += f;
+        served += s;
+    }
+    swapper.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    eprintln!(
+        "{served} served, {fast} of them without the actor; {} worker starts",
+        n.events().iter().filter(|e| e.starts_with("start")).count()
+    );
+    assert!(served > 1_000, "only {served} of 3200 requests served");
+    assert!(fast > 100, "only {fast} requests took the fast path");
+    for (host, _) in &sites {
+        assert_eq!(
+            n.state(host).await.in_flight,
+            0,
+            "{host}: every request ended"
+        );
+    }
+    assert_eq!(n.sites.in_flight(), 0);
+    assert!(
+        n.fake.table().peak <= 2,
+        "peak {} workers",
+        n.fake.table().peak
+    );
 }

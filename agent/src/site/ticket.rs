@@ -1,16 +1,18 @@
 //! What a request holds while it uses a site, what it can be refused with, and the little
 //! per-site state that readers outside the site's actor may see without asking it.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::actor::Msg;
+use super::gate::{Claim, Gate, Released};
 use super::Ctx;
 
 /// Why a request could not be given a worker.
@@ -80,11 +82,18 @@ impl StopReason {
 }
 
 /// One site's state that others read without a round trip to its actor: the request path
-/// (is my worker alive, why did it die) and eviction (is it idle, since when).
+/// (claim the ready worker; is my worker alive, why did it die) and eviction (is it idle,
+/// since when).
 pub struct SiteShared {
     pub host: String,
-    /// Requests holding a ticket.
-    pub in_flight: AtomicU32,
+    /// The site's actor.
+    pub tx: UnboundedSender<Msg>,
+    /// Claims on the current worker without the actor (see [`super::gate`]).
+    pub gate: Gate,
+    /// Where the current worker's tickets go; published before the gate opens for its epoch.
+    pub route: ArcSwapOption<Route>,
+    /// Tickets of retired epochs the actor still counts (they share the site's limit).
+    pub retired_in_flight: AtomicU32,
     /// When the last request ended, in ms since the agent's start.
     pub last_active_ms: AtomicU64,
     /// The generation and pid of the worker new requests go to (0: none).
@@ -109,12 +118,30 @@ pub struct Failures {
     pub last_oom: Option<Instant>,
 }
 
+/// One worker's term as requests see it: what a ticket of `epoch` carries. Immutable; the
+/// actor publishes a new one for each worker that becomes current.
+#[derive(Debug)]
+pub struct Route {
+    pub epoch: u32,
+    pub generation: u64,
+    pub pid: i32,
+    pub socket_path: Arc<Path>,
+    pub request_timeout: Duration,
+    pub memory_limit_mb: Option<u64>,
+    /// The site's own limit of concurrent requests; the node's default is read per claim,
+    /// since SIGHUP may change it.
+    pub max_concurrent_requests: Option<u32>,
+}
+
 impl SiteShared {
-    pub fn new(host: &str) -> Self {
+    pub fn new(host: &str, tx: UnboundedSender<Msg>, now_ms: u64) -> Self {
         Self {
             host: host.to_string(),
-            in_flight: AtomicU32::new(0),
-            last_active_ms: AtomicU64::new(0),
+            tx,
+            gate: Gate::new(),
+            route: ArcSwapOption::empty(),
+            retired_in_flight: AtomicU32::new(0),
+            last_active_ms: AtomicU64::new(now_ms),
             current_generation: AtomicU64::new(0),
             current_pid: AtomicI32::new(0),
             answered_generation: AtomicU64::new(0),
@@ -147,22 +174,66 @@ impl SiteShared {
 /// A request's claim on a site's worker; dropping it ends the request.
 pub struct Ticket {
     pub(super) shared: Arc<SiteShared>,
-    pub(super) tx: UnboundedSender<Msg>,
     pub(super) ctx: Arc<Ctx>,
-    pub socket_path: PathBuf,
+    pub socket_path: Arc<Path>,
     /// Which worker generation was current, so pooled connections never cross workers.
     pub generation: u64,
+    /// The gate's epoch it was counted in.
+    pub(super) epoch: u32,
+    /// The worker's process (its group's leader).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(super) pid: i32,
     pub request_timeout: Duration,
     pub(super) memory_limit_mb: Option<u64>,
     pub(super) issued: Instant,
 }
 
 impl Ticket {
+    /// A ticket for `route`'s worker, already counted in the gate (by a claim or the actor).
+    pub(super) fn counted(shared: &Arc<SiteShared>, ctx: &Arc<Ctx>, route: &Route) -> Self {
+        ctx.in_flight.fetch_add(1, Ordering::AcqRel);
+        Ticket {
+            shared: shared.clone(),
+            ctx: ctx.clone(),
+            socket_path: route.socket_path.clone(),
+            generation: route.generation,
+            epoch: route.epoch,
+            pid: route.pid,
+            request_timeout: route.request_timeout,
+            memory_limit_mb: route.memory_limit_mb,
+            issued: Instant::now(),
+        }
+    }
+
+    /// The fast path: claim the site's ready worker with atomics only. `None` when the gate
+    /// is closed or has moved on: the request must ask the actor.
+    pub(super) fn claim(
+        shared: &Arc<SiteShared>,
+        ctx: &Arc<Ctx>,
+    ) -> Option<Result<Self, AcquireError>> {
+        let route = shared.route.load();
+        let route = route.as_ref()?;
+        let limit = route
+            .max_concurrent_requests
+            .or_else(|| ctx.cfg.load().site_limits.max_concurrent_requests);
+        // Requests still on retired workers count against the site's limit too.
+        let room = limit.map_or(u32::MAX, |max| {
+            max.saturating_sub(shared.retired_in_flight.load(Ordering::Acquire))
+        });
+        match shared.gate.claim(route.epoch, room) {
+            Claim::Granted => Some(Ok(Self::counted(shared, ctx, route))),
+            Claim::Full => Some(Err(AcquireError::TooManyRequests {
+                limit: limit.unwrap_or(room),
+            })),
+            Claim::Closed => None,
+        }
+    }
+
     /// The worker answered (a response header arrived): it has started. `accepted` is when
     /// the agent accepted the request, so a new worker's first answer times its cold start.
     pub fn mark_answered(&self, accepted: Instant) {
         if self.shared.answered_generation.load(Ordering::Acquire) != self.generation {
-            let _ = self.tx.send(Msg::Answered {
+            let _ = self.shared.tx.send(Msg::Answered {
                 generation: self.generation,
                 accepted,
             });
@@ -171,7 +242,7 @@ impl Ticket {
 
     /// A request ran past the site's timeout: its worker may be stuck; replace it.
     pub fn recycle(&self) {
-        let _ = self.tx.send(Msg::Recycle {
+        let _ = self.shared.tx.send(Msg::Recycle {
             generation: self.generation,
         });
     }
@@ -219,14 +290,21 @@ impl std::fmt::Debug for Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
         self.ctx.in_flight.fetch_sub(1, Ordering::AcqRel);
+        // Before the release: an actor that sees the count fall to 0 reads this time.
         self.shared
             .last_active_ms
             .store(self.ctx.now_ms(), Ordering::Release);
-        let _ = self.tx.send(Msg::Release {
-            generation: self.generation,
-        });
+        let tell = match self.shared.gate.release(self.epoch) {
+            Released::Counted { quiet: false } => None,
+            Released::Counted { quiet: true } => Some(Msg::Quiet),
+            Released::Retired => Some(Msg::Release {
+                generation: self.generation,
+            }),
+        };
+        if let Some(msg) = tell {
+            let _ = self.shared.tx.send(msg);
+        }
     }
 }
 
