@@ -300,7 +300,11 @@ fn cold_starts_of_many_sites_do_not_stall_a_warm_one() {
     // Booting workers now run at the lowest CPU weight until they answer. Interleaved with
     // runs without it, on a busy machine: 1.37x to 2.90x and one 4.67x (without: 1.78x to
     // 5.25x); on a quieter one, after merging issue 13/14: 3.69x to 6.14x (without: 2.13x to
-    // 5.90x), no difference. Not reliably under 3 on a shared 2-core machine, so the test
+    // 5.90x), no difference. Since warm requests claim their worker through the site's gate
+    // (no round trip to the actor, issue 12) the warm site alone got faster and the ratio
+    // was 1.65x to 5.41x in five runs (before: 0.79x to 2.65x, same hour, load average ~10):
+    // warm p99 during the starts stayed at 28-77 ms either way, the CPU of 30 booting
+    // Pythons on two cores. Not reliably under 3 on a shared 2-core machine, so the test
     // asserts what the agent owns: no warm request waits behind a start, which would cost it
     // at least a start's import. The ratio is printed above for the record.
     let import = Duration::from_secs_f64(IMPORT_SLEEP_SECS);
