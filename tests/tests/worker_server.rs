@@ -15,7 +15,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use roost_tests::http::parse;
 use roost_tests::process::proc_state;
-use roost_tests::{ensure_user, get, site_dir, wait_until, Cluster, Response};
+use roost_tests::{ensure_user, get, site_dir, wait_until, Cluster, Options, Response};
 use serde_json::Value;
 
 const USER: &str = "roost-t-inline";
@@ -326,4 +326,33 @@ fn two_single_threaded_processes_share_the_socket_and_follow_the_agent() {
         wait_until(EXIT, || pids.iter().all(|&p| dead(p))),
         "workers {pids:?} outlived the agent"
     );
+}
+
+#[test]
+fn a_request_that_outlasts_the_grace_after_sigterm_does_not_keep_the_worker() {
+    let c = Cluster::start_with(Options {
+        agent_config: Some("stop_grace_secs = 1\n".into()),
+    });
+    let host = "stuck-inline.example";
+    probe_site(&c, host, &["--threads", "1"]);
+    let old = get_json(&c, host, "/")["pid"].as_u64().unwrap();
+
+    let addr = c.proxy_addr;
+    let stuck = std::thread::spawn(move || get(addr, Some(host), "/sleep?secs=30", &[]));
+    std::thread::sleep(Duration::from_millis(300));
+    kill(Pid::from_raw(old as i32), Signal::SIGTERM).unwrap();
+    // The grace is 1 s: the worker ends long before the app's 30 s sleep would.
+    assert!(
+        wait_until(Duration::from_secs(10), || dead(old)),
+        "the worker {old} outlived its grace with a request in hand"
+    );
+    let answer = stuck.join().unwrap();
+    assert!(
+        answer.as_ref().map_or(true, |r| r.status != 200),
+        "the cut-off request cannot have succeeded: {:?}",
+        answer.map(|r| r.status)
+    );
+    // The next request gets a new worker.
+    let v = get_json(&c, host, "/");
+    assert_ne!(v["pid"], old);
 }
