@@ -265,8 +265,8 @@ class _Connection:
 class InlineWorker(_gunicorn_base.Worker):
     """A single-threaded keep-alive server for sites with `threads = 1`.
 
-    One epoll loop watches the listening socket, every kept-alive connection, the lifeline
-    and a signal wake-up pipe. A readable connection is served right there, on the loop's
+    One epoll loop watches the listening socket, every kept-alive connection and the
+    lifeline. A readable connection is served right there, on the loop's
     thread: no pool, no handoff, no lock. While it serves one request, others wait (in their
     connection, or in the listen backlog), which is what `threads = 1` means; an idle
     kept-alive connection costs a registration and never delays an accept. Connection
@@ -274,7 +274,7 @@ class InlineWorker(_gunicorn_base.Worker):
     rest in one go), with the request timeout as a kernel receive/send timeout so a client
     that stalls mid-request cannot hold the worker.
 
-    Stopping (SIGTERM, or EOF on the lifeline): the loop wakes at once, accepts nothing more,
+    Stopping (SIGTERM, or EOF on the lifeline): the loop ends within a second, accepts nothing more,
     answers the requests already sent on accepted connections (with `Connection: close`),
     then exits; connections still in the backlog are the next worker's.
     """
@@ -324,11 +324,7 @@ class InlineWorker(_gunicorn_base.Worker):
         self._io_timeout = struct.pack("ll", timeout, 0)
         self._max_conns = int(self.cfg.worker_connections)
         self._epoll = select.epoll()
-        # Signals wake the loop through this pipe (PEP 475 would otherwise resume the wait).
-        self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.init_signals()
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        self._epoll.register(self._wake_r, select.EPOLLIN)
         self._epoll.register(WORKER_LIFELINE_FD, select.EPOLLIN)
         self._listen(True)
         self._rehearse()
@@ -336,9 +332,6 @@ class InlineWorker(_gunicorn_base.Worker):
         try:
             self._run(listener)
         finally:
-            signal.set_wakeup_fd(-1)
-            os.close(wake_w)
-            os.close(self._wake_r)
             self._epoll.close()
 
     def _listen(self, on):
@@ -354,11 +347,13 @@ class InlineWorker(_gunicorn_base.Worker):
 
     def _run(self, listener):
         conns, epoll = self._conns, self._epoll
-        listen_fd, wake_r = listener.fileno(), self._wake_r
+        listen_fd = listener.fileno()
         monotonic = time.monotonic
         next_housekeeping = monotonic() + self.HOUSEKEEPING_SECS
         deferred = False
         while self.alive:
+            # A SIGTERM while waiting is seen when the wait ends (within a second, as in
+            # gthread): a wake-up pipe would be two more fds in every worker.
             events = epoll.poll(self.HOUSEKEEPING_SECS)
             now = monotonic()
             pending, served = False, False
@@ -370,8 +365,6 @@ class InlineWorker(_gunicorn_base.Worker):
                     served = True
                 elif fd == listen_fd:
                     pending = True
-                elif fd == wake_r:
-                    self._drain_wakeups()
                 elif fd == WORKER_LIFELINE_FD:
                     self._lifeline_lost()
             # Accept last, once a stop that came with the same wake-up is known. A process
@@ -491,13 +484,6 @@ class InlineWorker(_gunicorn_base.Worker):
         expired = [c for c in self._conns.values() if now - c.last_used > self.cfg.keepalive]
         for conn in expired:
             self._close(conn)
-
-    def _drain_wakeups(self):
-        try:
-            while os.read(self._wake_r, 64):
-                pass
-        except BlockingIOError:
-            pass
 
     def _lifeline_lost(self):
         """EOF on the lifeline: the agent is gone (even SIGKILLed). Stop as on SIGTERM, and
