@@ -621,6 +621,8 @@ def spare_main(sock, zygote_socks):
         os.close(EVENTS_FD)
         set_name("roost-spare")
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        # While it waits: the copy-on-write faults of the request path, paid ahead.
+        roost_worker.prewarm()
         msg, fds, _, _ = socket.recv_fds(sock, 4096, 1)
         if not msg or len(fds) != 1:
             os._exit(0)  # the zygote is gone (or never needed this spare)

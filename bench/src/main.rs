@@ -37,6 +37,7 @@ struct Args {
     warm: usize,
     cgroups: bool,
     php_fpm: bool,
+    baseline_bin_dir: Option<PathBuf>,
 }
 
 /// The command line; `Args` is what the benchmark uses, defaults resolved.
@@ -62,6 +63,11 @@ struct Flags {
     /// Where roost-agent and roost-proxy are (default: this binary's directory).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Also run a second node from the roost-agent and roost-proxy in this directory (an
+    /// older build) and add its zygote starts to the rotation: before and after a change,
+    /// measured in the same run.
+    #[arg(long)]
+    baseline_bin_dir: Option<PathBuf>,
 }
 
 fn args() -> Args {
@@ -72,6 +78,7 @@ fn args() -> Args {
         warm: f.warm,
         cgroups: !f.no_cgroups,
         php_fpm: f.php_fpm,
+        baseline_bin_dir: f.baseline_bin_dir,
     }
 }
 
@@ -176,19 +183,21 @@ fn main() {
     let user = ensure_user(USER);
     let sites_dir = root.subdir("sites");
     // Long idle timeouts keep every started worker for the PSS reading; a short grace ends the run fast.
-    let node = node::start(
-        root.path(),
-        &a.bin_dir,
-        &NodeOptions {
-            agent_config: format!(
-                "stop_grace_secs = 2\nmax_workers = 1000\npreload = []\ncgroups = {}\n",
-                a.cgroups
-            ),
-            agent_log_filter: "info,roost_agent::zygote=debug".into(),
-            proxy_log_filter: "warn".into(),
-            proxy_args: vec![],
-        },
-    );
+    let options = NodeOptions {
+        agent_config: format!(
+            "stop_grace_secs = 2\nmax_workers = 1000\npreload = []\ncgroups = {}\n",
+            a.cgroups
+        ),
+        agent_log_filter: "info,roost_agent::launch=debug".into(),
+        proxy_log_filter: "warn".into(),
+        proxy_args: vec![],
+    };
+    let node = node::start(root.path(), &a.bin_dir, &options);
+    // Its own state dir, so its own cgroup name: the two agents never touch each other's workers.
+    let baseline = a
+        .baseline_bin_dir
+        .as_ref()
+        .map(|dir| node::start(&root.subdir("baseline"), dir, &options));
     let n = a.sites;
     println!(
         "roost cold-start benchmark: {n} sites per mode, cgroups {}, binaries from {}, {} CPUs, kernel {}",
@@ -215,9 +224,30 @@ fn main() {
             hosts.push(host);
         }
     }
-    for host in ["warmup-z.bench", "warmup-d.bench"] {
+    if let Some(b) = &baseline {
+        for i in 0..=n {
+            let host = if i == n {
+                "warmup-b.bench".to_string()
+            } else {
+                format!("b{i}.bench")
+            };
+            let dir = site_dir(&sites_dir, &user, &host, HELLO);
+            let record =
+                json!({"user": USER, "app": "app:application", "dir": dir, "idle_timeout": 86400});
+            b.etcd
+                .put(&format!("{PREFIX}/sites/{host}"), &record.to_string());
+        }
+    }
+    let mut warmups = vec![
+        ("warmup-z.bench", node.proxy),
+        ("warmup-d.bench", node.proxy),
+    ];
+    if let Some(b) = &baseline {
+        warmups.push(("warmup-b.bench", b.proxy));
+    }
+    for (host, proxy) in warmups {
         let ok = wait_until(Duration::from_secs(30), || {
-            get(node.proxy, Some(host), "/", &[]).is_ok_and(|r| r.status == 200)
+            get(proxy, Some(host), "/", &[]).is_ok_and(|r| r.status == 200)
         });
         if !ok {
             die(&format!(
@@ -230,9 +260,20 @@ fn main() {
     // PHP-FPM: a pool per site (plus a warm-up pool), no child in any until its first request.
     let php = a.php_fpm.then(|| php_fpm_baseline(&root, &sites_dir, n));
     let (mut zygote, mut direct, mut php_ms) = (Vec::new(), Vec::new(), Vec::new());
+    let mut base_ms = Vec::new();
     for i in 0..n {
-        zygote.push(ms(timed_get(node.proxy, &format!("z{i}.bench"))));
-        std::thread::sleep(Duration::from_millis(50));
+        // This build's and the baseline's zygote starts, in turns first.
+        let mut zygotes = vec![(node.proxy, format!("z{i}.bench"), &mut zygote)];
+        if let Some(b) = &baseline {
+            zygotes.push((b.proxy, format!("b{i}.bench"), &mut base_ms));
+            if i % 2 == 1 {
+                zygotes.reverse();
+            }
+        }
+        for (proxy, host, samples) in zygotes {
+            samples.push(ms(timed_get(proxy, &host)));
+            std::thread::sleep(Duration::from_millis(50));
+        }
         if let Some((nginx_addr, _)) = &php {
             php_ms.push(ms(timed_get(*nginx_addr, &format!("p{i}.bench"))));
             std::thread::sleep(Duration::from_millis(50));
@@ -257,6 +298,9 @@ fn main() {
         "", "n", "p50", "p90", "p99", "min", "max"
     );
     println!("{}", summary("zygote (forked worker)", &mut zygote));
+    if !base_ms.is_empty() {
+        println!("{}", summary("zygote, baseline binaries", &mut base_ms));
+    }
     println!("{}", summary("direct (fresh gunicorn)", &mut direct));
     if !php_ms.is_empty() {
         println!("{}", summary("nginx -> PHP-FPM ondemand", &mut php_ms));
@@ -264,84 +308,11 @@ fn main() {
     println!("{}", summary("warm, zygote worker", &mut warm_z));
     println!("{}", summary("warm, direct worker", &mut warm_d));
 
-    // Where a zygote cold start goes, as the workers logged it (median per phase).
-    let mut phases: Vec<(String, Vec<f64>)> = Vec::new();
-    let mut totals = Vec::new();
-    for i in 0..n {
-        let log =
-            std::fs::read_to_string(node.state_dir.join("logs").join(format!("z{i}.bench.log")))
-                .unwrap_or_default();
-        let Some(line) = log.lines().find(|l| l.contains("first response")) else {
-            continue;
-        };
-        if let Some(total) = line
-            .split("first response ")
-            .nth(1)
-            .and_then(|s| s.split(' ').next()?.parse::<f64>().ok())
-        {
-            totals.push(total);
-        }
-        let Some(inner) = line
-            .rsplit_once('(')
-            .map(|(_, r)| r.trim_end_matches(" ms)"))
-        else {
-            continue;
-        };
-        for part in inner.split(", ") {
-            if let Some((name, v)) = part.rsplit_once(' ') {
-                if let Ok(v) = v.parse::<f64>() {
-                    match phases.iter_mut().find(|(n, _)| n == name) {
-                        Some((_, vs)) => vs.push(v),
-                        None => phases.push((name.to_string(), vec![v])),
-                    }
-                }
-            }
-        }
-    }
-    if !totals.is_empty() {
-        totals.sort_by(|a, b| a.total_cmp(b));
-        let mut line = format!(
-            "\nzygote worker boot, as logged by the workers (median ms): fork -> first response {:.2} =",
-            pct(&totals, 50.0)
-        );
-        for (name, vs) in phases.iter_mut() {
-            vs.sort_by(|a, b| a.total_cmp(b));
-            line += &format!(" {name} {:.2}", pct(vs, 50.0));
-        }
-        println!("{line}");
-    }
-
-    // The agent's part of a zygote start, from its debug lines (median µs).
-    let agent_log = std::fs::read_to_string(&node.agent_log).unwrap_or_default();
-    let mut agent_phases: Vec<(&str, &str, Vec<f64>)> = vec![
-        ("lookup_us", "interpreter check and zygote lookup", vec![]),
-        ("fork_us", "fork request and the zygote's answer", vec![]),
-        ("send_us", "spec and fds sent to the child", vec![]),
-    ];
-    for line in agent_log
-        .lines()
-        .filter(|l| l.contains("worker forked") && !l.contains("warmup"))
-    {
-        for (name, _, vs) in agent_phases.iter_mut() {
-            if let Some(v) = line
-                .split(&format!("{name}="))
-                .nth(1)
-                .and_then(|s| s.split_whitespace().next()?.parse().ok())
-            {
-                vs.push(v);
-            }
-        }
-    }
-    if !agent_phases[1].2.is_empty() {
-        let mut parts = Vec::new();
-        for (_, label, vs) in agent_phases.iter_mut() {
-            vs.sort_by(|a, b| a.total_cmp(b));
-            parts.push(format!("{label} {:.0}", pct(vs, 50.0)));
-        }
-        println!(
-            "agent side of a zygote start (median µs): {}",
-            parts.join(", ")
-        );
+    worker_boot_report(&node, "z", n, "this build");
+    agent_report(&node, "z", "this build");
+    if let Some(b) = &baseline {
+        worker_boot_report(b, "b", n, "baseline");
+        agent_report(b, "b", "baseline");
     }
 
     // PSS of one warm hello-world worker per mode (all sites' workers still running).
@@ -374,4 +345,126 @@ fn main() {
         println!("  ratio zygote/direct: {:.2}", z_pss as f64 / d_pss as f64);
     }
     let _ = std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755));
+}
+
+/// Where a zygote cold start went inside the workers of sites `<prefix><i>.bench`, as they
+/// logged it with their first response (median per phase).
+fn worker_boot_report(node: &node::Node, prefix: &str, n: usize, label: &str) {
+    let mut phases: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut totals = Vec::new();
+    for i in 0..n {
+        let log = std::fs::read_to_string(
+            node.state_dir
+                .join("logs")
+                .join(format!("{prefix}{i}.bench.log")),
+        )
+        .unwrap_or_default();
+        let Some(line) = log.lines().find(|l| l.contains("first response")) else {
+            continue;
+        };
+        if let Some(total) = line
+            .split("first response ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next()?.parse::<f64>().ok())
+        {
+            totals.push(total);
+        }
+        let Some(inner) = line
+            .rsplit_once('(')
+            .map(|(_, r)| r.trim_end_matches(" ms)"))
+        else {
+            continue;
+        };
+        for part in inner.split(", ") {
+            if let Some((name, v)) = part.rsplit_once(' ') {
+                if let Ok(v) = v.parse::<f64>() {
+                    match phases.iter_mut().find(|(n, _)| n == name) {
+                        Some((_, vs)) => vs.push(v),
+                        None => phases.push((name.to_string(), vec![v])),
+                    }
+                }
+            }
+        }
+    }
+    if !totals.is_empty() {
+        totals.sort_by(|a, b| a.total_cmp(b));
+        let mut line = format!(
+            "\nzygote worker boot ({label}), as logged by the workers (median ms): fork -> first response {:.2} =",
+            pct(&totals, 50.0)
+        );
+        for (name, vs) in phases.iter_mut() {
+            vs.sort_by(|a, b| a.total_cmp(b));
+            line += &format!(" {name} {:.2}", pct(vs, 50.0));
+        }
+        println!("{line}");
+    }
+}
+
+/// The agent's part of the zygote starts of sites `<prefix>…`, from its debug lines.
+fn agent_report(node: &node::Node, prefix: &str, label: &str) {
+    // The agent's part of a zygote start, from its debug lines (median µs; zygote sites only).
+    let agent_log = std::fs::read_to_string(&node.agent_log).unwrap_or_default();
+    let agent_steps: [(&str, &[(&str, &str)]); 3] = [
+        (
+            "socket bound",
+            &[
+                ("queued_us", "queued"),
+                ("user_us", "user"),
+                ("bind_us", "bind"),
+            ],
+        ),
+        (
+            "start timings",
+            &[
+                ("queued_us", "queued"),
+                ("user_us", "user"),
+                ("interpreter_us", "interpreter"),
+                ("cgroup_us", "cgroup"),
+                ("log_us", "log pipe"),
+                ("spawn_us", "fork from the zygote"),
+            ],
+        ),
+        (
+            "worker forked",
+            &[
+                ("lookup_us", "zygote lookup"),
+                ("fork_us", "fork request and answer"),
+                ("send_us", "spec and fds sent to the child"),
+            ],
+        ),
+    ];
+    for (marker, keys) in agent_steps {
+        let lines: Vec<&str> = agent_log
+            .lines()
+            .filter(|l| l.contains(marker) && l.contains(&format!("site={prefix}")))
+            .collect();
+        if lines.is_empty() {
+            continue;
+        }
+        let parts: Vec<String> = keys
+            .iter()
+            .map(|(key, label)| {
+                let mut vs: Vec<f64> = lines
+                    .iter()
+                    .filter_map(|l| {
+                        l.split(&format!("{key}="))
+                            .nth(1)?
+                            .split_whitespace()
+                            .next()?
+                            .parse()
+                            .ok()
+                    })
+                    .collect();
+                vs.sort_by(|a, b| a.total_cmp(b));
+                match vs.is_empty() {
+                    true => format!("{label} -"),
+                    false => format!("{label} {:.0}", pct(&vs, 50.0)),
+                }
+            })
+            .collect();
+        println!(
+            "agent ({label}), {marker} (median µs): {}",
+            parts.join(", ")
+        );
+    }
 }

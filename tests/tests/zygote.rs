@@ -602,3 +602,45 @@ fn the_cold_start_benchmark_runs() {
         );
     }
 }
+
+/// A spare (issue 14) walks the request path while it waits (`roost_worker.prewarm`) and must
+/// come out of that as it went in: root's, one thread (a worker joins its cgroups through the
+/// `tasks` file, which moves only the calling thread), and no fd beyond what it inherited,
+/// so nothing of the walk reaches the site that gets it.
+#[test]
+fn a_spare_waits_as_one_unspecialised_thread_with_nothing_left_of_its_prewarm() {
+    let c = Cluster::start();
+    let (_agent, zygote) = agent_and_zygote(&c);
+    let spare = wait_for(EXIT, || {
+        roost_tests::procfs::children(zygote)
+            .into_iter()
+            .find(|p| roost_tests::procfs::comm(*p) == "roost-spare")
+    })
+    .unwrap_or_else(|| panic!("no spare under zygote {zygote}\n{}", c.diagnostics()));
+    // The walk is done once the spare sleeps in its wait for a channel.
+    assert!(
+        wait_until(EXIT, || status_field(spare, "State")
+            .is_some_and(|s| s.starts_with('S'))),
+        "spare {spare} never went to sleep"
+    );
+    assert_eq!(status_field(spare, "Threads").as_deref(), Some("1"));
+    assert_eq!(
+        status_ids(spare, "Uid"),
+        vec![0; 4],
+        "a spare is still root's"
+    );
+    // Every fd is one the zygote holds too (stdio, the lifeline, ...), but for the spare's own
+    // socket to the zygote: a socket left from the walk would be a second one.
+    let held = fds(spare);
+    let zygote_targets: BTreeSet<String> = fds(zygote).into_values().collect();
+    let own: Vec<(&u32, &String)> = held
+        .iter()
+        .filter(|(_, t)| !zygote_targets.contains(*t))
+        .collect();
+    assert!(
+        own.len() == 1 && own[0].1.starts_with("socket:"),
+        "a spare holds only the zygote's fds and its socket to the zygote: {held:?}"
+    );
+    assert_eq!(held.get(&5), fds(zygote).get(&5), "fd 5 is the lifeline");
+    c.assert_running();
+}

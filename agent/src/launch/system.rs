@@ -17,7 +17,7 @@ use roost_proto::SiteSpec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::cgroup::{Cgroups, Limits, SiteCgroup, STARTING_CPU_WEIGHT};
 use super::direct as worker;
@@ -188,6 +188,11 @@ impl CgroupSetup {
     }
 }
 
+/// Microseconds, for the start timings' debug lines.
+fn us(d: Duration) -> u64 {
+    d.as_micros() as u64
+}
+
 /// The site's kernel limits: its record's, else the node's defaults.
 fn site_limits(spec: &SiteSpec, cfg: &Config) -> Limits {
     let d = &cfg.site_limits;
@@ -266,15 +271,20 @@ impl Launcher for SystemLauncher {
         let state_dir = cfg.state_dir.clone();
         let (host, user) = (host.to_string(), spec.user.clone());
         let metrics = self.metrics.clone();
+        let queued = std::time::Instant::now();
         self.on_launcher(move || {
+            let began = std::time::Instant::now();
             // The user must exist and be one sites may run as before anything is made.
             site_user(&host, &user, &cfg, &metrics)?;
+            let looked_up = std::time::Instant::now();
             let name = match role {
                 SocketRole::Serving => socket::SERVING,
                 SocketRole::Candidate => socket::CANDIDATE,
             };
             let (socket, path) = socket::bind(&state_dir, &host, name)
                 .map_err(|e| LaunchError(format!("cannot create the site's socket: {e}")))?;
+            debug!(site = %host, queued_us = us(began - queued), user_us = us(looked_up - began),
+                bind_us = us(looked_up.elapsed()), "socket bound");
             Ok(Arc::new(Listener { socket, path }))
         })
     }
@@ -295,11 +305,13 @@ impl Launcher for SystemLauncher {
         let cfg = self.cfg.load_full();
         let logs = self.logs.clone();
         let metrics = self.metrics.clone();
+        let queued = std::time::Instant::now();
         let starting = {
             let host = host.clone();
             self.on_launcher(move || {
                 let began = std::time::Instant::now();
                 let user = site_user(&host, &spec.user, &cfg, &metrics)?;
+                let looked_up = std::time::Instant::now();
                 // The zygote runs as root: its interpreter is the operator's choice, and a
                 // site asking for another is refused, not started some other way.
                 let zygote_interpreter = if spec.uses_zygote() {
@@ -312,10 +324,13 @@ impl Launcher for SystemLauncher {
                 } else {
                     None
                 };
+                let checked = std::time::Instant::now();
                 let procs = setup.prepare(&host, &spec, &cfg, weight);
+                let cgroup_ready = std::time::Instant::now();
                 let (log, output_drained) = site_log(&logs, &cfg, &host)
                     .and_then(|log| sitelog::pump(&host, log))
                     .map_err(|e| LaunchError(format!("cannot open the site's log: {e}")))?;
+                let log_ready = std::time::Instant::now();
                 let proc = worker::spawn(&worker::Launch {
                     spec: &spec,
                     host: &host,
@@ -331,6 +346,10 @@ impl Launcher for SystemLauncher {
                     .spawn_duration
                     .with_label_values(&[proc.launcher().as_str()])
                     .observe(began.elapsed().as_secs_f64());
+                // Where the launcher's part of a cold start went (docs/first-hit.md, profile).
+                debug!(site = %host, queued_us = us(began - queued), user_us = us(looked_up - began),
+                    interpreter_us = us(checked - looked_up), cgroup_us = us(cgroup_ready - checked),
+                    log_us = us(log_ready - cgroup_ready), spawn_us = us(log_ready.elapsed()), "start timings");
                 info!(site = %host, pid = proc.pid(), user = %user.name, uid = user.uid.as_raw(), "worker started");
                 Ok((proc, cfg.state_dir.clone(), output_drained))
             })
