@@ -32,6 +32,13 @@ pub use temp::TempRoot;
 pub use users::{ensure_user, site_dir, system_user, User};
 pub use wait::{wait_for, wait_until};
 
+/// Hold `lock` for the rest of a test, so that the tests of one file that take it run one at
+/// a time (a test that measures latency within its run can't share two cores with another
+/// cluster). A lock poisoned by a failed test still serialises the rest.
+pub fn one_at_a_time(lock: &'static std::sync::Mutex<()>) -> std::sync::MutexGuard<'static, ()> {
+    lock.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Source of the echo app (`tests/apps/echo/app.py`): a WSGI `application` that answers
 /// with JSON: `environ` (str values only), `pid`, `ppid`, `uid`, `euid`, `gid`, `groups`,
 /// `cwd` and `os_environ`.

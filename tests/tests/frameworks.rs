@@ -33,7 +33,7 @@ const EXIT: Duration = Duration::from_secs(20);
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+    roost_tests::one_at_a_time(&ONE_AT_A_TIME)
 }
 
 /// `django-admin startproject` with a CSRF view (`roost_tests::frameworks`).

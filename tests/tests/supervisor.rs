@@ -20,7 +20,7 @@ const USER: &str = "roost-t-sup";
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+    roost_tests::one_at_a_time(&SERIAL)
 }
 
 fn misbehaving_site(c: &Cluster, host: &str, user: &User, extra: &[&str]) {
