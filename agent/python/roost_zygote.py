@@ -208,6 +208,9 @@ def _worker(chan_fd, zygote_socks):
     # 1. The site's cgroups, before anything else runs or allocates.
     for path in spec["cgroup_procs"]:
         _join_cgroup(path)
+    # The zygote runs below normal priority (agent/src/launch/priority.rs); its worker, once
+    # in its site's cgroup, is back to normal, while it is still root and can.
+    os.setpriority(os.PRIO_PROCESS, 0, 0)
     roost_worker.mark("cgroup")
     # 2. A session of its own: the agent signals the worker's whole tree as -pid.
     os.setsid()

@@ -121,6 +121,9 @@ pub fn pump(
         .name("roost-sitelog".into())
         .stack_size(PUMP_STACK)
         .spawn(move || {
+            // A worker blocks once its pipe is full: its output is not start work, whatever
+            // thread started it (launch/priority.rs).
+            let _ = crate::launch::priority::normal_this_thread();
             let mut buf = vec![0u8; CHUNK];
             // The worker's unfinished last line, kept back so lines reach the file whole
             // (a site's workers share the file).

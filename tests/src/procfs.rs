@@ -29,6 +29,32 @@ pub fn ppid(pid: u32) -> Option<u32> {
     status_field(pid, "PPid")?.parse().ok()
 }
 
+/// The nice value of a process, or of one of its threads as `"<pid>/task/<tid>"` (field
+/// 19 of `stat`).
+pub fn nice(pid: impl std::fmt::Display) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..]
+        .split(' ')
+        .nth(16)?
+        .parse()
+        .ok()
+}
+
+/// The nice value of each of `pid`'s threads, by thread name.
+pub fn thread_nices(pid: u32) -> Vec<(String, i32)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let tid = t.file_name().to_string_lossy().into_owned();
+            let name = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            Some((name.trim().to_string(), nice(format!("{pid}/task/{tid}"))?))
+        })
+        .collect()
+}
+
 /// The short name (`/proc/<pid>/comm`).
 pub fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))

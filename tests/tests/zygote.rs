@@ -14,8 +14,8 @@ use nix::unistd::Pid;
 use roost_tests::cluster::PREFIX;
 use roost_tests::process::{pid_alive, pid_exists};
 use roost_tests::procfs::{
-    agent_pid, cmdline, environ, fds, inode_of, ppid, status_field, status_ids, unix_sockets,
-    zygote_pids,
+    agent_pid, cmdline, environ, fds, inode_of, nice, ppid, status_field, status_ids, thread_nices,
+    unix_sockets, zygote_pids,
 };
 use roost_tests::{ensure_user, site_dir, wait_for, wait_until, Cluster, Response, User};
 use serde_json::{json, Value};
@@ -162,6 +162,24 @@ fn a_forked_worker_is_exactly_its_site_user_and_holds_nothing_of_the_agent() {
         fields[3],
         pid.to_string(),
         "the worker leads its session: {stat}"
+    );
+    // The work of a start yields to serving processes (issue 11): the zygote and the
+    // agent's launcher threads run at nice 10, the agent's other threads and the worker
+    // (which could not undo it after dropping root) at 0.
+    assert_eq!(nice(zygote), Some(10), "the zygote's nice");
+    assert_eq!(nice(pid), Some(0), "the worker's nice");
+    let threads = thread_nices(agent);
+    assert!(
+        threads.iter().all(|(name, n)| *n
+            == if name.starts_with("roost-launch") {
+                10
+            } else {
+                0
+            })
+            && threads
+                .iter()
+                .any(|(name, _)| name.starts_with("roost-launch")),
+        "the agent's threads and their nice values: {threads:?}"
     );
 
     // fds: 0 /dev/null, 1-2 a pipe to the agent, which writes the site's log, 3 the site's
@@ -454,6 +472,8 @@ fn a_command_site_and_a_direct_site_answer_without_the_zygote() {
         Some(agent),
         "an opted-out site runs a fresh gunicorn under the agent"
     );
+    // Forked by a launcher thread at nice 10, it is back to 0 before it drops root.
+    assert_eq!(nice(arbiter), Some(0), "a direct worker's nice");
     assert!(
         cmdline(arbiter).iter().any(|a| a == "gunicorn"),
         "{:?}",

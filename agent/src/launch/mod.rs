@@ -11,6 +11,7 @@
 //! - `frameworks.rs` (which frameworks sites share) and `framework_zygotes.rs` (the zygotes
 //!   that preload them): the second level of the zygote tree.
 //! - `watchdog.rs`: the RSS fallback for nodes without cgroups.
+//! - `priority.rs`: the work of a start runs below normal CPU priority.
 
 pub mod cgroup;
 pub mod direct;
@@ -18,6 +19,7 @@ pub mod fdpass;
 pub mod framework_zygotes;
 pub mod frameworks;
 pub mod interpreters;
+pub mod priority;
 pub mod rlimit;
 pub mod socket;
 pub mod system;

@@ -89,6 +89,9 @@ impl SystemLauncher {
                 .spawn(move || {
                     // tokio's child reaper must be registered with the control runtime.
                     let _enter = runtime.enter();
+                    if let Err(e) = super::priority::lower_this_thread() {
+                        warn!(error = %e, "launcher thread keeps normal CPU priority");
+                    }
                     loop {
                         let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
                             Ok(job) => job,

@@ -639,6 +639,8 @@ impl Manager {
             cmd.pre_exec(move || {
                 // Its own session: a terminal's Ctrl-C reaches the agent, which stops it.
                 check(libc::setsid())?;
+                // Its forks yield to serving processes; each child resets it (priority.rs).
+                super::priority::lower_in_child()?;
                 check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
                 if libc::getppid() != parent {
                     return Err(io::Error::other("agent exited during spawn"));
