@@ -236,82 +236,97 @@ const IMPORT_SLEEP_SECS: f64 = 0.8;
 #[test]
 fn cold_starts_of_many_sites_do_not_stall_a_warm_one() {
     let _serial = serial();
+    /// Concurrent cold starts in one burst (issue 11, must-show 2).
     const COLD: usize = 30;
+    /// Bursts, each after a spell of the warm site alone. One burst's p99 is its 5th
+    /// slowest request of about 500, so the ratio is taken over all three, pooled.
+    const ROUNDS: usize = 3;
+    const ALONE: Duration = Duration::from_secs(2);
     let c = Cluster::start();
     let user = ensure_user(USER);
     misbehaving_site(&c, "warm.example", &user, &[]);
-    for i in 0..COLD {
+    let import_sleep = format!("ROOST_TEST_IMPORT_SLEEP={IMPORT_SLEEP_SECS}");
+    for i in 0..COLD * ROUNDS {
         misbehaving_site(
             &c,
             &format!("cold{i}.example"),
             &user,
-            &[
-                "--env",
-                &format!("ROOST_TEST_IMPORT_SLEEP={IMPORT_SLEEP_SECS}"),
-            ],
+            &["--env", &import_sleep],
         );
     }
     c.wait_for_status("warm.example", 200, Duration::from_secs(10))
         .unwrap();
 
     let warm = ClientLoop::start(c.proxy_addr, "warm.example", 3, Duration::from_millis(2));
-    std::thread::sleep(Duration::from_secs(3));
-    let alone_until = Instant::now();
+    std::thread::sleep(Duration::from_secs(1)); // the loop's own start is in neither window
     let addr = c.proxy_addr;
-    let cold: Vec<_> = (0..COLD)
-        .map(|i| {
-            std::thread::spawn(move || {
-                get(addr, Some(&format!("cold{i}.example")), "/", &[]).map(|r| r.status)
+    // Per round: (start of the warm site alone, start of the burst, end of the burst).
+    let mut windows = Vec::new();
+    for round in 0..ROUNDS {
+        let alone_from = Instant::now();
+        std::thread::sleep(ALONE);
+        let burst_from = Instant::now();
+        let cold: Vec<_> = (round * COLD..(round + 1) * COLD)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    get(addr, Some(&format!("cold{i}.example")), "/", &[]).map(|r| r.status)
+                })
             })
-        })
-        .collect();
-    let cold: Vec<_> = cold.into_iter().map(|t| t.join().unwrap()).collect();
-    let cold_until = Instant::now();
+            .collect();
+        let cold: Vec<_> = cold.into_iter().map(|t| t.join().unwrap()).collect();
+        assert!(
+            cold.iter().all(|s| matches!(s, Ok(200))),
+            "cold starts of round {round}: {cold:?}\n{}",
+            c.diagnostics()
+        );
+        windows.push((alone_from, burst_from, Instant::now()));
+    }
     let outcomes = warm.stop();
-
-    assert!(
-        cold.iter().all(|s| matches!(s, Ok(200))),
-        "cold starts: {cold:?}\n{}",
-        c.diagnostics()
-    );
     assert!(failures(&outcomes).is_empty(), "{:?}", failures(&outcomes));
-    let alone: Vec<_> = outcomes
-        .iter()
-        .filter(|o| o.at < alone_until)
-        .map(|o| o.took)
-        .collect();
-    let during: Vec<_> = outcomes
-        .iter()
-        .filter(|o| o.at >= alone_until && o.at < cold_until)
-        .map(|o| o.took)
-        .collect();
+
+    let took_within = |from: Instant, until: Instant| -> Vec<Duration> {
+        outcomes
+            .iter()
+            .filter(|o| o.at >= from && o.at < until)
+            .map(|o| o.took)
+            .collect()
+    };
+    let (mut alone, mut during) = (Vec::new(), Vec::new());
+    for (round, &(alone_from, burst_from, burst_until)) in windows.iter().enumerate() {
+        let (a, d) = (
+            took_within(alone_from, burst_from),
+            took_within(burst_from, burst_until),
+        );
+        eprintln!(
+            "round {round}: warm p99 alone {:?} ({} requests), during {COLD} cold starts {:?} \
+             ({} requests); the starts took {:?}",
+            p99(a.clone()),
+            a.len(),
+            p99(d.clone()),
+            d.len(),
+            burst_until - burst_from
+        );
+        alone.extend(a);
+        during.extend(d);
+    }
     let (n_alone, n_during) = (alone.len(), during.len());
     let (p_alone, p_during) = (p99(alone), p99(during));
     let ratio = p_during.as_secs_f64() / p_alone.as_secs_f64();
     eprintln!(
-        "warm site p99: alone {p_alone:?} ({n_alone} requests), during {COLD} cold starts \
-         {p_during:?} ({n_during} requests), ratio {ratio:.2}; cold starts took {:?}",
-        cold_until - alone_until
+        "warm site p99 over {ROUNDS} rounds: alone {p_alone:?} ({n_alone} requests), during \
+         {COLD} cold starts {p_during:?} ({n_during} requests), ratio {ratio:.2}"
     );
-    assert!(n_during >= 20, "too few requests during the cold starts");
-    // The issue's goal is a ratio of at most 3. On a 2-core machine that ratio measures how the
-    // kernel shares the CPU between the warm worker and 30 Python processes booting at once:
-    // the agent from before the per-site actors gave 1.8x to 4.0x here, the actors 2.5x to 5.5x.
-    // Booting workers now run at the lowest CPU weight until they answer. Interleaved with
-    // runs without it, on a busy machine: 1.37x to 2.90x and one 4.67x (without: 1.78x to
-    // 5.25x); on a quieter one, after merging issue 13/14: 3.69x to 6.14x (without: 2.13x to
-    // 5.90x), no difference. Since warm requests claim their worker through the site's gate
-    // (no round trip to the actor, issue 12) the warm site alone got faster and the ratio
-    // was 1.65x to 5.41x in five runs (before: 0.79x to 2.65x, same hour, load average ~10):
-    // warm p99 during the starts stayed at 28-77 ms either way, the CPU of 30 booting
-    // Pythons on two cores. Not reliably under 3 on a shared 2-core machine, so the test
-    // asserts what the agent owns: no warm request waits behind a start, which would cost it
-    // at least a start's import. The ratio is printed above for the record.
-    let import = Duration::from_secs_f64(IMPORT_SLEEP_SECS);
     assert!(
-        p_during < import,
-        "warm p99 {p_during:?} during cold starts reached a start's import time {import:?} \
-         (alone: {p_alone:?}): a request waited behind a start"
+        n_during >= 20 * ROUNDS,
+        "too few requests during the cold starts"
+    );
+    // What keeps it low on a 2-core machine: the work of a start runs below normal CPU
+    // priority (launcher threads, the zygote and its session's autogroup; agent/src/launch/
+    // priority.rs), booting workers at the lowest CPU weight until they answer, and warm
+    // requests claim their worker through the site's gate, never waiting behind an actor.
+    assert!(
+        ratio <= 3.0,
+        "warm p99 during cold starts {p_during:?} is {ratio:.2}x its p99 alone {p_alone:?}"
     );
 }
 
