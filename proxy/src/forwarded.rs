@@ -10,51 +10,33 @@ use std::net::IpAddr;
 use std::str::FromStr;
 
 use http::HeaderMap;
+use ipnet::IpNet;
 
 /// An address block such as `10.0.0.0/8` or `2001:db8::/32`; a bare address is a /32 (/128).
+/// An IPv4-mapped IPv6 peer (`::ffff:10.1.2.3`, from a dual-stack listener) matches as the
+/// IPv4 address it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
+pub struct Cidr(IpNet);
 
 impl FromStr for Cidr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("{addr:?} is not an IP address"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("prefix length {p:?} is not 0..={max}"))?,
-            None => max,
-        };
-        Ok(Cidr { addr, prefix })
+        if !s.contains('/') {
+            let addr: IpAddr = s
+                .parse()
+                .map_err(|_| format!("{s:?} is not an IP address"))?;
+            return Ok(Cidr(IpNet::from(addr)));
+        }
+        s.parse()
+            .map(Cidr)
+            .map_err(|_| format!("{s:?} is not an address block (ADDRESS/PREFIX)"))
     }
 }
 
 impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip.to_canonical()) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
+        self.0.contains(&ip.to_canonical())
     }
 }
 
