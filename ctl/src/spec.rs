@@ -252,62 +252,8 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
 /// `--command`: split like a POSIX shell does words (spaces, '…', "…", backslash), with no
 /// expansion of any kind, so what the operator quoted is what the program gets.
 pub fn parse_command(s: &str) -> Result<Argv, String> {
-    let mut words = Vec::new();
-    let mut word = String::new();
-    let mut in_word = false;
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            c if c.is_whitespace() => {
-                if in_word {
-                    words.push(std::mem::take(&mut word));
-                    in_word = false;
-                }
-            }
-            '\'' => {
-                in_word = true;
-                loop {
-                    match chars.next() {
-                        Some('\'') => break,
-                        Some(c) => word.push(c),
-                        None => return Err("unterminated ' quote".into()),
-                    }
-                }
-            }
-            '"' => {
-                in_word = true;
-                loop {
-                    match chars.next() {
-                        Some('"') => break,
-                        Some('\\') => match chars.next() {
-                            Some(c @ ('"' | '\\' | '$' | '`')) => word.push(c),
-                            Some(c) => {
-                                word.push('\\');
-                                word.push(c);
-                            }
-                            None => return Err("unterminated \" quote".into()),
-                        },
-                        Some(c) => word.push(c),
-                        None => return Err("unterminated \" quote".into()),
-                    }
-                }
-            }
-            '\\' => {
-                in_word = true;
-                match chars.next() {
-                    Some(c) => word.push(c),
-                    None => return Err("trailing backslash".into()),
-                }
-            }
-            c => {
-                in_word = true;
-                word.push(c);
-            }
-        }
-    }
-    if in_word {
-        words.push(word);
-    }
+    let words = shlex::split(s)
+        .ok_or("an unterminated quote or a trailing backslash; quote as a POSIX shell does")?;
     if words.is_empty() {
         return Err("needs a program, e.g. --command \"/usr/bin/myserver --flag\"".into());
     }
@@ -316,19 +262,8 @@ pub fn parse_command(s: &str) -> Result<Argv, String> {
 
 /// argv as one line that [`parse_command`] reads back to the same words.
 pub fn command_line(argv: &[String]) -> String {
-    argv.iter()
-        .map(|w| {
-            let plain = !w.is_empty()
-                && w.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_./:=,+@%".contains(c));
-            if plain {
-                w.clone()
-            } else {
-                format!("'{}'", w.replace('\'', r"'\''"))
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    // Only a NUL byte can't be quoted (and no argv that exec takes holds one): shown as a list.
+    shlex::try_join(argv.iter().map(String::as_str)).unwrap_or_else(|_| format!("{argv:?}"))
 }
 
 /// What a site runs, for a table cell.
