@@ -147,13 +147,8 @@ class RoostWorker(ThreadWorker):
     def _lifeline_lost(self, fd):
         """EOF on the lifeline: the agent is gone (even SIGKILLed). Stop as on SIGTERM, and
         let SIGALRM end the process if requests in flight outlast the grace period."""
-        try:
-            if os.read(fd, 64):
-                return  # the agent never writes; ignore
-        except BlockingIOError:
+        if not _lifeline_closed(fd):
             return
-        except OSError:
-            pass
         with self._lock:
             self.poller.unregister(fd)
         self.log.info("[roost] the agent is gone; stopping")
@@ -489,13 +484,8 @@ class InlineWorker(_gunicorn_base.Worker):
     def _lifeline_lost(self):
         """EOF on the lifeline: the agent is gone (even SIGKILLed). Stop as on SIGTERM, and
         let SIGALRM end the process if requests in flight outlast the grace period."""
-        try:
-            if os.read(WORKER_LIFELINE_FD, 64):
-                return  # the agent never writes; ignore
-        except BlockingIOError:
+        if not _lifeline_closed(WORKER_LIFELINE_FD):
             return
-        except OSError:
-            pass
         self._epoll.unregister(WORKER_LIFELINE_FD)
         self.log.info("[roost] the agent is gone; stopping")
         self.alive = False
@@ -560,6 +550,17 @@ def _server_templates():
 _CFG, _LOG = _server_templates()
 _gunicorn_base.WorkerTmp = _NoHeartbeat
 _gunicorn_util.http_date = _http_date
+
+
+def _lifeline_closed(fd):
+    """True once the agent is gone (EOF or an error on the lifeline); false for a wake-up with
+    nothing to read, or for bytes, which the agent never writes."""
+    try:
+        return not os.read(fd, 64)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def prewarm():

@@ -105,13 +105,7 @@ impl Bench {
         let text = get(self.node.agent_admin, Some("localhost"), "/metrics", &[])
             .map(|r| r.text())
             .unwrap_or_default();
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .find_map(|l| {
-                let (name, value) = l.rsplit_once(' ')?;
-                (name == series).then(|| value.parse().ok())?
-            })
-            .unwrap_or(0.0)
+        roost_tests::edge::metric_value(&text, series).unwrap_or(0.0)
     }
 
     fn framework_zygotes(&self) -> String {

@@ -268,13 +268,7 @@ impl Cluster {
         let text = get(self.agent_admin, Some("localhost"), "/metrics", &[])
             .map(|r| r.text())
             .unwrap_or_default();
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .find_map(|l| {
-                let (name, value) = l.rsplit_once(' ')?;
-                (name == series).then(|| value.parse().ok())?
-            })
-            .unwrap_or(0.0)
+        crate::edge::metric_value(&text, series).unwrap_or(0.0)
     }
 
     /// The sum of every series of the agent's metric `name` (all label values).

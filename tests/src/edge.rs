@@ -408,7 +408,8 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
 /// The value of an unlabelled series in Prometheus text.
 pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (k, v) = l.split_once(' ')?;
+        // The value is the last field: a label value may hold spaces.
+        let (k, v) = l.rsplit_once(' ')?;
         (k == name).then(|| v.trim().parse().ok()).flatten()
     })
 }

@@ -176,3 +176,47 @@ mod tests {
         assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab").is_err());
     }
 }
+
+/// Read `n` responses from `s` (each framed by Content-Length), or fewer if the server closes
+/// first. Also says whether the connection was closed after them.
+pub fn read_responses(s: &mut impl Read, n: usize) -> (Vec<Response>, bool) {
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        // Split off every complete response at the front of the buffer.
+        while let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().expect("numeric Content-Length"))
+                .unwrap_or_else(|| panic!("a response without Content-Length: {head}"));
+            let end = head_end + 4 + len;
+            if buf.len() < end {
+                break;
+            }
+            out.push(parse(&buf[..end]).expect("a well-formed response"));
+            buf.drain(..end);
+        }
+        if out.len() == n {
+            return (out, false);
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => {
+                assert!(
+                    buf.is_empty(),
+                    "the connection closed inside a response: {:?}",
+                    String::from_utf8_lossy(&buf)
+                );
+                return (out, true);
+            }
+            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+            Err(e) => panic!(
+                "reading response {} of {n}: {e} (got {} so far)",
+                out.len() + 1,
+                out.len()
+            ),
+        }
+    }
+}

@@ -45,29 +45,11 @@ fn dead(pid: u64) -> bool {
     proc_state(pid as u32).is_none_or(|s| s == 'Z')
 }
 
-/// Reads `n` responses framed by Content-Length from `s`, in order.
+/// Reads `n` responses framed by Content-Length from `s`, in order; the connection must stay
+/// open until they are all in.
 fn read_responses(s: &mut impl Read, n: usize) -> Vec<Response> {
-    let (mut buf, mut out, mut chunk) = (Vec::new(), Vec::new(), [0u8; 16 * 1024]);
-    while out.len() < n {
-        if let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map(|v| v.trim().parse().expect("numeric Content-Length"))
-                .unwrap_or_else(|| panic!("a response without Content-Length: {head}"));
-            if buf.len() >= head_end + 4 + len {
-                out.push(parse(&buf[..head_end + 4 + len]).expect("a well-formed response"));
-                buf.drain(..head_end + 4 + len);
-                continue;
-            }
-        }
-        match s.read(&mut chunk) {
-            Ok(0) => panic!("closed after {} of {n} responses", out.len()),
-            Ok(k) => buf.extend_from_slice(&chunk[..k]),
-            Err(e) => panic!("reading response {} of {n}: {e}", out.len() + 1),
-        }
-    }
+    let (out, closed) = roost_tests::http::read_responses(s, n);
+    assert!(!closed, "closed after {} of {n} responses", out.len());
     out
 }
 
