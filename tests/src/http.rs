@@ -159,24 +159,6 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_content_length_chunked_and_eof_bodies() {
-        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: b\r\n\r\nabcdef").unwrap();
-        assert_eq!((r.status, r.text().as_str()), (200, "abc"));
-        assert_eq!(r.header("x-a"), Some("b"));
-        let r = parse(b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n").unwrap();
-        assert_eq!((r.status, r.text().as_str()), (404, "abcde"));
-        let r = parse(b"HTTP/1.0 400 Bad\r\n\r\nrest").unwrap();
-        assert_eq!((r.status, r.text().as_str()), (400, "rest"));
-        assert!(parse(b"garbage").is_err());
-        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab").is_err());
-    }
-}
-
 /// Read `n` responses from `s` (each framed by Content-Length), or fewer if the server closes
 /// first. Also says whether the connection was closed after them.
 pub fn read_responses(s: &mut impl Read, n: usize) -> (Vec<Response>, bool) {
@@ -218,5 +200,23 @@ pub fn read_responses(s: &mut impl Read, n: usize) -> (Vec<Response>, bool) {
                 out.len()
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_content_length_chunked_and_eof_bodies() {
+        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: b\r\n\r\nabcdef").unwrap();
+        assert_eq!((r.status, r.text().as_str()), (200, "abc"));
+        assert_eq!(r.header("x-a"), Some("b"));
+        let r = parse(b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n").unwrap();
+        assert_eq!((r.status, r.text().as_str()), (404, "abcde"));
+        let r = parse(b"HTTP/1.0 400 Bad\r\n\r\nrest").unwrap();
+        assert_eq!((r.status, r.text().as_str()), (400, "rest"));
+        assert!(parse(b"garbage").is_err());
+        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab").is_err());
     }
 }
