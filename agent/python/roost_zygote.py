@@ -209,8 +209,12 @@ def _worker(chan_fd, zygote_socks):
     for path in spec["cgroup_procs"]:
         _join_cgroup(path)
     # The zygote runs below normal priority (agent/src/launch/priority.rs); its worker, once
-    # in its site's cgroup, is back to normal, while it is still root and can.
-    os.setpriority(os.PRIO_PROCESS, 0, 0)
+    # in its site's cgroup, is back to normal, while it is still root and can. Without
+    # CAP_SYS_NICE (the agent warned at its start) it keeps the zygote's nice.
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except PermissionError:
+        pass
     roost_worker.mark("cgroup")
     # 2. A session of its own: the agent signals the worker's whole tree as -pid.
     os.setsid()

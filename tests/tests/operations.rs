@@ -754,6 +754,12 @@ fn the_agent_serves_with_only_the_capabilities_its_unit_leaves_it() {
         let v = r.json();
         assert_eq!(v["uid"].as_u64(), Some(alice.uid as u64), "{spawn}: {v}");
         let pid = v["pid"].as_u64().expect("pid") as u32;
+        // The start ran at nice 10; the worker is back at 0, which needs CAP_SYS_NICE.
+        assert_eq!(
+            roost_tests::procfs::nice(pid),
+            Some(0),
+            "{spawn} worker {pid} kept the start's nice"
+        );
         let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
         assert!(
             cgroups.contains("/roost-caps-"),

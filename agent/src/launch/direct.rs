@@ -231,8 +231,9 @@ pub fn spawn_direct(launch: &Launch) -> io::Result<WorkerProc> {
             ) as libc::c_int)?;
             // As root, before the uid change: the worker cannot raise it back.
             super::rlimit::apply_in_child(nofile)?;
-            // Forked by a launcher thread, it inherited START_NICE.
-            super::priority::reset_in_child()?;
+            // Forked by a launcher thread, it inherited START_NICE. Without CAP_SYS_NICE it
+            // keeps it (the agent warned at its start).
+            let _ = super::priority::reset_in_child();
             check(libc::setgroups(groups.len(), groups.as_ptr()))?;
             check(libc::setgid(gid))?;
             check(libc::setuid(uid))?;

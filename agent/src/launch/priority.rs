@@ -61,6 +61,22 @@ pub fn lower_in_child() -> io::Result<()> {
     Ok(())
 }
 
+/// Whether this process may raise a priority again (CAP_SYS_NICE in its effective set), as
+/// a worker's return to nice 0 needs. A unit that bounds the agent's capabilities without it
+/// leaves workers at [`START_NICE`]: harmless where each site has its own cpu cgroup (nice
+/// only orders a site's own processes there), a handicap against the agent's threads where
+/// there is none.
+pub fn can_restore_normal() -> bool {
+    const CAP_SYS_NICE: u32 = 23;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|eff| eff & (1 << CAP_SYS_NICE) != 0)
+}
+
 /// In a forked child before exec, still root: back to normal priority, which the worker
 /// could not restore itself once it has dropped privileges.
 pub fn reset_in_child() -> io::Result<()> {

@@ -79,6 +79,12 @@ impl SystemLauncher {
         }
         info!(limits = cgroups.describe(), max_workers = c.max_workers, memory_budget_mb = ?c.memory_budget_mb,
             "launcher ready");
+        if !super::priority::can_restore_normal() {
+            warn!(
+                nice = super::priority::START_NICE,
+                "no CAP_SYS_NICE: workers keep the nice their start ran at (see deploy/systemd/roost-agent.service)"
+            );
+        }
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..LAUNCH_THREADS {
