@@ -16,49 +16,22 @@
 
 use std::io;
 
-/// How far below normal priority the work of a start runs.
-pub const START_NICE: libc::c_int = 10;
+use rustix::fs::{Mode, OFlags};
+use rustix::process::setpriority_process;
 
-/// The calling thread runs at [`START_NICE`] from now on (Linux applies nice per thread).
+/// How far below normal priority the work of a start runs.
+pub const START_NICE: i32 = 10;
+
+/// The calling thread runs at [`START_NICE`] from now on (Linux applies nice per thread:
+/// `setpriority(PRIO_PROCESS, 0)` is the caller).
 pub fn lower_this_thread() -> io::Result<()> {
-    // SAFETY: a plain system call on the calling thread.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, START_NICE) } == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    Ok(setpriority_process(None, START_NICE)?)
 }
 
 /// The calling thread runs at normal priority: for a thread a launcher thread spawns that
 /// serves running workers (their output), which it would otherwise inherit [`START_NICE`] from.
 pub fn normal_this_thread() -> io::Result<()> {
-    // SAFETY: a plain system call on the calling thread.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 0) } == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// In a forked child before exec (async-signal-safe: no allocation): run at [`START_NICE`],
-/// and so does the session's autogroup where the kernel has them. Call after `setsid`.
-pub fn lower_in_child() -> io::Result<()> {
-    // SAFETY: plain system calls on static data.
-    unsafe {
-        if libc::setpriority(libc::PRIO_PROCESS, 0, START_NICE) == -1 {
-            return Err(io::Error::last_os_error());
-        }
-        // Absent (no CONFIG_SCHED_AUTOGROUP) or refused: the nice above still holds.
-        let fd = libc::open(
-            c"/proc/self/autogroup".as_ptr(),
-            libc::O_WRONLY | libc::O_CLOEXEC,
-        );
-        if fd >= 0 {
-            let nice = b"10";
-            const _: () = assert!(START_NICE == 10, "the autogroup nice is written as text");
-            libc::write(fd, nice.as_ptr().cast(), nice.len());
-            libc::close(fd);
-        }
-    }
-    Ok(())
+    Ok(setpriority_process(None, 0)?)
 }
 
 /// Whether this process may raise a priority again (CAP_SYS_NICE in its effective set), as
@@ -77,12 +50,25 @@ pub fn can_restore_normal() -> bool {
         .is_some_and(|eff| eff & (1 << CAP_SYS_NICE) != 0)
 }
 
+/// In a forked child before exec (async-signal-safe: plain system calls, no allocation): run
+/// at [`START_NICE`], and so does the session's autogroup where the kernel has them. Call
+/// after `setsid`.
+pub fn lower_in_child() -> io::Result<()> {
+    setpriority_process(None, START_NICE)?;
+    // Absent (no CONFIG_SCHED_AUTOGROUP) or refused: the nice above still holds.
+    const _: () = assert!(START_NICE == 10, "the autogroup nice is written as text");
+    if let Ok(fd) = rustix::fs::open(
+        c"/proc/self/autogroup",
+        OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        let _ = rustix::io::write(&fd, b"10");
+    }
+    Ok(())
+}
+
 /// In a forked child before exec, still root: back to normal priority, which the worker
 /// could not restore itself once it has dropped privileges.
 pub fn reset_in_child() -> io::Result<()> {
-    // SAFETY: a plain system call.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 0) } == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    Ok(setpriority_process(None, 0)?)
 }
