@@ -13,6 +13,8 @@
 //!
 //! A worker goes back to nice 0 as root, before it drops privileges (it could not lower
 //! its nice after): once in its site's cgroup, the boot weight (`BootWeight`) governs it.
+//! Raising a priority needs CAP_SYS_NICE; without it (a unit that bounds the agent's
+//! capabilities without it) the worker keeps the start's nice, and the agent says so once.
 
 use std::io;
 
