@@ -30,11 +30,6 @@ use crate::launch::system::SystemLauncher;
 use crate::registration::Registration;
 use crate::site::Sites;
 
-/// mimalloc, not glibc's malloc: allocation and free were about a tenth of this hop's
-/// samples per request under load (BENCHMARKS.md, "The allocator").
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> Result<()> {
     roost_runtime::init_logging();
     if !nix::unistd::geteuid().is_root() {

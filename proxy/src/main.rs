@@ -41,11 +41,6 @@ use crate::config::{Args, Config};
 use crate::routes::{Router, SiteInformer};
 use crate::tls::{CertStore, SniCallbacks};
 
-/// mimalloc, not glibc's malloc: allocation and free were about a tenth of this hop's
-/// samples per request under load (BENCHMARKS.md, "The allocator").
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> Result<()> {
     roost_runtime::init_logging();
     let cfg = Arc::new(Config::load(Args::parse())?);
