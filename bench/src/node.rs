@@ -123,6 +123,7 @@ pub fn start(root: &Path, bin_dir: &Path, opts: &NodeOptions) -> Node {
 }
 
 /// The pid the agent reports for `host`'s current worker.
+#[allow(dead_code)] // not every benchmark binary that includes this module asks
 pub fn worker_pid(node: &Node, host: &str) -> u32 {
     // `/sites` names users and pids, so the agent wants its secret.
     let auth = [("x-roost-auth", node.secret.as_str())];
