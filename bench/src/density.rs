@@ -16,10 +16,7 @@ use roost_tests::{ensure_user, get, site_dir, wait_until, TempRoot};
 use serde_json::json;
 
 mod node;
-use node::{NodeOptions, PREFIX};
-
-const HELLO: &str = "def application(environ, start_response):\n    body = b'Hello, world\\n'\n    start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))])\n    return [body]\n";
-const USER: &str = "roost-bench";
+use node::{pss_kb, NodeOptions, HELLO, PREFIX, USER};
 
 #[derive(clap::Parser)]
 #[command(
@@ -36,15 +33,6 @@ struct Args {
     /// Where roost-agent and roost-proxy are (default: this binary's directory).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
-}
-
-fn pss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// The agent's PSS (kB) and open fds.

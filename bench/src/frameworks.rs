@@ -28,11 +28,9 @@ use roost_tests::frameworks::{
 use roost_tests::{ensure_user, get, wait_until, TempRoot, User};
 use serde_json::json;
 
-#[allow(dead_code)] // worker_pid is the cold-start benchmark's
 mod node;
-use node::{NodeOptions, PREFIX};
+use node::{NodeOptions, PREFIX, USER};
 
-const USER: &str = "roost-bench";
 /// Workers stop after a second idle; each framework-zygote sample waits for that.
 const IDLE_SECS: u64 = 1;
 

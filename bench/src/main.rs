@@ -26,10 +26,7 @@ use serde_json::json;
 
 mod incumbents;
 mod node;
-use node::{worker_pid, NodeOptions, PREFIX};
-
-const HELLO: &str = "def application(environ, start_response):\n    body = b'Hello, world\\n'\n    start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))])\n    return [body]\n";
-const USER: &str = "roost-bench";
+use node::{pss_kb, worker_pid, NodeOptions, HELLO, PREFIX, USER};
 
 struct Args {
     sites: usize,
@@ -162,15 +159,6 @@ fn summary(label: &str, samples: &mut [f64]) -> String {
         samples[0],
         samples[samples.len() - 1]
     )
-}
-
-fn pss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 fn children(parent: u32) -> Vec<u32> {

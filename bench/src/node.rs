@@ -1,6 +1,10 @@
 //! One Roost node for a benchmark: a real etcd, `roost-agent` and `roost-proxy` from
 //! `bin_dir`, started in `root` and stopped on drop. Shared by the cold-start and the
-//! warm-path benchmarks so both measure the same setup.
+//! warm-path benchmarks so both measure the same setup. Also what every benchmark's sites share:
+//! the hello-world app, the user its sites run as, and how a process's PSS is read.
+
+// Each benchmark binary includes this module and uses part of it.
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,6 +18,21 @@ use roost_tests::{get, wait_until, Etcd};
 
 pub const PREFIX: &str = "/roost";
 
+/// The hello-world WSGI app every benchmark's sites serve (13-byte body).
+pub const HELLO: &str = "def application(environ, start_response):\n    body = b'Hello, world\\n'\n    start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))])\n    return [body]\n";
+/// The unix user benchmark sites run as.
+pub const USER: &str = "roost-bench";
+
+/// A process's proportional set size, kB (`/proc/<pid>/smaps_rollup`); 0 if it is gone.
+pub fn pss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// How the node runs; the defaults are what an operator gets without a config file.
 pub struct NodeOptions {
     /// Extra lines for the agent's TOML config.
@@ -26,7 +45,6 @@ pub struct NodeOptions {
 }
 
 /// Each benchmark reads the fields it needs; the processes stop when it drops the node.
-#[allow(dead_code)]
 pub struct Node {
     pub proxy: SocketAddr,
     pub agent: SocketAddr,
@@ -123,7 +141,6 @@ pub fn start(root: &Path, bin_dir: &Path, opts: &NodeOptions) -> Node {
 }
 
 /// The pid the agent reports for `host`'s current worker.
-#[allow(dead_code)] // not every benchmark binary that includes this module asks
 pub fn worker_pid(node: &Node, host: &str) -> u32 {
     // `/sites` names users and pids, so the agent wants its secret.
     let auth = [("x-roost-auth", node.secret.as_str())];

@@ -29,11 +29,9 @@ use serde_json::json;
 
 mod incumbents;
 mod node;
-use node::{worker_pid, NodeOptions, PREFIX};
+use node::{worker_pid, NodeOptions, HELLO, PREFIX, USER};
 
-const HELLO: &str = "def application(environ, start_response):\n    body = b'Hello, world\\n'\n    start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))])\n    return [body]\n";
 const BODY: &str = "Hello, world\n";
-const USER: &str = "roost-bench";
 const SITE: &str = "hello.bench";
 const DIRECT_SITE: &str = "direct.bench";
 
