@@ -3,14 +3,14 @@
 The zygote (`roost_zygote.py`) imports this module before it forks anything, so every worker
 shares its code and gunicorn's copy-on-write. After a fork, the zygote's child specialises
 itself (cgroups, uid, fds, environment, the app's import) and then calls `serve`, which serves
-the app on the inherited socket with no arbiter, in one of two shapes:
+the app on the inherited socket with no arbiter: `InlineWorker`, whose `threads` threads
+share one epoll set and each answer a request on the thread that was woken for it
+(leader/followers). gunicorn's gthread worker, which this replaced for `threads > 1`,
+accepts and polls on its main thread and answers on a pool thread, then hands the connection
+back: 6-7 context switches per request behind the agent, twice the CPU of one thread that
+reads, runs and writes in a row.
 
-- `threads = 1`: `InlineWorker`, one thread that accepts, parses and answers in one epoll
-  loop. gunicorn's gthread worker would accept on the main thread, answer on a pool thread
-  and hand the connection back: ~4.5 context switches per request for no concurrency.
-- `threads > 1`: `RoostWorker`, gunicorn's gthread worker.
-
-Both keep the agent's connections alive, and both take:
+It keeps the agent's connections alive, and takes:
 
     fd 3  the listening socket (SD_LISTEN_FDS_START)
     fd 4  the lifeline: EOF when the agent is gone
@@ -40,14 +40,12 @@ KEEPALIVE_SECS = 45
 from gunicorn.config import Config  # noqa: E402  (the WSGI server is the first preload)
 from gunicorn.glogging import Logger  # noqa: E402
 from gunicorn.workers import base as _gunicorn_base  # noqa: E402
-from gunicorn.workers.gthread import ThreadWorker  # noqa: E402
-import concurrent.futures.thread  # noqa: E402,F401  (gthread's pool; imported lazily otherwise, in every worker)
-import selectors  # noqa: E402
 from gunicorn import http as _gunicorn_http  # noqa: E402
 from gunicorn.http import wsgi as _gunicorn_wsgi  # noqa: E402
 from gunicorn.http.errors import NoMoreData  # noqa: E402
 from gunicorn import util as _gunicorn_util  # noqa: E402
-from threading import RLock  # noqa: E402
+import _thread  # noqa: E402
+import threading  # noqa: E402
 
 
 
@@ -130,87 +128,6 @@ def _rehearsal_app(environ, start_response):
     return [b""]
 
 
-class RoostWorker(ThreadWorker):
-    """gunicorn's gthread worker without its arbiter (sites with `threads` > 1).
-
-    Differences from the stock worker: no heartbeat file, no wake-up pipe, and no parent
-    check: the parent is the zygote, and a worker must outlive it; the lifeline ties the
-    worker to the agent instead.
-    """
-
-    def notify(self):
-        pass
-
-    def is_parent_alive(self):
-        return True
-
-    def _lifeline_lost(self, fd):
-        """EOF on the lifeline: the agent is gone (even SIGKILLed). Stop as on SIGTERM, and
-        let SIGALRM end the process if requests in flight outlast the grace period."""
-        if not _lifeline_closed(fd):
-            return
-        with self._lock:
-            self.poller.unregister(fd)
-        self.log.info("[roost] the agent is gone; stopping")
-        self.alive = False
-        signal.alarm(int(self.cfg.graceful_timeout) + 1)
-
-    def accept(self, server, listener):
-        mark("accept")
-        return super().accept(server, listener)
-
-    def handle_request(self, req, conn):
-        try:
-            return super().handle_request(req, conn)
-        finally:
-            if "response" not in _T:
-                _log_first_response(self.log)
-
-    def _rehearse(self):
-        """Walk the request path once, without the app, before the first client: parse a
-        request, build its environ, write a response, and start a pool thread. A forked
-        worker pays a copy-on-write fault for every zygote page it writes (reference counts
-        included), and the first request would otherwise pay them all; a worker started
-        ahead of its request (a proxy's warm call) pays them while it waits."""
-        ours = theirs = None
-        try:
-            ours, theirs, parser = _rehearsal_request(self.cfg)
-            req = next(parser)
-            resp, _environ = _gunicorn_wsgi.create(req, theirs, "", "", self.cfg)
-            resp.start_response("204 No Content", [("Content-Length", "0")])
-            resp.write(b"")
-            resp.close()
-            self.tpool.submit(int).result()
-        except Exception as e:  # a rehearsal never stops a worker
-            self.log.debug("[roost] rehearsal skipped: %s", e)
-        finally:
-            for s in (ours, theirs):
-                if s is not None:
-                    s.close()
-
-    def init_signals(self):
-        _init_signals(self)
-
-    def serve(self, wsgi):
-        self.pid = os.getpid()
-        self.tpool = self.get_thread_pool()
-        # epoll, not poll(2): a kept-alive connection is registered by a pool thread while
-        # the main thread waits, and only epoll sees it at once (poll would wait out its
-        # 1 s timeout). Its fd is the one the worker opens itself.
-        self.poller = selectors.EpollSelector()
-        self._lock = RLock()
-        self.init_signals()
-        # The lifeline is watched by the same loop as the socket: no thread of its own.
-        self.poller.register(WORKER_LIFELINE_FD, selectors.EVENT_READ, self._lifeline_lost)
-        self.wsgi = wsgi
-        self._rehearse()
-        self.booted = True
-        # Stopping (SIGTERM or a lost lifeline): the loop ends within a second, accepts
-        # nothing more, and every connection already accepted is served before the exit;
-        # connections still in the backlog stay there for the next worker.
-        self.run()
-
-
 # A one-piece body up to this size is sent with its head in one write.
 ONE_SEND_MAX = 64 * 1024
 
@@ -250,43 +167,79 @@ def _write_in_one_send(resp, body):
 
 class _Connection:
     """One accepted connection: its socket (blocking) and its parser, which keeps the bytes
-    read past the current request (a pipelined next one) between requests."""
+    read past the current request (a pipelined next one) between requests. `busy` while a
+    thread serves it: the idle sweep leaves it alone."""
 
-    __slots__ = ("sock", "client", "parser", "last_used")
+    __slots__ = ("sock", "client", "parser", "last_used", "busy")
 
     def __init__(self, sock, client, parser, now):
         self.sock, self.client, self.parser, self.last_used = sock, client, parser, now
+        self.busy = False
 
 
 class InlineWorker(_gunicorn_base.Worker):
-    """A single-threaded keep-alive server for sites with `threads = 1`.
+    """The worker's keep-alive server: up to `threads` threads on one epoll set, every
+    request answered on the thread that was woken for it.
 
-    One epoll loop watches the listening socket, every kept-alive connection and the
-    lifeline. A readable connection is served right there, on the loop's
-    thread: no pool, no handoff, no lock. While it serves one request, others wait (in their
-    connection, or in the listen backlog), which is what `threads = 1` means; an idle
-    kept-alive connection costs a registration and never delays an accept. Connection
-    sockets stay blocking (epoll says when a request has begun; the parser then reads the
-    rest in one go), with the request timeout as a kernel receive/send timeout so a client
-    that stalls mid-request cannot hold the worker.
+    The epoll set holds the listening socket, every kept-alive connection and the lifeline.
+    A polling thread waits on it for one event at a time (the kernel wakes one waiter per
+    event) and serves a readable connection right there: no pool, no handoff. With more
+    than one thread a connection is registered one-shot: once delivered to a thread it is
+    that thread's until it re-arms it after the response, so no two threads ever read one
+    connection. Connection sockets stay blocking (epoll says when a request has begun; the
+    parser then reads the rest in one go), with the request timeout as a kernel
+    receive/send timeout so a client that stalls mid-request cannot hold a thread.
 
-    Stopping (SIGTERM, or EOF on the lifeline): the loop ends within a second, accepts nothing more,
-    answers the requests already sent on accepted connections (with `Connection: close`),
-    then exits; connections still in the backlog are the next worker's.
+    Only as many threads poll as the requests need. Threads share the GIL, so two pollers
+    with short requests only take turns at it (measured: 2.6x the CPU per hello-world
+    request of one thread). One thread polls; the others are parked, and a watcher
+    promotes one only when every polling thread has been inside the same requests for
+    `PROMOTE_AFTER_SECS` (an app waiting on a database, a slow upload), up to `threads`
+    in all. A polling thread that finds itself one of two idle ones parks again.
+
+    The first request is answered by the main thread alone: the other threads start right
+    after it, so a cold start never waits for a thread to be created.
+
+    Stopping (SIGTERM, or EOF on the lifeline): every thread's loop ends within a second,
+    nothing more is accepted, the requests in hand finish, the requests already sent on
+    accepted connections are answered (with `Connection: close`), then the process exits;
+    connections still in the backlog are the next worker's.
     """
 
     # Where the loop checks idle connections (and, in a forked sibling, its leader).
     HOUSEKEEPING_SECS = 1.0
+    # How long every polling thread must have been inside the same requests before a parked
+    # one is promoted: far above a quick request's ~0.1 ms, well below a human's notice.
+    PROMOTE_AFTER_SECS = 0.002
 
-    def __init__(self, *args, siblings=False, **kwargs):
+    def __init__(self, *args, siblings=False, threads=1, **kwargs):
         super().__init__(*args, **kwargs)
         # Sibling processes (`workers` > 1) on the same socket: EPOLLEXCLUSIVE wakes one of
         # them per connection, not all.
         self._siblings = siblings
         self._listen_events = select.EPOLLIN | (select.EPOLLEXCLUSIVE if siblings else 0)
+        self._threads = max(1, threads)
+        self._oneshot = self._threads > 1
+        self._conn_events = select.EPOLLIN | (select.EPOLLONESHOT if self._oneshot else 0)
         self._conns = {}
+        # Guards what threads share beyond one connection: the set of connections, the
+        # listening socket's registration, and the counts below.
+        self._lock = threading.Lock()
         self._answered = False
         self._listening = False
+        self._next_housekeeping = 0.0
+        # Threads: one lock per extra thread (and the watcher), held while it runs, for the
+        # main thread to join them; threads polling; when each thread serving a request
+        # began it (by thread id); requests begun so far; a parked thread's lock (acquired:
+        # it waits on it until promoted).
+        self._joins = []
+        self._pollers, self._begun = 1, 0
+        self._serving = {}
+        self._parked = []
+        self._stopping = False
+        self._watcher_parked = False
+        self._watcher_wake = _thread.allocate_lock()
+        self._watcher_wake.acquire()
 
     def notify(self):
         pass
@@ -298,9 +251,9 @@ class InlineWorker(_gunicorn_base.Worker):
         _init_signals(self)
 
     def handle_exit(self, sig, frame):
-        """SIGTERM: stop after the request in hand. gthread gives requests in flight the grace
-        period and then exits; here the request runs on this thread, so SIGALRM ends the
-        process if it outlasts the grace."""
+        """SIGTERM: stop after the requests in hand. gthread gives requests in flight the
+        grace period and then exits; here requests run on the loop's threads, so SIGALRM ends
+        the process if one outlasts the grace."""
         if self.alive:
             signal.alarm(int(self.cfg.graceful_timeout) + 1)
         self.alive = False
@@ -321,17 +274,34 @@ class InlineWorker(_gunicorn_base.Worker):
         self._max_conns = int(self.cfg.worker_connections)
         self._epoll = select.epoll()
         self.init_signals()
-        self._epoll.register(WORKER_LIFELINE_FD, select.EPOLLIN)
-        self._listen(True)
+        self._epoll.register(WORKER_LIFELINE_FD, select.EPOLLIN | (select.EPOLLONESHOT if self._oneshot else 0))
+        with self._lock:
+            self._listen(True)
         self._rehearse()
         self.booted = True
+        self._next_housekeeping = time.monotonic() + self.HOUSEKEEPING_SECS
         try:
-            self._run(listener)
+            self._run(listener, leader=True)
+            # No more accepts while the other threads finish their requests (a backlog
+            # would keep waking them); parked ones wake to exit.
+            with self._lock:
+                self._listen(False)
+                self._stopping = True
+                parked, self._parked = self._parked, []
+                wake_watcher, self._watcher_parked = self._watcher_parked, False
+            for lock in parked:
+                lock.release()
+            if wake_watcher:
+                self._watcher_wake.release()
+            for done in self._joins:
+                done.acquire()
+            self._stop(listener)
         finally:
             self._epoll.close()
 
     def _listen(self, on):
-        """Watch the listening socket, or stop (at the connection limit, and when stopping)."""
+        """Watch the listening socket, or stop (at the connection limit, and when stopping).
+        The caller holds `_lock`."""
         if on == self._listening:
             return
         fd = self.sockets[0].fileno()
@@ -341,23 +311,119 @@ class InlineWorker(_gunicorn_base.Worker):
             self._epoll.unregister(fd)
         self._listening = on
 
-    def _run(self, listener):
+    def _start_threads(self, listener):
+        """The other `threads - 1` threads, parked, and the watcher that promotes them.
+        `_thread`, not `threading.Thread`, whose `start` waits until the new thread runs."""
+        for i in range(self._threads):
+            done = _thread.allocate_lock()
+            done.acquire()
+            if i == 0:
+                target, args = self._watch, (done,)
+            else:
+                parked = _thread.allocate_lock()
+                parked.acquire()
+                target, args = self._follow, (listener, parked, done)
+            try:
+                _thread.start_new_thread(target, args)
+            except RuntimeError as e:  # out of threads (the site's pids limit): serve with fewer
+                self.log.warning("[roost] cannot start a server thread: %s", e)
+                break
+            self._joins.append(done)
+            if i > 0:
+                with self._lock:
+                    self._parked.append(parked)
+
+    def _follow(self, listener, parked, done):
+        try:
+            parked.acquire()  # until promoted (or stopping)
+            self._run(listener, leader=False)
+        except BaseException:
+            self.log.exception("[roost] a server thread failed")
+        finally:
+            done.release()
+
+    def _watch(self, done):
+        """Promote a parked thread when every polling thread has been inside the same
+        requests for `PROMOTE_AFTER_SECS`; sleep on `_watcher_wake` while any polls idle."""
+        try:
+            while True:
+                with self._lock:
+                    if self._stopping:
+                        return
+                    all_busy = len(self._serving) >= self._pollers
+                    self._watcher_parked = not all_busy
+                    begun = self._begun
+                if not all_busy:
+                    self._watcher_wake.acquire()
+                    continue
+                time.sleep(self.PROMOTE_AFTER_SECS)
+                with self._lock:
+                    stuck = self._begun == begun and len(self._serving) >= self._pollers
+                    if stuck and self._parked and not self._stopping:
+                        self._pollers += 1
+                        self._parked.pop().release()
+        except BaseException:
+            self.log.exception("[roost] the server's watcher failed")
+        finally:
+            done.release()
+
+    def _begin_request(self, now):
+        with self._lock:
+            self._serving[_thread.get_ident()] = now
+            self._begun += 1
+            wake = self._watcher_parked and len(self._serving) >= self._pollers
+            if wake:
+                self._watcher_parked = False
+        if wake:
+            self._watcher_wake.release()
+
+    def _end_request(self):
+        with self._lock:
+            self._serving.pop(_thread.get_ident(), None)
+
+    def _park_if_surplus(self, now):
+        """Park this (non-main) thread unless it is needed: more than one thread polls
+        besides those held in long requests. Back when promoted. Whether the thread goes on
+        polling."""
+        with self._lock:
+            if self._stopping:
+                return False
+            held = sum(1 for since in self._serving.values() if now - since >= self.PROMOTE_AFTER_SECS)
+            if self._pollers - held < 2:
+                return True
+            self._pollers -= 1
+            parked = _thread.allocate_lock()
+            parked.acquire()
+            self._parked.append(parked)
+        parked.acquire()
+        return self.alive
+
+    def _run(self, listener, leader):
         conns, epoll = self._conns, self._epoll
         listen_fd = listener.fileno()
         monotonic = time.monotonic
-        next_housekeeping = monotonic() + self.HOUSEKEEPING_SECS
+        # One event per wake-up with several threads: the rest are for the others.
+        max_events = 1 if self._oneshot else -1
         deferred = False
         while self.alive:
             # A SIGTERM while waiting is seen when the wait ends (within a second, as in
             # gthread): a wake-up pipe would be two more fds in every worker.
-            events = epoll.poll(self.HOUSEKEEPING_SECS)
+            events = epoll.poll(self.HOUSEKEEPING_SECS, max_events)
             now = monotonic()
             pending, served = False, False
             for fd, _ in events:
                 conn = conns.get(fd)
                 if conn is not None:
                     conn.last_used = now
-                    self._serve(conn)
+                    conn.busy = True
+                    if self._oneshot:
+                        self._begin_request(now)
+                        try:
+                            self._serve(conn)
+                        finally:
+                            self._end_request()
+                    else:
+                        self._serve(conn)
                     served = True
                 elif fd == listen_fd:
                     pending = True
@@ -371,18 +437,40 @@ class InlineWorker(_gunicorn_base.Worker):
                 else:
                     deferred = False
                     self._accept(listener, now)
-            if now >= next_housekeeping:
-                next_housekeeping = now + self.HOUSEKEEPING_SECS
-                self._close_idle(now)
-                if not self.is_parent_alive():
-                    break
-        self._stop(listener)
+            if leader and self._answered and not self._joins and self._threads > 1:
+                self._start_threads(listener)
+            if now >= self._next_housekeeping:
+                self._housekeeping(now)
+            if not leader and not self._park_if_surplus(monotonic()):
+                break
+
+    def _housekeeping(self, now):
+        """Once a second, on whichever thread gets here first: idle connections, and a forked
+        sibling's leader."""
+        with self._lock:
+            if now < self._next_housekeeping:
+                return  # another thread just did it
+            self._next_housekeeping = now + self.HOUSEKEEPING_SECS
+            idle = [c for c in self._conns.values() if not c.busy and now - c.last_used > self.cfg.keepalive]
+        for conn in idle:
+            if self._oneshot:
+                # Another thread may be handed it at any moment: wake the one that will be,
+                # which reads the end and closes it (an fd closed under a waiting thread
+                # could be reused by the next accept before that thread looks it up).
+                try:
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            else:
+                self._close(conn)
+        if not self.is_parent_alive():
+            self.alive = False
 
     def _accept(self, listener, now):
         try:
             sock, client = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return  # a sibling took it, or the client gave up
+            return  # a sibling (or another thread) took it, or the client gave up
         if not self._answered:
             mark("accept")
         # The socket is blocking (accept4 without SOCK_NONBLOCK): the kernel bounds each
@@ -390,15 +478,16 @@ class InlineWorker(_gunicorn_base.Worker):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._io_timeout)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._io_timeout)
         fd = sock.fileno()
-        self._conns[fd] = _Connection(sock, client, _gunicorn_http.RequestParser(self.cfg, sock, client), now)
-        self._epoll.register(fd, select.EPOLLIN)
-        if len(self._conns) >= self._max_conns:
-            self._listen(False)
+        with self._lock:
+            self._conns[fd] = _Connection(sock, client, _gunicorn_http.RequestParser(self.cfg, sock, client), now)
+            self._epoll.register(fd, self._conn_events)
+            if len(self._conns) >= self._max_conns:
+                self._listen(False)
 
     def _serve(self, conn):
         """Answer the requests that have arrived on `conn`: the one that made it readable,
-        and any pipelined after it that the parser has already read. Closes the connection
-        when it ends."""
+        and any pipelined after it that the parser has already read; then hand it back to
+        the epoll set, or close it when it ends."""
         req = None
         try:
             parser = conn.parser
@@ -413,6 +502,9 @@ class InlineWorker(_gunicorn_base.Worker):
                 # More bytes already read: a pipelined request. Otherwise epoll says when
                 # the next one starts.
                 if not parser.unreader.buf.seek(0, os.SEEK_END):
+                    conn.busy = False
+                    if self._oneshot:
+                        self._epoll.modify(conn.sock.fileno(), self._conn_events)
                     return
                 req = None
         except StopIteration:
@@ -434,6 +526,7 @@ class InlineWorker(_gunicorn_base.Worker):
         resp = None
         try:
             resp, environ = _gunicorn_wsgi.create(req, conn.sock, conn.client, self._server_name, self.cfg)
+            environ["wsgi.multithread"] = self._oneshot
             self.nr += 1
             if not self.alive:
                 resp.force_close()
@@ -466,49 +559,67 @@ class InlineWorker(_gunicorn_base.Worker):
             raise
 
     def _close(self, conn):
+        """Forget and close `conn` (on the thread it was delivered to, or after the others
+        have stopped)."""
         fd = conn.sock.fileno()
-        if self._conns.pop(fd, None) is not None:
-            try:
-                self._epoll.unregister(fd)
-            except (OSError, ValueError):
-                pass
-        conn.sock.close()
-        if self.alive and len(self._conns) < self._max_conns:
-            self._listen(True)
-
-    def _close_idle(self, now):
-        expired = [c for c in self._conns.values() if now - c.last_used > self.cfg.keepalive]
-        for conn in expired:
-            self._close(conn)
+        with self._lock:
+            if self._conns.pop(fd, None) is not None:
+                try:
+                    self._epoll.unregister(fd)
+                except (OSError, ValueError):
+                    pass
+            conn.sock.close()
+            if self.alive and len(self._conns) < self._max_conns:
+                self._listen(True)
 
     def _lifeline_lost(self):
-        """EOF on the lifeline: the agent is gone (even SIGKILLed). Stop as on SIGTERM, and
-        let SIGALRM end the process if requests in flight outlast the grace period."""
+        """A wake-up on the lifeline: if it is EOF, the agent is gone (even SIGKILLed). Stop
+        as on SIGTERM, and let SIGALRM end the process if requests in flight outlast the
+        grace period."""
         if not _lifeline_closed(WORKER_LIFELINE_FD):
+            if self._oneshot:
+                self._epoll.modify(WORKER_LIFELINE_FD, select.EPOLLIN | select.EPOLLONESHOT)
             return
-        self._epoll.unregister(WORKER_LIFELINE_FD)
+        try:
+            self._epoll.unregister(WORKER_LIFELINE_FD)
+        except (OSError, ValueError):
+            pass
         self.log.info("[roost] the agent is gone; stopping")
         self.alive = False
         signal.alarm(int(self.cfg.graceful_timeout) + 1)
 
     def _stop(self, listener):
         """Accept nothing more; answer what was already sent on accepted connections, within
-        the grace period; close the rest. The listen backlog stays for the next worker."""
-        self._listen(False)
+        the grace period; close the rest. The listen backlog stays for the next worker. Runs
+        on the main thread once the others have ended."""
+        with self._lock:
+            self._listen(False)
         listener.close()
+        # One-shot registrations delivered nothing since their thread stopped: level from now.
+        for fd, conn in list(self._conns.items()):
+            if not conn.busy:
+                try:
+                    self._epoll.modify(fd, select.EPOLLIN)
+                except (OSError, ValueError):
+                    pass
+        self._oneshot = False
         deadline = time.monotonic() + self.cfg.graceful_timeout
         while self._conns and time.monotonic() < deadline:
             ready = [self._conns[fd] for fd, _ in self._epoll.poll(0) if fd in self._conns]
             if not ready:
                 break
             for conn in ready:
+                conn.busy = True
                 self._serve(conn)  # answers with `Connection: close`, then closes
         for conn in list(self._conns.values()):
             self._close(conn)
 
     def _rehearse(self):
-        """Walk the request path once, with a stand-in app, before the first client (see
-        `RoostWorker._rehearse`): the same code a request runs, on a socket pair."""
+        """Walk the request path once, with a stand-in app, before the first client: the same
+        code a request runs, on a socket pair. A forked worker pays a copy-on-write fault for
+        every zygote page it writes (reference counts included), and the first request would
+        otherwise pay them all; a worker started ahead of its request (a proxy's warm call)
+        pays them while it waits."""
         ours = theirs = None
         app, self.wsgi = self.wsgi, _rehearsal_app
         try:
@@ -530,8 +641,8 @@ _date = (0, "")
 
 def _http_date(timestamp=None):
     """gunicorn formats every response's Date header afresh (~5 us, a tenth of a hello-world
-    response); it changes once a second. One tuple, swapped whole: safe across gthread's
-    pool threads."""
+    response); it changes once a second. One tuple, swapped whole: safe across the server's
+    threads."""
     global _date
     if timestamp is not None:
         return _format_http_date(timestamp)
@@ -607,10 +718,7 @@ def serve(app, spec):
         others.append(pid)
     listener = socket.socket(fileno=LISTEN_FD)
     args = (0, os.getppid(), [listener], None, int(spec["timeout"]), cfg, _LOG)
-    if threads == 1:
-        worker = InlineWorker(*args, siblings=workers > 1)
-    else:
-        worker = RoostWorker(*args)
+    worker = InlineWorker(*args, siblings=workers > 1, threads=threads)
     if others is None:
         worker.is_parent_alive = lambda: os.getppid() == leader
     _LOG.info("Roost worker %s serving %s (threads %d, forked from the zygote)", os.getpid(), spec["app"], threads)

@@ -19,8 +19,8 @@ session, sets its supplementary groups, gid and uid, no-new-privs and umask 027,
 fd 0 (/dev/null), 1 and 2 (the site's log), 3 (the listening socket) and 4 (the lifeline),
 replaces its environment with the site's, enters the site's directory as the user, puts it
 and its virtualenv's site-packages on sys.path, imports the app and serves it on the
-inherited socket with `roost_worker.serve` (no arbiter: an inline one-thread loop for a
-`threads = 1` site, gunicorn's gthread worker otherwise). Workers outlive the zygote;
+inherited socket with `roost_worker.serve` (no arbiter: `threads` threads sharing one epoll
+set, each answering the requests it is woken for). Workers outlive the zygote;
 they stop when the agent goes away (EOF on the lifeline, watched by the server's own loop).
 """
 

@@ -6,8 +6,9 @@
 //! pooled thread that exits when idle; and a zygote round trip (up to seconds while a zygote
 //! starts) must never hold a request thread.
 
+use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
@@ -165,7 +166,7 @@ impl CgroupSetup {
         spec: &SiteSpec,
         cfg: &Config,
         weight: BootWeight,
-    ) -> Vec<std::path::PathBuf> {
+    ) -> Vec<PathBuf> {
         // Created (again) at every start: cheap, and it heals a group someone removed.
         let cg = match self.cgroups.site(host) {
             Ok(Some(cg)) => cg,
@@ -269,6 +270,163 @@ fn group_alive(pgid: i32) -> bool {
     kill(Pid::from_raw(-pgid), None).is_ok()
 }
 
+/// A start's work on a launcher thread, with what it needs cloned out of the launcher.
+struct StartJob {
+    setup: CgroupSetup,
+    cfg: Arc<Config>,
+    logs: Arc<DashMap<String, Arc<Mutex<SiteLog>>>>,
+    metrics: Arc<Metrics>,
+    /// When the start was asked for (the launcher queue's wait is in the timings).
+    queued: Instant,
+}
+
+/// A worker just started, before its exit is watched.
+struct Spawned {
+    proc: worker::WorkerProc,
+    state_dir: PathBuf,
+    output_drained: oneshot::Receiver<()>,
+}
+
+impl SystemLauncher {
+    fn start_job(&self) -> StartJob {
+        StartJob {
+            setup: CgroupSetup {
+                cgroups: self.cgroups.clone(),
+                site_cgroups: self.site_cgroups.clone(),
+                metrics: self.metrics.clone(),
+            },
+            cfg: self.cfg.load_full(),
+            logs: self.logs.clone(),
+            metrics: self.metrics.clone(),
+            queued: Instant::now(),
+        }
+    }
+}
+
+impl StartJob {
+    /// The site's user, if the operator lends it to sites (looked up once per trip).
+    fn user(&self, host: &str, spec: &SiteSpec) -> Result<SiteUser, LaunchError> {
+        site_user(host, &spec.user, &self.cfg, &self.metrics)
+    }
+
+    /// Bind the site's socket.
+    fn bind(&self, host: &str, role: SocketRole) -> Result<Arc<Listener>, LaunchError> {
+        let began = Instant::now();
+        let name = match role {
+            SocketRole::Serving => socket::SERVING,
+            SocketRole::Candidate => socket::CANDIDATE,
+        };
+        let (socket, path) = socket::bind(&self.cfg.state_dir, host, name)
+            .map_err(|e| LaunchError(format!("cannot create the site's socket: {e}")))?;
+        debug!(site = %host, bind_us = us(began.elapsed()), "socket bound");
+        Ok(Arc::new(Listener { socket, path }))
+    }
+
+    /// Everything up to the worker's pid: interpreter, cgroup, log, fork (or spawn).
+    fn spawn(
+        &self,
+        host: &str,
+        spec: &SiteSpec,
+        user: &SiteUser,
+        listener: &Listener,
+        weight: BootWeight,
+        began: Instant,
+    ) -> Result<Spawned, LaunchError> {
+        let (cfg, metrics) = (&self.cfg, &self.metrics);
+        let looked_up = Instant::now();
+        // The zygote runs as root: its interpreter is the operator's choice, and a site
+        // asking for another is refused, not started some other way.
+        let zygote_interpreter = if spec.uses_zygote() {
+            let chosen = interpreters::for_site(spec, &cfg.interpreters).map_err(|e| {
+                metrics.refused_interpreters.inc();
+                warn!(site = %host, error = %e, "site refused: its interpreter is not one this node allows");
+                LaunchError(e)
+            })?;
+            Some(chosen)
+        } else {
+            None
+        };
+        let checked = Instant::now();
+        let procs = self.setup.prepare(host, spec, cfg, weight);
+        let cgroup_ready = Instant::now();
+        let (log, output_drained) = site_log(&self.logs, cfg, host)
+            .and_then(|log| sitelog::pump(host, log))
+            .map_err(|e| LaunchError(format!("cannot open the site's log: {e}")))?;
+        let log_ready = Instant::now();
+        let proc = worker::spawn(&worker::Launch {
+            spec,
+            host,
+            user,
+            listener: &listener.socket,
+            log,
+            grace_secs: cfg.stop_grace.as_secs().max(1),
+            cgroup_procs: &procs,
+            zygote_interpreter: zygote_interpreter.as_deref(),
+        })
+        .map_err(|e| LaunchError(format!("cannot start the site's worker: {e}")))?;
+        metrics
+            .spawn_duration
+            .with_label_values(&[proc.launcher().as_str()])
+            .observe(began.elapsed().as_secs_f64());
+        // Where the launcher's part of a cold start went (docs/first-hit.md, profile).
+        debug!(site = %host, queued_us = us(began - self.queued), user_us = us(looked_up - began),
+            interpreter_us = us(checked - looked_up), cgroup_us = us(cgroup_ready - checked),
+            log_us = us(log_ready - cgroup_ready), spawn_us = us(log_ready.elapsed()), "start timings");
+        info!(site = %host, pid = proc.pid(), user = %user.name, uid = user.uid.as_raw(), "worker started");
+        Ok(Spawned {
+            proc,
+            state_dir: cfg.state_dir.clone(),
+            output_drained,
+        })
+    }
+}
+
+impl Spawned {
+    /// The started worker, with the future of its exit: its group reaped, its last words
+    /// logged and picked for the error page.
+    fn started(self, host: String) -> Started {
+        let Spawned {
+            proc,
+            state_dir,
+            output_drained,
+        } = self;
+        let pid = proc.pid();
+        let launcher = proc.launcher();
+        let exited: BoxFut<Exit> = Box::pin(async move {
+            let status = proc.wait().await;
+            // Reap whatever the worker left in its process group (gunicorn's children).
+            let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
+            let deadline = tokio::time::Instant::now() + GROUP_GONE_WAIT;
+            while group_alive(pid) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            // The worker's last words (an import error) may still be in the pipe: let them
+            // reach the log before it is read. Bounded: a daemon it left may hold the pipe.
+            let _ = tokio::time::timeout(OUTPUT_DRAIN_WAIT, output_drained).await;
+            let log = sitelog::path(&state_dir, &host);
+            let last_line = tokio::task::spawn_blocking(move || {
+                let tail = sitelog::tail(&log, 20).unwrap_or_default();
+                // The Python exception says more than gunicorn's closing "failed to boot".
+                tail.lines()
+                    .rev()
+                    .find(|l| l.contains("Error:") || l.contains("Exception:"))
+                    .or_else(|| tail.lines().last())
+                    .unwrap_or("no output")
+                    .trim()
+                    .to_string()
+            })
+            .await
+            .unwrap_or_default();
+            Exit { status, last_line }
+        });
+        Started {
+            worker: Arc::new(SystemWorker { pid }) as Arc<dyn Worker>,
+            launcher,
+            exited,
+        }
+    }
+}
+
 impl Launcher for SystemLauncher {
     fn socket(
         &self,
@@ -276,25 +434,12 @@ impl Launcher for SystemLauncher {
         spec: &Arc<SiteSpec>,
         role: SocketRole,
     ) -> BoxFut<Result<Arc<Listener>, LaunchError>> {
-        let cfg = self.cfg.load_full();
-        let state_dir = cfg.state_dir.clone();
-        let (host, user) = (host.to_string(), spec.user.clone());
-        let metrics = self.metrics.clone();
-        let queued = std::time::Instant::now();
+        let job = self.start_job();
+        let (host, spec) = (host.to_string(), spec.clone());
         self.on_launcher(move || {
-            let began = std::time::Instant::now();
             // The user must exist and be one sites may run as before anything is made.
-            site_user(&host, &user, &cfg, &metrics)?;
-            let looked_up = std::time::Instant::now();
-            let name = match role {
-                SocketRole::Serving => socket::SERVING,
-                SocketRole::Candidate => socket::CANDIDATE,
-            };
-            let (socket, path) = socket::bind(&state_dir, &host, name)
-                .map_err(|e| LaunchError(format!("cannot create the site's socket: {e}")))?;
-            debug!(site = %host, queued_us = us(began - queued), user_us = us(looked_up - began),
-                bind_us = us(looked_up.elapsed()), "socket bound");
-            Ok(Arc::new(Listener { socket, path }))
+            job.user(&host, &spec)?;
+            job.bind(&host, role)
         })
     }
 
@@ -305,100 +450,41 @@ impl Launcher for SystemLauncher {
         listener: &Arc<Listener>,
         weight: BootWeight,
     ) -> BoxFut<Result<Started, LaunchError>> {
+        let job = self.start_job();
         let (host, spec, listener) = (host.to_string(), spec.clone(), listener.clone());
-        let setup = CgroupSetup {
-            cgroups: self.cgroups.clone(),
-            site_cgroups: self.site_cgroups.clone(),
-            metrics: self.metrics.clone(),
-        };
-        let cfg = self.cfg.load_full();
-        let logs = self.logs.clone();
-        let metrics = self.metrics.clone();
-        let queued = std::time::Instant::now();
-        let starting = {
+        let spawning = {
             let host = host.clone();
             self.on_launcher(move || {
-                let began = std::time::Instant::now();
-                let user = site_user(&host, &spec.user, &cfg, &metrics)?;
-                let looked_up = std::time::Instant::now();
-                // The zygote runs as root: its interpreter is the operator's choice, and a
-                // site asking for another is refused, not started some other way.
-                let zygote_interpreter = if spec.uses_zygote() {
-                    let chosen = interpreters::for_site(&spec, &cfg.interpreters).map_err(|e| {
-                        metrics.refused_interpreters.inc();
-                        warn!(site = %host, error = %e, "site refused: its interpreter is not one this node allows");
-                        LaunchError(e)
-                    })?;
-                    Some(chosen)
-                } else {
-                    None
-                };
-                let checked = std::time::Instant::now();
-                let procs = setup.prepare(&host, &spec, &cfg, weight);
-                let cgroup_ready = std::time::Instant::now();
-                let (log, output_drained) = site_log(&logs, &cfg, &host)
-                    .and_then(|log| sitelog::pump(&host, log))
-                    .map_err(|e| LaunchError(format!("cannot open the site's log: {e}")))?;
-                let log_ready = std::time::Instant::now();
-                let proc = worker::spawn(&worker::Launch {
-                    spec: &spec,
-                    host: &host,
-                    user: &user,
-                    listener: &listener.socket,
-                    log,
-                    grace_secs: cfg.stop_grace.as_secs().max(1),
-                    cgroup_procs: &procs,
-                    zygote_interpreter: zygote_interpreter.as_deref(),
-                })
-                .map_err(|e| LaunchError(format!("cannot start the site's worker: {e}")))?;
-                metrics
-                    .spawn_duration
-                    .with_label_values(&[proc.launcher().as_str()])
-                    .observe(began.elapsed().as_secs_f64());
-                // Where the launcher's part of a cold start went (docs/first-hit.md, profile).
-                debug!(site = %host, queued_us = us(began - queued), user_us = us(looked_up - began),
-                    interpreter_us = us(checked - looked_up), cgroup_us = us(cgroup_ready - checked),
-                    log_us = us(log_ready - cgroup_ready), spawn_us = us(log_ready.elapsed()), "start timings");
-                info!(site = %host, pid = proc.pid(), user = %user.name, uid = user.uid.as_raw(), "worker started");
-                Ok((proc, cfg.state_dir.clone(), output_drained))
+                let began = Instant::now();
+                let user = job.user(&host, &spec)?;
+                job.spawn(&host, &spec, &user, &listener, weight, began)
+            })
+        };
+        Box::pin(async move { Ok(spawning.await?.started(host)) })
+    }
+
+    fn bind_and_start(
+        self: Arc<Self>,
+        host: &str,
+        spec: &Arc<SiteSpec>,
+        role: SocketRole,
+        weight: BootWeight,
+    ) -> BoxFut<Result<(Arc<Listener>, Started), LaunchError>> {
+        let job = self.start_job();
+        let (host, spec) = (host.to_string(), spec.clone());
+        let spawning = {
+            let host = host.clone();
+            self.on_launcher(move || {
+                let began = Instant::now();
+                let user = job.user(&host, &spec)?;
+                let listener = job.bind(&host, role)?;
+                let spawned = job.spawn(&host, &spec, &user, &listener, weight, began)?;
+                Ok((listener, spawned))
             })
         };
         Box::pin(async move {
-            let (proc, state_dir, output_drained) = starting.await?;
-            let pid = proc.pid();
-            let launcher = proc.launcher();
-            let exited: BoxFut<Exit> = Box::pin(async move {
-                let status = proc.wait().await;
-                // Reap whatever the worker left in its process group (gunicorn's children).
-                let _ = kill(Pid::from_raw(-pid), Signal::SIGKILL);
-                let deadline = tokio::time::Instant::now() + GROUP_GONE_WAIT;
-                while group_alive(pid) && tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                // The worker's last words (an import error) may still be in the pipe: let them
-                // reach the log before it is read. Bounded: a daemon it left may hold the pipe.
-                let _ = tokio::time::timeout(OUTPUT_DRAIN_WAIT, output_drained).await;
-                let log = sitelog::path(&state_dir, &host);
-                let last_line = tokio::task::spawn_blocking(move || {
-                    let tail = sitelog::tail(&log, 20).unwrap_or_default();
-                    // The Python exception says more than gunicorn's closing "failed to boot".
-                    tail.lines()
-                        .rev()
-                        .find(|l| l.contains("Error:") || l.contains("Exception:"))
-                        .or_else(|| tail.lines().last())
-                        .unwrap_or("no output")
-                        .trim()
-                        .to_string()
-                })
-                .await
-                .unwrap_or_default();
-                Exit { status, last_line }
-            });
-            Ok(Started {
-                worker: Arc::new(SystemWorker { pid }) as Arc<dyn Worker>,
-                launcher,
-                exited,
-            })
+            let (listener, spawned) = spawning.await?;
+            Ok((listener, spawned.started(host)))
         })
     }
 
@@ -447,7 +533,7 @@ impl Launcher for SystemLauncher {
         })
     }
 
-    fn promote(&self, host: &str, listener: &Listener) -> Result<std::path::PathBuf, String> {
+    fn promote(&self, host: &str, listener: &Listener) -> Result<PathBuf, String> {
         let to = self
             .cfg
             .load()

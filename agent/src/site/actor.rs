@@ -1235,19 +1235,22 @@ async fn launch(
     weight: BootWeight,
 ) -> Result<Launch, AcquireError> {
     let reservation = Capacity::reserve(ctx, host).await?;
-    let listener = match listener {
-        Some(l) => l,
-        None => ctx
-            .launcher
-            .socket(host, &spec, role)
-            .await
-            .map_err(|e| AcquireError::Start(e.0))?,
+    let (listener, started) = match listener {
+        Some(listener) => {
+            let started = ctx.launcher.start(host, &spec, &listener, weight).await;
+            (listener, started)
+        }
+        None => {
+            let (listener, started) = ctx
+                .launcher
+                .clone()
+                .bind_and_start(host, &spec, role, weight)
+                .await
+                .map_err(|e| AcquireError::Start(e.0))?;
+            (listener, Ok(started))
+        }
     };
-    let started = ctx
-        .launcher
-        .start(host, &spec, &listener, weight)
-        .await
-        .map_err(|e| AcquireError::Start(e.0))?;
+    let started = started.map_err(|e| AcquireError::Start(e.0))?;
     Ok(Launch {
         reservation,
         listener,

@@ -3,7 +3,8 @@
 
 GET /anything          -> JSON {"path", "pid", "multithread", "conn": a serial number of the
                           worker-side connection, "on_conn": requests served on it so far}
-GET /sleep?secs=N      -> the same JSON, after N seconds
+GET /sleep?secs=N      -> the same JSON, after N seconds, with "together": how many requests
+                          this process was running at once while this one slept (at most)
 POST /upload           -> the request body, echoed; `X-Transfer-Encoding` says how it came
 GET /stream?n=N&gap=S  -> N pieces "piece i\n", S seconds apart, no Content-Length
 GET /file?kb=N         -> N KiB of a known pattern, through wsgi.file_wrapper
@@ -11,12 +12,15 @@ GET /file?kb=N         -> N KiB of a known pattern, through wsgi.file_wrapper
 import json
 import os
 import tempfile
+import threading
 import time
 import weakref
 from urllib.parse import parse_qs
 
 _connections = weakref.WeakKeyDictionary()  # worker-side socket -> [serial, requests]
 _serial = [0]
+_running = {"now": 0}
+_running_lock = threading.Lock()
 
 
 def _connection(environ):
@@ -66,15 +70,30 @@ def application(environ, start_response):
         f.seek(0)
         start_response("200 OK", [("Content-Type", "application/octet-stream")])
         return environ["wsgi.file_wrapper"](f)
+    payload = {
+        "path": path,
+        "pid": os.getpid(),
+        "multithread": environ["wsgi.multithread"],
+        "conn": conn[0],
+        "on_conn": conn[1],
+    }
     if path == "/sleep":
-        time.sleep(float(query["secs"][0]))
-    return _json(
-        start_response,
-        {
-            "path": path,
-            "pid": os.getpid(),
-            "multithread": environ["wsgi.multithread"],
-            "conn": conn[0],
-            "on_conn": conn[1],
-        },
-    )
+        payload["together"] = _sleep(float(query["secs"][0]))
+    return _json(start_response, payload)
+
+
+def _sleep(secs):
+    """Sleep `secs` in small steps; the most requests running at once meanwhile."""
+    with _running_lock:
+        _running["now"] += 1
+        most = _running["now"]
+    try:
+        end = time.monotonic() + secs
+        while time.monotonic() < end:
+            time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+            with _running_lock:
+                most = max(most, _running["now"])
+    finally:
+        with _running_lock:
+            _running["now"] -= 1
+    return most
