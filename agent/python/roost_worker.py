@@ -165,6 +165,23 @@ def _write_in_one_send(resp, body):
     sock.sendall(b"".join(gathered.parts))
 
 
+# What a kept-alive connection reads of a body its app left unread; a longer one closes it.
+DRAIN_MAX = 64 * 1024
+
+
+def _drain_body(req):
+    """Read what is left of `req`'s body, now: otherwise its last bytes, arriving after the
+    response, would wake a thread that then blocks reading the next request's head from an
+    idle connection (and holds up a stop). Whether the connection may stay open."""
+    body, left = req.body, DRAIN_MAX
+    while left > 0:
+        data = body.read(min(8192, left))
+        if not data:
+            return True
+        left -= len(data)
+    return False
+
+
 class _Connection:
     """One accepted connection: its socket (blocking) and its parser, which keeps the bytes
     read past the current request (a pipelined next one) between requests. `busy` while a
@@ -493,7 +510,7 @@ class InlineWorker(_gunicorn_base.Worker):
             parser = conn.parser
             while True:
                 req = next(parser)
-                keep_alive = self._respond(req, conn)
+                keep_alive = self._respond(req, conn) and _drain_body(req)
                 if not self._answered:
                     self._answered = True
                     _log_first_response(self.log)

@@ -412,3 +412,44 @@ fn pipelined_requests_are_answered_in_order_by_a_threaded_worker() {
     }
     c.assert_running();
 }
+
+#[test]
+fn a_body_the_app_left_unread_is_drained_and_never_holds_up_a_stop() {
+    // A long grace: a worker stuck reading a request that never comes would outlive the
+    // wait below (SIGALRM ends it only after the grace).
+    let c = Cluster::start_with(Options {
+        agent_config: Some("stop_grace_secs = 60\n".into()),
+    });
+    for (host, threads) in [("unread-one.example", "1"), ("unread-four.example", "4")] {
+        probe_site(&c, host, &["--threads", threads]);
+        let pid = get_json(&c, host, "/")["pid"].as_u64().unwrap();
+        // Straight to the worker: POSTs whose app answers without reading the body, each
+        // body only after the answer, on one connection.
+        let mut w = UnixStream::connect(worker_socket(&c, host)).unwrap();
+        w.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let body = b"GET /not-a-request HTTP/1.1\r\n";
+        let mut post = |path: &str| {
+            w.write_all(
+                format!(
+                    "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            let answer = read_responses(&mut w, 1);
+            assert_eq!(answer[0].json()["path"], path, "threads {threads}");
+            w.write_all(body).unwrap();
+        };
+        post("/first");
+        post("/second");
+        // The last body is in, and nothing else comes: a stop ends the worker now.
+        std::thread::sleep(Duration::from_millis(300));
+        kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
+        assert!(
+            wait_until(EXIT, || dead(pid)),
+            "threads {threads}: the worker {pid} did not exit after SIGTERM"
+        );
+        drop(w);
+    }
+}
