@@ -2,8 +2,9 @@
 
 The agent starts one per base interpreter, as root, with:
 
-    fd 3  control   SOCK_SEQPACKET: the agent asks for a fork, the zygote answers with the
-                    child's pid and a pidfd for it (SCM_RIGHTS)
+    fd 3  control   SOCK_SEQPACKET: the agent asks for a fork, sending the child's channel;
+                    the zygote answers on that channel with the child's pid and a pidfd for
+                    it (SCM_RIGHTS)
     fd 4  events    SOCK_SEQPACKET: the zygote reports each child's exit status
     fd 5  lifeline  the read end of a pipe whose write end only the agent holds
 
@@ -705,17 +706,31 @@ def serve_forks(control, events):
             req = json.loads(msg)
             role = req.get("role", "worker")
             if req.get("op") != "fork" or len(fds) != 1 or role not in CHILD_ROLES:
+                if fds:
+                    _answer(fds[0], {"id": req.get("id"), "error": "bad request"})
                 for fd_ in fds:
                     os.close(fd_)
-                control.send(json.dumps({"id": req.get("id"), "error": "bad request"}).encode())
                 continue
             spare = fork(control, events, req["id"], fds[0], spare, role)
 
 
+def _answer(chan_fd, msg, fds=()):
+    """Answer a fork request on the child's channel (the agent reads it from its end, so it
+    can go on preparing the start meanwhile); closes the given fds."""
+    try:
+        socket.send_fds(socket.socket(fileno=os.dup(chan_fd)), [json.dumps(msg).encode()], list(fds))
+    except OSError:
+        pass  # the agent gave up on this request; the child reads EOF and exits
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def fork(control, events, req_id, chan_fd, spare, role="worker"):
     """Answer a fork request: hand the channel to the spare, or fork a child for it; the
-    child becomes a worker, a probe or a framework zygote (`role`). Returns the spare that
-    is left (None: make a new one when idle)."""
+    child becomes a worker, a probe or a framework zygote (`role`). The pid (and a pidfd)
+    go back on the channel. Returns the spare that is left (None: make a new one when
+    idle)."""
     t = time.perf_counter()
     if spare is not None:
         try:
@@ -726,13 +741,9 @@ def fork(control, events, req_id, chan_fd, spare, role="worker"):
             handed = True
         spare.sock.close()
         if handed:
-            os.close(chan_fd)
             fds = [spare.pidfd] if spare.pidfd is not None else []
-            try:
-                socket.send_fds(control, [json.dumps({"id": req_id, "pid": spare.pid}).encode()], fds)
-            finally:
-                for fd in fds:
-                    os.close(fd)
+            _answer(chan_fd, {"id": req_id, "pid": spare.pid}, fds)
+            os.close(chan_fd)
             return None
         if spare.pidfd is not None:
             os.close(spare.pidfd)
@@ -745,21 +756,16 @@ def fork(control, events, req_id, chan_fd, spare, role="worker"):
         pid = os.fork()
         if pid == 0:
             CHILD_ROLES[role](chan_fd, (control, events))
-        os.close(chan_fd)
         fds = []
         try:
             fds.append(os.pidfd_open(pid))
         except (AttributeError, OSError):
             pass  # the agent opens one itself
-        socket.send_fds(control, [json.dumps({"id": req_id, "pid": pid}).encode()], fds)
-        for fd in fds:
-            os.close(fd)
+        _answer(chan_fd, {"id": req_id, "pid": pid}, fds)
     except OSError as e:
-        try:
-            control.send(json.dumps({"id": req_id, "error": "fork: %s" % e}).encode())
-        except OSError:
-            pass
+        _answer(chan_fd, {"id": req_id, "error": "fork: %s" % e})
     finally:
+        os.close(chan_fd)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
 
 

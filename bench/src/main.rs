@@ -405,8 +405,10 @@ fn agent_report(node: &node::Node, prefix: &str, label: &str) {
             "start timings",
             &[
                 ("queued_us", "queued"),
+                ("request_us", "fork asked"),
                 ("user_us", "user"),
                 ("interpreter_us", "interpreter"),
+                ("bind_us", "bind"),
                 ("cgroup_us", "cgroup"),
                 ("log_us", "log pipe"),
                 ("spawn_us", "fork from the zygote"),
@@ -416,7 +418,8 @@ fn agent_report(node: &node::Node, prefix: &str, label: &str) {
             "worker forked",
             &[
                 ("lookup_us", "zygote lookup"),
-                ("fork_us", "fork request and answer"),
+                ("asked_us", "asked, start prepared meanwhile"),
+                ("fork_us", "fork answer awaited"),
                 ("send_us", "spec and fds sent to the child"),
             ],
         ),

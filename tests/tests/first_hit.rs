@@ -16,7 +16,7 @@ const SHOW: Duration = Duration::from_secs(20);
 /// Half the simulated round trip between client and proxy.
 const ONE_WAY: Duration = Duration::from_millis(10);
 /// Cold sites measured (each is started once, by its first request).
-const COLD_SITES: usize = 9;
+const COLD_SITES: usize = 15;
 
 /// One test at a time: the TLS test compares latencies within 2 ms, and a second cluster
 /// starting beside it on a 2-core machine moved its median by more than that.

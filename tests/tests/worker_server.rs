@@ -354,7 +354,9 @@ fn a_threaded_site_runs_as_many_slow_requests_at_once_as_it_has_threads_and_stop
     let addr = c.proxy_addr;
     let slow: Vec<_> = (0..6)
         .map(|i| {
-            std::thread::spawn(move || get(addr, Some(host), &format!("/sleep?secs=1.5&i={i}"), &[]))
+            std::thread::spawn(move || {
+                get(addr, Some(host), &format!("/sleep?secs=1.5&i={i}"), &[])
+            })
         })
         .collect();
     std::thread::sleep(Duration::from_millis(600));
@@ -363,8 +365,17 @@ fn a_threaded_site_runs_as_many_slow_requests_at_once_as_it_has_threads_and_stop
 
     let mut together_in_old = Vec::new();
     for (i, t) in slow.into_iter().enumerate() {
-        let r = t.join().unwrap().unwrap_or_else(|e| panic!("slow request {i}: {e}"));
-        assert_eq!(r.status, 200, "slow request {i}: {}\n{}", r.text(), c.diagnostics());
+        let r = t
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("slow request {i}: {e}"));
+        assert_eq!(
+            r.status,
+            200,
+            "slow request {i}: {}\n{}",
+            r.text(),
+            c.diagnostics()
+        );
         let v = r.json();
         if v["pid"] == old {
             together_in_old.push(v["together"].as_u64().unwrap());
@@ -406,7 +417,11 @@ fn pipelined_requests_are_answered_in_order_by_a_threaded_worker() {
             .collect();
         assert_eq!(
             paths,
-            [format!("/a/{round}"), format!("/b/{round}"), format!("/c/{round}")],
+            [
+                format!("/a/{round}"),
+                format!("/b/{round}"),
+                format!("/c/{round}")
+            ],
             "round {round}: in order, on the one connection"
         );
     }

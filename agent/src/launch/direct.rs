@@ -137,31 +137,43 @@ pub struct Launch<'a> {
     pub grace_secs: u64,
     /// The `cgroup.procs` files of the site's cgroup(s); the worker joins them first.
     pub cgroup_procs: &'a [PathBuf],
-    /// For a zygote site: the allowed interpreter whose zygote forks it
-    /// (`interpreters::for_site`), checked before the start.
-    pub zygote_interpreter: Option<&'a std::path::Path>,
 }
 
-/// Start a worker: an `app` site's is forked from its interpreter's zygote (unless the site
-/// opted out with `"spawn": "direct"`); a `command` site's, or one whose zygote is
-/// unavailable, is started directly. The worker leads its own process group.
-pub fn spawn(launch: &Launch) -> io::Result<WorkerProc> {
-    if launch.spec.uses_zygote() && launch.zygote_interpreter.is_some() {
-        if let Some(zygotes) = zygote::global() {
-            match zygotes.fork_worker(launch) {
-                Ok(worker) => {
-                    return Ok(WorkerProc {
-                        pid: worker.pid,
-                        how: How::Forked(worker),
-                    })
-                }
-                Err(e) => {
-                    warn!(site = %launch.host, error = %e, "cannot fork the worker from a zygote; starting it directly")
-                }
+/// Start a worker: an `app` site's is the child a zygote was asked for
+/// ([`zygote::Zygotes::begin_fork`], unless the site opted out with `"spawn": "direct"`); a
+/// `command` site's, or one whose zygote is unavailable, is started directly. The worker
+/// leads its own process group.
+pub fn spawn(launch: &Launch, fork: Option<zygote::PendingFork>) -> io::Result<WorkerProc> {
+    if let (Some(fork), Some(zygotes)) = (fork, zygote::global()) {
+        match zygotes.finish_fork(fork, launch) {
+            Ok(worker) => {
+                return Ok(WorkerProc {
+                    pid: worker.pid,
+                    how: How::Forked(worker),
+                })
+            }
+            Err(e) => {
+                warn!(site = %launch.host, error = %e, "cannot fork the worker from a zygote; starting it directly")
             }
         }
     }
     spawn_direct(launch)
+}
+
+/// Ask the zygote of `host`'s interpreter for its worker ahead of the rest of the start
+/// (see [`spawn`]); `None` when the site is not forked, or the zygote can't be asked (the
+/// worker is then started directly).
+pub fn ask_zygote(
+    host: &str,
+    spec: &SiteSpec,
+    interpreter: Option<&std::path::Path>,
+) -> Option<zygote::PendingFork> {
+    let interpreter = interpreter.filter(|_| spec.uses_zygote())?;
+    let zygotes = zygote::global()?;
+    zygotes
+        .begin_fork(host, interpreter)
+        .inspect_err(|e| warn!(site = %host, error = %e, "cannot fork the worker from a zygote; starting it directly"))
+        .ok()
 }
 
 /// Start the worker of `host` directly (fork + exec). The worker leads its own process group.

@@ -33,7 +33,7 @@ use super::frameworks::{
     parse_report, valid_module_name, Fingerprint, FrameworkSet, Learner, Packages, SiteUse,
     StateFile, StoredSet,
 };
-use super::zygote::{read_events, Zygote, Zygotes};
+use super::zygote::{read_events, Asked, Zygote, Zygotes};
 use crate::config::FrameworkSettings;
 
 /// Why a module was left out of a framework zygote (the probe's reasons, and the agent's).
@@ -540,9 +540,7 @@ impl Builder {
             info!(set = %set.name(), module = %m, reason = "forbidden", "module left out of the framework zygote (frameworks_forbid)");
         }
         // 1. The probe: which of the modules a root zygote may hold.
-        let (probe, theirs) = channel().map_err(|e| BuildError::Retry(e.to_string()))?;
-        let (probe_pid, _) = base
-            .fork_role(theirs, "probe")
+        let (probe, probe_pid) = fork_child(&base, "probe")
             .map_err(|e| BuildError::Retry(format!("forking a probe: {e}")))?;
         let reply = exchange(&probe, json!({"modules": modules}), &[]).map_err(|e| {
             kill(probe_pid); // a module that hangs on import must not keep it
@@ -585,14 +583,12 @@ impl Builder {
         }
         // 2. The framework zygote, with its own control and events sockets.
         let fingerprint = Fingerprint::of(&set.interpreter, &paths);
-        let (chan, theirs) = channel().map_err(|e| BuildError::Retry(e.to_string()))?;
         let (control, control_theirs) =
             seqpacket().map_err(|e| BuildError::Retry(e.to_string()))?;
         let (events, events_theirs) = seqpacket().map_err(|e| BuildError::Retry(e.to_string()))?;
         set_timeouts(control.as_raw_fd(), super::zygote::FORK_TIMEOUT)
             .map_err(|e| BuildError::Retry(e.to_string()))?;
-        let (pid, _pidfd) = base
-            .fork_role(theirs, "framework")
+        let (chan, pid) = fork_child(&base, "framework")
             .map_err(|e| BuildError::Retry(format!("forking the framework zygote: {e}")))?;
         let reply = exchange(
             &chan,
@@ -657,10 +653,13 @@ fn seqpacket() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// A channel to a probe or framework zygote: ours, with a timeout, and theirs.
-fn channel() -> io::Result<(OwnedFd, OwnedFd)> {
-    let (ours, theirs) = seqpacket()?;
-    set_timeouts(ours.as_raw_fd(), IMPORT_TIMEOUT)?;
-    Ok((ours, theirs))
+/// A child of `base` that becomes a `role` ("probe", "framework"): the agent's end of its
+/// channel, bounded by the import timeout, and its pid.
+fn fork_child(base: &Arc<Zygote>, role: &str) -> io::Result<(OwnedFd, i32)> {
+    let asked = Asked::new(base, role)?;
+    let (pid, _pidfd) = asked.answer()?;
+    set_timeouts(asked.ours.as_raw_fd(), IMPORT_TIMEOUT)?;
+    Ok((asked.ours, pid))
 }
 
 /// Send one request on `chan` and read the one answer.

@@ -322,18 +322,18 @@ impl StartJob {
         Ok(Arc::new(Listener { socket, path }))
     }
 
-    /// Everything up to the worker's pid: interpreter, cgroup, log, fork (or spawn).
-    fn spawn(
+    /// Everything up to the worker's pid, on `socket` (or a new socket of that role). The
+    /// zygote is asked for the child first, so its answer and the child's wake-up overlap
+    /// the user lookup, the socket, the cgroup and the log (issue 14).
+    fn run(
         &self,
         host: &str,
         spec: &SiteSpec,
-        user: &SiteUser,
-        listener: &Listener,
+        socket: Result<Arc<Listener>, SocketRole>,
         weight: BootWeight,
-        began: Instant,
-    ) -> Result<Spawned, LaunchError> {
+    ) -> Result<(Arc<Listener>, Spawned), LaunchError> {
         let (cfg, metrics) = (&self.cfg, &self.metrics);
-        let looked_up = Instant::now();
+        let began = Instant::now();
         // The zygote runs as root: its interpreter is the operator's choice, and a site
         // asking for another is refused, not started some other way.
         let zygote_interpreter = if spec.uses_zygote() {
@@ -346,38 +346,49 @@ impl StartJob {
         } else {
             None
         };
-        let checked = Instant::now();
+        // An unspecialised child: if the start goes no further, it reads EOF and exits.
+        let fork = worker::ask_zygote(host, spec, zygote_interpreter.as_deref());
+        let asked = Instant::now();
+        // The user must exist and be one sites may run as before anything is made for it.
+        let user = self.user(host, spec)?;
+        let looked_up = Instant::now();
+        let listener = match socket {
+            Ok(listener) => listener,
+            Err(role) => self.bind(host, role)?,
+        };
+        let bound = Instant::now();
         let procs = self.setup.prepare(host, spec, cfg, weight);
         let cgroup_ready = Instant::now();
         let (log, output_drained) = site_log(&self.logs, cfg, host)
             .and_then(|log| sitelog::pump(host, log))
             .map_err(|e| LaunchError(format!("cannot open the site's log: {e}")))?;
         let log_ready = Instant::now();
-        let proc = worker::spawn(&worker::Launch {
+        let launch = worker::Launch {
             spec,
             host,
-            user,
+            user: &user,
             listener: &listener.socket,
             log,
             grace_secs: cfg.stop_grace.as_secs().max(1),
             cgroup_procs: &procs,
-            zygote_interpreter: zygote_interpreter.as_deref(),
-        })
-        .map_err(|e| LaunchError(format!("cannot start the site's worker: {e}")))?;
+        };
+        let proc = worker::spawn(&launch, fork)
+            .map_err(|e| LaunchError(format!("cannot start the site's worker: {e}")))?;
         metrics
             .spawn_duration
             .with_label_values(&[proc.launcher().as_str()])
             .observe(began.elapsed().as_secs_f64());
         // Where the launcher's part of a cold start went (docs/first-hit.md, profile).
-        debug!(site = %host, queued_us = us(began - self.queued), user_us = us(looked_up - began),
-            interpreter_us = us(checked - looked_up), cgroup_us = us(cgroup_ready - checked),
+        debug!(site = %host, queued_us = us(began - self.queued), request_us = us(asked - began),
+            user_us = us(looked_up - asked), bind_us = us(bound - looked_up), cgroup_us = us(cgroup_ready - bound),
             log_us = us(log_ready - cgroup_ready), spawn_us = us(log_ready.elapsed()), "start timings");
         info!(site = %host, pid = proc.pid(), user = %user.name, uid = user.uid.as_raw(), "worker started");
-        Ok(Spawned {
+        let spawned = Spawned {
             proc,
             state_dir: cfg.state_dir.clone(),
             output_drained,
-        })
+        };
+        Ok((listener, spawned))
     }
 }
 
@@ -454,13 +465,9 @@ impl Launcher for SystemLauncher {
         let (host, spec, listener) = (host.to_string(), spec.clone(), listener.clone());
         let spawning = {
             let host = host.clone();
-            self.on_launcher(move || {
-                let began = Instant::now();
-                let user = job.user(&host, &spec)?;
-                job.spawn(&host, &spec, &user, &listener, weight, began)
-            })
+            self.on_launcher(move || job.run(&host, &spec, Ok(listener), weight))
         };
-        Box::pin(async move { Ok(spawning.await?.started(host)) })
+        Box::pin(async move { Ok(spawning.await?.1.started(host)) })
     }
 
     fn bind_and_start(
@@ -474,13 +481,7 @@ impl Launcher for SystemLauncher {
         let (host, spec) = (host.to_string(), spec.clone());
         let spawning = {
             let host = host.clone();
-            self.on_launcher(move || {
-                let began = Instant::now();
-                let user = job.user(&host, &spec)?;
-                let listener = job.bind(&host, role)?;
-                let spawned = job.spawn(&host, &spec, &user, &listener, weight, began)?;
-                Ok((listener, spawned))
-            })
+            self.on_launcher(move || job.run(&host, &spec, Err(role), weight))
         };
         Box::pin(async move {
             let (listener, spawned) = spawning.await?;

@@ -4,14 +4,16 @@
 //! `roost_worker.py` beside it, are embedded in this binary and written to
 //! `<state-dir>/zygote/`), run as root with no site's code, data or privilege.
 //! It gets three fds: 3, a control socket (SOCK_SEQPACKET) on which the agent asks for a
-//! fork and gets back the child's pid and a pidfd; 4, an events socket on which it reports
+//! fork, sending the child's channel, on which the zygote answers with the child's pid and
+//! a pidfd; 4, an events socket on which it reports
 //! each child's exit status; 5, the lifeline: the read end of a pipe whose write end only
 //! the agent holds, so EOF there means the agent is gone, even when SIGKILLed.
 //!
-//! A fork request carries one fd: a fresh socket whose other end the agent keeps. Once the
-//! zygote has answered with the pid, the agent sends the site's spec, listening socket and
-//! log file on it, straight to the child, which drops to the site's user and serves (see
-//! the script). The zygote's memory, which every later worker inherits, never holds a
+//! A fork request carries one fd: a fresh socket whose other end the agent keeps. The
+//! request goes first in a start, and the launcher prepares the site's socket, cgroup and
+//! log while the zygote answers; then the agent sends the site's spec, listening socket and
+//! log file on the channel, straight to the child, which drops to the site's user and
+//! serves (see the script). The zygote's memory, which every later worker inherits, never holds a
 //! site's environment. If the agent gives up on a fork (timeout), it closes its end
 //! unsent and the child exits.
 //!
@@ -193,94 +195,96 @@ impl Zygotes {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Fork the worker of `host` from the zygote of its interpreter. An `Err` means no
-    /// worker was started (the caller may start one directly).
-    #[allow(clippy::too_many_arguments)]
-    pub fn fork_worker(&self, launch: &Launch) -> io::Result<ForkedWorker> {
-        let Launch {
-            spec,
-            host,
-            user,
-            listener,
-            grace_secs,
-            cgroup_procs,
-            ..
-        } = *launch;
-        let log = &launch.log;
+    /// Ask for the worker of `host`: from its framework zygote if it has one, else from the
+    /// base zygote of `interpreter`. Returns at once; the zygote answers on the child's
+    /// channel while the launcher prepares the site's cgroup and log ([`Self::finish_fork`]).
+    pub fn begin_fork(&self, host: &str, interpreter: &Path) -> io::Result<PendingFork> {
         let t0 = Instant::now();
-        let interpreter = launch.zygote_interpreter.ok_or_else(|| {
-            io::Error::other("no allowed interpreter was chosen for this site's zygote")
-        })?;
-        let framework = self
+        if let Some((fw, fz)) = self
             .frameworks
             .get()
-            .and_then(|fw| fw.zygote_for(host, interpreter).map(|z| (fw, z)));
-        let t1 = Instant::now();
-        let forked = match framework {
-            Some((fw, fz)) => match fork_from(&fz.zygote) {
-                Ok(forked) => {
-                    fw.forks_framework.fetch_add(1, Ordering::Relaxed);
-                    Some((forked, Some(fz)))
+            .and_then(|fw| fw.zygote_for(host, interpreter).map(|z| (fw, z)))
+        {
+            match Asked::new(&fz.zygote, "worker") {
+                Ok(asked) => {
+                    return Ok(PendingFork {
+                        asked,
+                        framework: Some(fz),
+                        interpreter: interpreter.to_path_buf(),
+                        t0,
+                    })
                 }
                 Err(e) => {
                     warn!(site = %host, set = %fz.name, error = %e,
                         "the framework zygote failed the fork; forking from the base zygote");
                     fw.failed(&fz);
-                    None
                 }
-            },
-            None => None,
-        };
-        let ((ours, pid, pidfd), from) = match forked {
-            Some(f) => f,
-            None => {
-                let zygote = self.get(interpreter).map_err(io::Error::other)?;
-                let forked = fork_from(&zygote)?;
+            }
+        }
+        let zygote = self.get(interpreter).map_err(io::Error::other)?;
+        Ok(PendingFork {
+            asked: Asked::new(&zygote, "worker")?,
+            framework: None,
+            interpreter: interpreter.to_path_buf(),
+            t0,
+        })
+    }
+
+    /// Wait for the answer to `pending` and send the child the site's spec, socket and log:
+    /// the worker. A framework zygote that fails is replaced by the base zygote here. An
+    /// `Err` means no worker was started (the caller may start one directly).
+    pub fn finish_fork(&self, pending: PendingFork, launch: &Launch) -> io::Result<ForkedWorker> {
+        let PendingFork {
+            asked,
+            framework,
+            interpreter,
+            t0,
+        } = pending;
+        let host = launch.host;
+        let t1 = Instant::now();
+        let (asked, answer, from) = match (asked.answer(), framework) {
+            (Ok(answer), Some(fz)) => {
                 if let Some(fw) = self.frameworks.get() {
-                    fw.forks_base.fetch_add(1, Ordering::Relaxed);
+                    fw.forks_framework.fetch_add(1, Ordering::Relaxed);
                 }
-                (forked, None)
+                (asked, answer, Some(fz))
+            }
+            (Err(e), Some(fz)) => {
+                warn!(site = %host, set = %fz.name, error = %e,
+                    "the framework zygote failed the fork; forking from the base zygote");
+                if let Some(fw) = self.frameworks.get() {
+                    fw.failed(&fz);
+                }
+                let zygote = self.get(&interpreter).map_err(io::Error::other)?;
+                let asked = Asked::new(&zygote, "worker")?;
+                let answer = asked.answer()?;
+                self.count_base_fork();
+                (asked, answer, None)
+            }
+            (answer, None) => {
+                let answer = answer?;
+                self.count_base_fork();
+                (asked, answer, None)
             }
         };
+        let (pid, pidfd) = answer;
+        let pidfd = match pidfd {
+            Some(fd) => fd,
+            None => pidfd_open(pid)?,
+        };
+        let ours = asked.ours;
         let t2 = Instant::now();
-        let app = spec.app.clone().unwrap_or_default();
-        let message = json!({
-            "host": host,
-            "app": app,
-            "dir": spec.dir,
-            "virtualenv": spec.virtualenv,
-            "uid": user.uid.as_raw(),
-            "gid": user.gid.as_raw(),
-            "groups": user.groups.iter().map(|g| g.as_raw()).collect::<Vec<_>>(),
-            "env": worker_env(spec, host, user),
-            "cgroup_procs": cgroup_procs.iter().map(|p| p.to_string_lossy()).collect::<Vec<_>>(),
-            "workers": spec.workers,
-            "threads": spec.threads,
-            "grace": grace_secs,
-            "timeout": spec.request_timeout.max(30),
-        })
-        .to_string();
-        // Straight to the child: the zygote never sees it. On failure, dropping `ours`
-        // closes the channel and the child exits.
-        send_with_fds(
-            ours.as_raw_fd(),
-            message.as_bytes(),
-            &[listener.as_raw_fd(), log.as_raw_fd()],
-        )?;
+        send_spec(&ours, launch)?;
         let zygote_name = from
             .as_ref()
             .map_or("base", |z: &Arc<FrameworkZygote>| z.name.as_str());
-        debug!(site = %host, pid, zygote = zygote_name, lookup_us = (t1 - t0).as_micros() as u64, fork_us = (t2 - t1).as_micros() as u64,
+        debug!(site = %host, pid, zygote = zygote_name, asked_us = (t1 - t0).as_micros() as u64, fork_us = (t2 - t1).as_micros() as u64,
             send_us = t2.elapsed().as_micros() as u64, "worker forked");
         // The channel stays open: the worker reports its modules on it after its first response.
-        let report = self.frameworks.get().map(|fw| {
-            (
-                fw.clone(),
-                ours,
-                host.to_string(),
-                interpreter.to_path_buf(),
-            )
-        });
+        let report = self
+            .frameworks
+            .get()
+            .map(|fw| (fw.clone(), ours, host.to_string(), interpreter));
         Ok(ForkedWorker {
             pid,
             pidfd,
@@ -288,22 +292,118 @@ impl Zygotes {
             report,
         })
     }
+
+    fn count_base_fork(&self) {
+        if let Some(fw) = self.frameworks.get() {
+            fw.forks_base.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
-/// A worker forked from `zygote`: the agent's end of its channel, its pid and its pidfd.
-fn fork_from(zygote: &Zygote) -> io::Result<(OwnedFd, i32, OwnedFd)> {
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )?;
-    let (pid, pidfd) = zygote.fork_role(theirs, "worker")?;
-    let pidfd = match pidfd {
-        Some(fd) => fd,
-        None => pidfd_open(pid)?,
-    };
-    Ok((ours, pid, pidfd))
+/// A fork asked of a zygote, not yet answered (see [`Zygotes::begin_fork`]).
+pub struct PendingFork {
+    asked: Asked,
+    framework: Option<Arc<FrameworkZygote>>,
+    interpreter: PathBuf,
+    t0: Instant,
+}
+
+/// One fork request sent: the agent's end of the new child's channel, on which the zygote
+/// answers (so nothing is held between request and answer, and no answer can be another's).
+pub(super) struct Asked {
+    zygote: Arc<Zygote>,
+    id: u64,
+    pub(super) ours: OwnedFd,
+}
+
+impl Asked {
+    /// Send a request to `zygote` for a child that becomes a `role` ("worker", "probe" or
+    /// "framework": see the script).
+    pub(super) fn new(zygote: &Arc<Zygote>, role: &str) -> io::Result<Self> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        set_timeouts(ours.as_raw_fd(), FORK_TIMEOUT)?;
+        let id = zygote.request(theirs, role)?;
+        Ok(Self {
+            zygote: zygote.clone(),
+            id,
+            ours,
+        })
+    }
+
+    /// The child's pid and, when the zygote could open one, its pidfd. A zygote that does
+    /// not answer in time (or answers garbage) is killed; the manager restarts it.
+    pub(super) fn answer(&self) -> io::Result<(i32, Option<OwnedFd>)> {
+        let read = || -> io::Result<Result<(i32, Option<OwnedFd>), String>> {
+            // Bounded by the channel's receive timeout (set in `new`).
+            let (bytes, mut fds) = recv_with_fds(self.ours.as_raw_fd(), 1)?;
+            if bytes.is_empty() {
+                return Err(io::Error::other(
+                    "the zygote closed the child's channel unanswered",
+                ));
+            }
+            let reply: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| io::Error::other(format!("bad reply from the zygote: {e}")))?;
+            if reply["id"].as_u64() != Some(self.id) {
+                return Err(io::Error::other("the zygote answered another request"));
+            }
+            if let Some(err) = reply["error"].as_str() {
+                return Ok(Err(format!("zygote: {err}")));
+            }
+            let pid = reply["pid"]
+                .as_i64()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| io::Error::other("zygote reply without a pid"))?;
+            Ok(Ok((pid as i32, fds.pop())))
+        };
+        match read() {
+            Ok(answer) => answer.map_err(io::Error::other),
+            Err(e) => {
+                self.zygote.failed(&e);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The site's spec, socket and log, straight to the child: the zygote never sees them. On
+/// failure, dropping the channel closes it and the child exits.
+fn send_spec(ours: &OwnedFd, launch: &Launch) -> io::Result<()> {
+    let Launch {
+        spec,
+        host,
+        user,
+        listener,
+        grace_secs,
+        cgroup_procs,
+        ..
+    } = *launch;
+    let app = spec.app.clone().unwrap_or_default();
+    let message = json!({
+        "host": host,
+        "app": app,
+        "dir": spec.dir,
+        "virtualenv": spec.virtualenv,
+        "uid": user.uid.as_raw(),
+        "gid": user.gid.as_raw(),
+        "groups": user.groups.iter().map(|g| g.as_raw()).collect::<Vec<_>>(),
+        "env": worker_env(spec, host, user),
+        "cgroup_procs": cgroup_procs.iter().map(|p| p.to_string_lossy()).collect::<Vec<_>>(),
+        "workers": spec.workers,
+        "threads": spec.threads,
+        "grace": grace_secs,
+        "timeout": spec.request_timeout.max(30),
+    })
+    .to_string();
+    send_with_fds(
+        ours.as_raw_fd(),
+        message.as_bytes(),
+        &[listener.as_raw_fd(), launch.log.as_raw_fd()],
+    )
 }
 
 impl Zygote {
@@ -338,61 +438,31 @@ impl Zygote {
         );
     }
 
-    /// Ask for a fork whose child reads its request from `channel` and becomes a `role`
-    /// ("worker", "probe" or "framework": see the script); returns the child's pid and,
-    /// when the zygote could open one, its pidfd.
-    pub(super) fn fork_role(
-        &self,
-        channel: OwnedFd,
-        role: &str,
-    ) -> io::Result<(i32, Option<OwnedFd>)> {
+    /// Send a fork request whose child reads its request from `channel` and becomes a
+    /// `role`; the zygote answers on `channel` itself (see [`Asked`]). Returns the
+    /// request's id.
+    fn request(&self, channel: OwnedFd, role: &str) -> io::Result<u64> {
         let control = self.control.lock().unwrap_or_else(|p| p.into_inner());
         if self.dead.load(Ordering::Acquire) {
             return Err(io::Error::other("the zygote has exited"));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let request = json!({"op": "fork", "id": id, "role": role}).to_string();
-        let exchange = || -> io::Result<Result<(i32, Option<OwnedFd>), String>> {
-            send_with_fds(
-                control.as_raw_fd(),
-                request.as_bytes(),
-                &[channel.as_raw_fd()],
-            )?;
-            loop {
-                let (bytes, mut fds) = recv_with_fds(control.as_raw_fd(), 1)?;
-                if bytes.is_empty() {
-                    return Err(io::Error::other("the zygote closed its control socket"));
-                }
-                let reply: serde_json::Value = serde_json::from_slice(&bytes)
-                    .map_err(|e| io::Error::other(format!("bad reply from the zygote: {e}")))?;
-                if reply["id"].as_u64() != Some(id) {
-                    continue; // a late answer to a request given up on; its child got EOF
-                }
-                if let Some(err) = reply["error"].as_str() {
-                    return Ok(Err(format!("zygote: {err}")));
-                }
-                let pid = reply["pid"]
-                    .as_i64()
-                    .filter(|p| *p > 0)
-                    .ok_or_else(|| io::Error::other("zygote reply without a pid"))?;
-                return Ok(Ok((pid as i32, fds.pop())));
-            }
-        };
-        match exchange() {
-            Ok(answer) => answer.map_err(io::Error::other),
-            Err(e) => {
-                // A zygote that does not answer (timeout, closed socket, garbage) is replaced:
-                // kill it; the manager restarts it.
-                warn!(pid = self.pid, interpreter = %self.interpreter.display(), error = %e,
-                    "zygote failed a fork request; killing it");
-                self.dead.store(true, Ordering::Release);
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(self.pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                Err(e)
-            }
-        }
+        send_with_fds(
+            control.as_raw_fd(),
+            request.as_bytes(),
+            &[channel.as_raw_fd()],
+        )
+        .inspect_err(|e| self.failed(e))?;
+        Ok(id)
+    }
+
+    /// A zygote that fails a request (timeout, closed socket, garbage) is replaced: kill it;
+    /// the manager restarts it.
+    fn failed(&self, e: &io::Error) {
+        warn!(pid = self.pid, interpreter = %self.interpreter.display(), error = %e,
+            "zygote failed a fork request; killing it");
+        self.kill();
     }
 }
 
