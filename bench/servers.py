@@ -29,7 +29,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "agent", "python"))
 sys.argv_saved = sys.argv
 sys.argv = sys.argv[:1]
-import roost_zygote  # noqa: E402  (preloads gunicorn, as the zygote does)
+import roost_zygote  # noqa: E402,F401  (preloads the worker's server, as the zygote does)
+import roost_worker  # noqa: E402
 
 sys.argv = sys.argv_saved
 
@@ -57,13 +58,14 @@ def app(environ, start_response):
     return [body]
 
 
-@candidate("gunicorn-gthread", "gunicorn")
-def serve_gthread():
-    cfg = roost_zygote._CFG
-    cfg.set("threads", 4)
-    cfg.set("graceful_timeout", 10)
-    w = roost_zygote.RoostWorker(0, os.getppid(), [socket.socket(fileno=3)], None, 30, cfg, roost_zygote._LOG)
-    w.serve(app)
+@candidate("roost, threads 1", "gunicorn")
+def serve_roost_one():
+    roost_worker.serve(app, {"threads": 1, "grace": 10, "timeout": 30, "app": "bench"})
+
+
+@candidate("roost, threads 4", "gunicorn")
+def serve_roost_four():
+    roost_worker.serve(app, {"threads": 4, "grace": 10, "timeout": 30, "app": "bench"})
 
 
 @candidate("waitress", "waitress")
