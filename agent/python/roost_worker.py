@@ -107,7 +107,7 @@ def _log_first_response(log):
 
 
 def _log_boot(log, t0):
-    phases = ("forked", "spec", "cgroup", "setup", "import", "server", "accept", "request", "response")
+    phases = ("forked", "cgroup", "spec", "setup", "import", "server", "accept", "request", "response")
     prev, parts = t0, []
     for p in phases:
         t = _T.get(p, prev)

@@ -11,9 +11,9 @@ The agent starts one per base interpreter, as root, with:
 It imports the WSGI server and the modules the operator lists, forks a spare (a child that
 waits, unspecialised, to be handed a request), then waits. It never sees a
 site's code, files, environment or privilege: a fork request carries one fd, a fresh
-socket whose other end the agent keeps. The child reads its site's spec (and its listening
-socket and log file) from that socket itself, after the fork, so no site's data ever
-passes through the zygote's memory, which every later worker inherits.
+socket whose other end the agent keeps. The child reads its site's cgroups, then its spec
+(and its listening socket and log file) from that socket itself, after the fork, so no
+site's data ever passes through the zygote's memory, which every later worker inherits.
 
 The child, in an order that leaves nothing behind: joins the site's cgroups, starts a new
 session, sets its supplementary groups, gid and uid, no-new-privs and umask 027, keeps only
@@ -200,6 +200,22 @@ def _worker(chan_fd, zygote_socks):
     for s in zygote_socks:
         s.detach()
     chan = socket.socket(fileno=chan_fd)
+    # Two messages: the site's cgroups as soon as they exist, then (while this process joins
+    # them) the spec with the listening socket and the log.
+    data, _, _, _ = socket.recv_fds(chan, MAX_SPEC, 0)
+    if not data:
+        return 0  # the agent withdrew the request
+    # 1. The site's cgroups, before anything else runs or allocates.
+    for path in json.loads(data)["cgroup_procs"]:
+        _join_cgroup(path)
+    # The zygote runs below normal priority (agent/src/launch/priority.rs); its worker, once
+    # in its site's cgroup, is back to normal, while it is still root and can. Without
+    # CAP_SYS_NICE (the agent warned at its start) it keeps the zygote's nice.
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except PermissionError:
+        pass
+    roost_worker.mark("cgroup")
     data, fds, _, _ = socket.recv_fds(chan, MAX_SPEC, 2)
     report_fd = _high(chan.detach())  # fd 5 below: the module report (issue 14)
     if not data:
@@ -210,18 +226,6 @@ def _worker(chan_fd, zygote_socks):
         raise RuntimeError("expected the listening socket and the log file, got %d fds" % len(fds))
     listen_fd, log_fd = _high(fds[0]), _high(fds[1])
     lifeline_fd = _high(os.dup(LIFELINE_FD))
-
-    # 1. The site's cgroups, before anything else runs or allocates.
-    for path in spec["cgroup_procs"]:
-        _join_cgroup(path)
-    # The zygote runs below normal priority (agent/src/launch/priority.rs); its worker, once
-    # in its site's cgroup, is back to normal, while it is still root and can. Without
-    # CAP_SYS_NICE (the agent warned at its start) it keeps the zygote's nice.
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, 0)
-    except PermissionError:
-        pass
-    roost_worker.mark("cgroup")
     # 2. A session of its own: the agent signals the worker's whole tree as -pid.
     os.setsid()
     # 3. Privileges: groups, gid, uid; then no way back.

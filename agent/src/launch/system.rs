@@ -347,9 +347,20 @@ impl StartJob {
             None
         };
         // An unspecialised child: if the start goes no further, it reads EOF and exits.
-        let fork = worker::ask_zygote(host, spec, zygote_interpreter.as_deref());
+        let mut fork = worker::ask_zygote(host, spec, zygote_interpreter.as_deref());
         let asked = Instant::now();
-        // The user must exist and be one sites may run as before anything is made for it.
+        // The cgroup first: the child joins it while the rest is prepared.
+        let procs = self.setup.prepare(host, spec, cfg, weight);
+        let cgroup_ready = Instant::now();
+        if let Some(pending) = fork.as_mut() {
+            // A child that is gone (its zygote died with the request) is found out when the
+            // answer is read, and the base zygote asked instead (`finish_fork`).
+            if let Err(e) = pending.send_cgroups(&procs) {
+                debug!(site = %host, error = %e, "cannot tell the zygote's child its cgroups yet");
+            }
+        }
+        // The user must exist and be one sites may run as before its socket, log or spec is
+        // made (a refused site's start leaves at most its empty cgroup, removed with the site).
         let user = self.user(host, spec)?;
         let looked_up = Instant::now();
         let listener = match socket {
@@ -357,8 +368,6 @@ impl StartJob {
             Err(role) => self.bind(host, role)?,
         };
         let bound = Instant::now();
-        let procs = self.setup.prepare(host, spec, cfg, weight);
-        let cgroup_ready = Instant::now();
         let (log, output_drained) = site_log(&self.logs, cfg, host)
             .and_then(|log| sitelog::pump(host, log))
             .map_err(|e| LaunchError(format!("cannot open the site's log: {e}")))?;
@@ -380,8 +389,8 @@ impl StartJob {
             .observe(began.elapsed().as_secs_f64());
         // Where the launcher's part of a cold start went (docs/first-hit.md, profile).
         debug!(site = %host, queued_us = us(began - self.queued), request_us = us(asked - began),
-            user_us = us(looked_up - asked), bind_us = us(bound - looked_up), cgroup_us = us(cgroup_ready - bound),
-            log_us = us(log_ready - cgroup_ready), spawn_us = us(log_ready.elapsed()), "start timings");
+            cgroup_us = us(cgroup_ready - asked), user_us = us(looked_up - cgroup_ready), bind_us = us(bound - looked_up),
+            log_us = us(log_ready - bound), spawn_us = us(log_ready.elapsed()), "start timings");
         info!(site = %host, pid = proc.pid(), user = %user.name, uid = user.uid.as_raw(), "worker started");
         let spawned = Spawned {
             proc,

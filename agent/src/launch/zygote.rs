@@ -212,6 +212,7 @@ impl Zygotes {
                         framework: Some(fz),
                         interpreter: interpreter.to_path_buf(),
                         t0,
+                        cgroups_sent: false,
                     })
                 }
                 Err(e) => {
@@ -227,6 +228,7 @@ impl Zygotes {
             framework: None,
             interpreter: interpreter.to_path_buf(),
             t0,
+            cgroups_sent: false,
         })
     }
 
@@ -239,6 +241,7 @@ impl Zygotes {
             framework,
             interpreter,
             t0,
+            mut cgroups_sent,
         } = pending;
         let host = launch.host;
         let t1 = Instant::now();
@@ -257,6 +260,7 @@ impl Zygotes {
                 }
                 let zygote = self.get(&interpreter).map_err(io::Error::other)?;
                 let asked = Asked::new(&zygote, "worker")?;
+                cgroups_sent = false; // a new child
                 let answer = asked.answer()?;
                 self.count_base_fork();
                 (asked, answer, None)
@@ -274,6 +278,9 @@ impl Zygotes {
         };
         let ours = asked.ours;
         let t2 = Instant::now();
+        if !cgroups_sent {
+            send_cgroups(&ours, launch.cgroup_procs)?;
+        }
         send_spec(&ours, launch)?;
         let zygote_name = from
             .as_ref()
@@ -306,6 +313,28 @@ pub struct PendingFork {
     framework: Option<Arc<FrameworkZygote>>,
     interpreter: PathBuf,
     t0: Instant,
+    /// Whether the child has been told its cgroups (the first of its two messages).
+    cgroups_sent: bool,
+}
+
+impl PendingFork {
+    /// Tell the child its site's cgroups as soon as they exist: it joins them while the
+    /// launcher prepares the rest (user, socket, log), which the spec then carries. An error
+    /// means the child is lost (the caller starts the worker directly).
+    pub fn send_cgroups(&mut self, cgroup_procs: &[PathBuf]) -> io::Result<()> {
+        send_cgroups(&self.asked.ours, cgroup_procs)?;
+        self.cgroups_sent = true;
+        Ok(())
+    }
+}
+
+/// The child's first message: the `cgroup.procs` files it joins before anything else.
+fn send_cgroups(ours: &OwnedFd, cgroup_procs: &[PathBuf]) -> io::Result<()> {
+    let message = json!({
+        "cgroup_procs": cgroup_procs.iter().map(|p| p.to_string_lossy()).collect::<Vec<_>>(),
+    })
+    .to_string();
+    send_with_fds(ours.as_raw_fd(), message.as_bytes(), &[])
 }
 
 /// One fork request sent: the agent's end of the new child's channel, on which the zygote
@@ -370,8 +399,8 @@ impl Asked {
     }
 }
 
-/// The site's spec, socket and log, straight to the child: the zygote never sees them. On
-/// failure, dropping the channel closes it and the child exits.
+/// The child's second message: the site's spec, socket and log, straight to the child (the
+/// zygote never sees them). On failure, dropping the channel closes it and the child exits.
 fn send_spec(ours: &OwnedFd, launch: &Launch) -> io::Result<()> {
     let Launch {
         spec,
@@ -379,7 +408,6 @@ fn send_spec(ours: &OwnedFd, launch: &Launch) -> io::Result<()> {
         user,
         listener,
         grace_secs,
-        cgroup_procs,
         ..
     } = *launch;
     let app = spec.app.clone().unwrap_or_default();
@@ -392,7 +420,6 @@ fn send_spec(ours: &OwnedFd, launch: &Launch) -> io::Result<()> {
         "gid": user.gid.as_raw(),
         "groups": user.groups.iter().map(|g| g.as_raw()).collect::<Vec<_>>(),
         "env": worker_env(spec, host, user),
-        "cgroup_procs": cgroup_procs.iter().map(|p| p.to_string_lossy()).collect::<Vec<_>>(),
         "workers": spec.workers,
         "threads": spec.threads,
         "grace": grace_secs,
