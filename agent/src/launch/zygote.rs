@@ -200,10 +200,10 @@ impl Zygotes {
     /// channel while the launcher prepares the site's cgroup and log ([`Self::finish_fork`]).
     pub fn begin_fork(&self, host: &str, interpreter: &Path) -> io::Result<PendingFork> {
         let t0 = Instant::now();
-        if let Some((fw, fz)) = self
+        if let Some(fz) = self
             .frameworks
             .get()
-            .and_then(|fw| fw.zygote_for(host, interpreter).map(|z| (fw, z)))
+            .and_then(|fw| fw.zygote_for(host, interpreter))
         {
             match Asked::new(&fz.zygote, "worker") {
                 Ok(asked) => {
@@ -215,16 +215,11 @@ impl Zygotes {
                         cgroups_sent: false,
                     })
                 }
-                Err(e) => {
-                    warn!(site = %host, set = %fz.name, error = %e,
-                        "the framework zygote failed the fork; forking from the base zygote");
-                    fw.failed(&fz);
-                }
+                Err(e) => self.framework_failed(host, &fz, &e),
             }
         }
-        let zygote = self.get(interpreter).map_err(io::Error::other)?;
         Ok(PendingFork {
-            asked: Asked::new(&zygote, "worker")?,
+            asked: self.ask_base(interpreter)?,
             framework: None,
             interpreter: interpreter.to_path_buf(),
             t0,
@@ -253,13 +248,8 @@ impl Zygotes {
                 (asked, answer, Some(fz))
             }
             (Err(e), Some(fz)) => {
-                warn!(site = %host, set = %fz.name, error = %e,
-                    "the framework zygote failed the fork; forking from the base zygote");
-                if let Some(fw) = self.frameworks.get() {
-                    fw.failed(&fz);
-                }
-                let zygote = self.get(&interpreter).map_err(io::Error::other)?;
-                let asked = Asked::new(&zygote, "worker")?;
+                self.framework_failed(host, &fz, &e);
+                let asked = self.ask_base(&interpreter)?;
                 cgroups_sent = false; // a new child
                 let answer = asked.answer()?;
                 self.count_base_fork();
@@ -300,6 +290,21 @@ impl Zygotes {
         })
     }
 
+    /// A fork request to the base zygote of `interpreter` (started if needed).
+    fn ask_base(&self, interpreter: &Path) -> io::Result<Asked> {
+        let zygote = self.get(interpreter).map_err(io::Error::other)?;
+        Asked::new(&zygote, "worker")
+    }
+
+    /// `fz` failed a fork: it is dropped (and rebuilt later); the base zygote forks instead.
+    fn framework_failed(&self, host: &str, fz: &Arc<FrameworkZygote>, e: &io::Error) {
+        warn!(site = %host, set = %fz.name, error = %e,
+            "the framework zygote failed the fork; forking from the base zygote");
+        if let Some(fw) = self.frameworks.get() {
+            fw.failed(fz);
+        }
+    }
+
     fn count_base_fork(&self) {
         if let Some(fw) = self.frameworks.get() {
             fw.forks_base.fetch_add(1, Ordering::Relaxed);
@@ -319,8 +324,9 @@ pub struct PendingFork {
 
 impl PendingFork {
     /// Tell the child its site's cgroups as soon as they exist: it joins them while the
-    /// launcher prepares the rest (user, socket, log), which the spec then carries. An error
-    /// means the child is lost (the caller starts the worker directly).
+    /// launcher prepares the rest (user, socket, log), which the spec then carries. On an
+    /// error the child is lost; [`Zygotes::finish_fork`] finds that out from the answer and
+    /// asks again.
     pub fn send_cgroups(&mut self, cgroup_procs: &[PathBuf]) -> io::Result<()> {
         send_cgroups(&self.asked.ours, cgroup_procs)?;
         self.cgroups_sent = true;
