@@ -174,9 +174,12 @@ cleanup() { # exit status
   for pid in "${agent_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   if [ -n "$etcd_pid" ]; then kill -TERM "$etcd_pid" 2>/dev/null || true; wait "$etcd_pid" 2>/dev/null || true; fi
   kill_leftovers
-  # A namespace goes once nothing is in it; deleting it deletes its end of the veth, and so the pair.
+  # The veth pair first, by its host end: the kernel tears a deleted namespace (and its
+  # end of the pair) down later, on a workqueue, so "nothing left behind" would not yet be
+  # true when this script says so.
   for ns in "${agent_nets[@]}"; do
     [ -n "$ns" ] || continue
+    ip link del "$(veth_of "$ns")" 2>/dev/null || true
     ip netns del "$ns" 2>/dev/null || echo "warning: could not delete netns $ns" >&2
   done
   [ -z "$bridge" ] || ip link del "$bridge" 2>/dev/null || true
