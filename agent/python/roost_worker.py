@@ -95,9 +95,8 @@ _prewarmed = False
 
 
 def _log_first_response(log):
-    """Once, with the first response: what the worker serves, where the time from the fork
+    """Once, after the first response: what the worker serves, where the time from the fork
     to the response went; then the zygote's `after_first_response`."""
-    mark("response")
     if _serving_line is not None:
         log.info(*_serving_line)
     t0 = _T.get("fork")
@@ -226,8 +225,11 @@ class InlineWorker(_gunicorn_base.Worker):
     `PROMOTE_AFTER_SECS` (an app waiting on a database, a slow upload), up to `threads`
     in all. A polling thread that finds itself one of two idle ones parks again.
 
-    The first request is answered by the main thread alone: the other threads start right
-    after it, so a cold start never waits for a thread to be created.
+    The first request is answered by the main thread alone, and what follows it (the other
+    threads, the boot log line, the module report) waits for the first quiet moment or the
+    next request: a cold start never waits for a thread to be created, and its response is
+    not slowed on its way out by the worker's own follow-up competing with the agent and
+    the proxy for the CPU.
 
     Stopping (SIGTERM, or EOF on the lifeline): every thread's loop ends within a second,
     nothing more is accepted, the requests in hand finish, the requests already sent on
@@ -237,6 +239,11 @@ class InlineWorker(_gunicorn_base.Worker):
 
     # Where the loop checks idle connections (and, in a forked sibling, its leader).
     HOUSEKEEPING_SECS = 1.0
+    # After the first response, its follow-up runs once nothing has happened for this long
+    # (the response is then through the agent and the proxy), before the next request, or
+    # this long after it at most.
+    FOLLOW_UP_QUIET_SECS = 0.005
+    FOLLOW_UP_LATEST_SECS = 0.1
     # How long every polling thread must have been inside the same requests before a parked
     # one is promoted: far above a quick request's ~0.1 ms, well below a human's notice.
     PROMOTE_AFTER_SECS = 0.002
@@ -255,6 +262,8 @@ class InlineWorker(_gunicorn_base.Worker):
         # listening socket's registration, and the counts below.
         self._lock = threading.Lock()
         self._answered = False
+        # When the first response left, until its follow-up has run (`_follow_up`).
+        self._follow_up_due = None
         self._listening = False
         self._next_housekeeping = 0.0
         # Threads: one lock per extra thread (and the watcher), held while it runs, for the
@@ -312,6 +321,9 @@ class InlineWorker(_gunicorn_base.Worker):
         self._next_housekeeping = time.monotonic() + self.HOUSEKEEPING_SECS
         try:
             self._run(listener, leader=True)
+            if self._follow_up_due is not None:  # stopped right after the first response
+                self._follow_up_due = None
+                _log_first_response(self.log)
             # No more accepts while the other threads finish their requests (a backlog
             # would keep waking them); parked ones wake to exit.
             with self._lock:
@@ -340,6 +352,18 @@ class InlineWorker(_gunicorn_base.Worker):
         else:
             self._epoll.unregister(fd)
         self._listening = on
+
+    def _requests_in(self, events, listen_fd):
+        """Whether `events` bring a request: a new connection, or bytes on a kept one."""
+        return any(fd == listen_fd or fd in self._conns for fd, _ in events)
+
+    def _follow_up(self, listener):
+        """Once, on the main thread, after the first response: the other threads, and the
+        log line and report that go with the first response."""
+        self._follow_up_due = None
+        if self._threads > 1:
+            self._start_threads(listener)
+        _log_first_response(self.log)
 
     def _start_threads(self, listener):
         """The other `threads - 1` threads, parked, and the watcher that promotes them.
@@ -438,8 +462,14 @@ class InlineWorker(_gunicorn_base.Worker):
         while self.alive:
             # A SIGTERM while waiting is seen when the wait ends (within a second, as in
             # gthread): a wake-up pipe would be two more fds in every worker.
-            events = epoll.poll(self.HOUSEKEEPING_SECS, max_events)
+            following_up = leader and self._follow_up_due is not None
+            wait = self.FOLLOW_UP_QUIET_SECS if following_up else self.HOUSEKEEPING_SECS
+            events = epoll.poll(wait, max_events)
             now = monotonic()
+            # The follow-up waits for a quiet moment, but not for longer than the next
+            # request: that one may need the other threads.
+            if following_up and (not events or now >= self._follow_up_due or self._requests_in(events, listen_fd)):
+                self._follow_up(listener)
             pending, served = False, False
             for fd, _ in events:
                 conn = conns.get(fd)
@@ -467,8 +497,6 @@ class InlineWorker(_gunicorn_base.Worker):
                 else:
                     deferred = False
                     self._accept(listener, now)
-            if leader and self._answered and not self._joins and self._threads > 1:
-                self._start_threads(listener)
             if now >= self._next_housekeeping:
                 self._housekeeping(now)
             if not leader and not self._park_if_surplus(monotonic()):
@@ -528,7 +556,8 @@ class InlineWorker(_gunicorn_base.Worker):
                 keep_alive = self._respond(req, conn) and _drain_body(req)
                 if not self._answered:
                     self._answered = True
-                    _log_first_response(self.log)
+                    mark("response")
+                    self._follow_up_due = time.monotonic() + self.FOLLOW_UP_LATEST_SECS
                 if not keep_alive:
                     break
                 # More bytes already read: a pipelined request. Otherwise epoll says when

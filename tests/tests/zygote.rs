@@ -187,7 +187,7 @@ fn a_forked_worker_is_exactly_its_site_user_and_holds_nothing_of_the_agent() {
     // those only what the server opened itself after the drop: its one epoll instance and
     // connections accepted on 3. (Until its first response is out, fd 5 is also the channel
     // it got its spec on, for the report of the modules it imported (issue 14): it closes
-    // that right after its first response.)
+    // that at the first quiet moment after its first response.)
     let sock_path = c.site_state_dir(host).join("sock");
     let on_site_socket = |target: &String| {
         let socks = unix_sockets();
