@@ -2,7 +2,8 @@
 //! worker (HTTP/1.1 over the site's unix socket). Phases:
 //!
 //! 1. `request_filter`: check the proxy's credential, find the site, claim a worker.
-//! 2. `upstream_peer`: the site's socket, pooled per worker generation.
+//! 2. `upstream_peer`: the site's socket, pooled per worker generation (the first request
+//!    after a warm call takes the connection the call opened, `preconnect.rs`).
 //! 3. `upstream_request_filter`: remove every internal header before the app sees it.
 //! 4. `fail_to_proxy`: Roost's own short error pages (503/504/502 with a reason).
 //! 5. `logging`: give the worker back, count, one log line.
@@ -22,6 +23,7 @@ use tracing::info;
 use roost_runtime::{check_request_head, respond, status_class, strip_internal_headers, Origin};
 
 use crate::metrics::Metrics;
+use crate::preconnect::Preconnects;
 use crate::site::{AcquireError, Sites, Ticket};
 
 /// How long an agent that is behind the proxy's snapshot waits to learn of a new site.
@@ -32,6 +34,7 @@ pub struct AgentHttp {
     pub sites: Arc<Informer<SiteSpec>>,
     pub secret: Option<Vec<u8>>,
     pub metrics: Arc<Metrics>,
+    pub preconnects: Arc<Preconnects>,
 }
 
 pub struct RequestCtx {
@@ -91,12 +94,24 @@ impl AgentHttp {
         spec: Arc<SiteSpec>,
     ) -> Result<bool> {
         self.metrics.warm_calls.inc();
-        let sites = self.supervisor.clone();
+        let (sites, preconnects) = (self.supervisor.clone(), self.preconnects.clone());
         tokio::spawn(async move {
             // The ticket is dropped at once: a started worker then waits for requests until
             // its idle timeout, as after any request.
-            if let Err(e) = sites.acquire(&site, &spec).await {
-                tracing::debug!(site = %site, error = %e, "warm call could not start the worker");
+            match sites.acquire(&site, &spec).await {
+                Ok(ticket) => {
+                    // Only for a worker that has yet to answer: one that has has pooled
+                    // connections.
+                    let fresh = !ticket.worker_has_answered();
+                    let (socket, generation) = (ticket.socket_path.clone(), ticket.generation);
+                    drop(ticket);
+                    if fresh {
+                        preconnects.open(&socket, generation).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(site = %site, error = %e, "warm call could not start the worker");
+                }
             }
         });
         let mut resp = ResponseHeader::build(204, Some(1))?;
@@ -276,6 +291,12 @@ impl ProxyHttp for AgentHttp {
         peer.options.read_timeout = Some(ticket.request_timeout);
         peer.options.write_timeout = Some(ticket.request_timeout);
         peer.options.idle_timeout = Some(Duration::from_secs(30));
+        if let Some(kept) = self
+            .preconnects
+            .take(&ticket.socket_path, ticket.generation)
+        {
+            peer.options.custom_l4 = Some(kept);
+        }
         Ok(Box::new(peer))
     }
 

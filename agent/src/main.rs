@@ -6,6 +6,7 @@ mod config;
 mod http;
 mod launch;
 mod metrics;
+mod preconnect;
 mod registration;
 mod site;
 mod sitelog;
@@ -108,6 +109,7 @@ fn main() -> Result<()> {
             sites: sites.clone(),
             secret: cfg.secret.clone(),
             metrics: metrics.clone(),
+            preconnects: Arc::new(preconnect::Preconnects::new(metrics.preconnects.clone())),
         },
         "roost-agent",
     );

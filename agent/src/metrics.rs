@@ -79,6 +79,7 @@ pub struct Metrics {
     site_requests: IntCounterVec,
     site_duration: HistogramVec,
     pub warm_calls: IntCounter,
+    pub preconnects: IntCounterVec,
     site_in_flight: IntGaugeVec,
     site_memory_bytes: IntGaugeVec,
     site_memory_limit_bytes: IntGaugeVec,
@@ -316,6 +317,11 @@ impl Metrics {
                 "roost_agent_warm_calls_total",
                 "Proxies' warm calls: start a site's worker ahead of its request",
             ),
+            preconnects: counter_vec(
+                "roost_agent_preconnects_total",
+                "Connections a warm call opened to the worker it started, by what became of them",
+                "outcome",
+            ),
             site_requests: counter_vec(
                 "roost_agent_site_requests_total",
                 "Requests answered, per site with a worker (the series goes with the worker)",
@@ -376,6 +382,7 @@ impl Metrics {
             Box::new(m.site_requests.clone()),
             Box::new(m.site_duration.clone()),
             Box::new(m.warm_calls.clone()),
+            Box::new(m.preconnects.clone()),
             Box::new(m.site_in_flight.clone()),
             Box::new(m.site_memory_bytes.clone()),
             Box::new(m.site_memory_limit_bytes.clone()),
@@ -393,6 +400,9 @@ impl Metrics {
             .chain(AGENT_REFUSALS.iter())
         {
             m.rejected.with_label_values(&[reason]);
+        }
+        for outcome in crate::preconnect::Outcome::ALL {
+            m.preconnects.with_label_values(&[outcome.label()]);
         }
         for kind in LauncherKind::ALL {
             m.cold_start.with_label_values(&[kind.as_str()]);

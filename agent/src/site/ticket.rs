@@ -229,6 +229,11 @@ impl Ticket {
         }
     }
 
+    /// Whether this ticket's worker has answered a request yet.
+    pub fn worker_has_answered(&self) -> bool {
+        self.shared.answered_generation.load(Ordering::Acquire) == self.generation
+    }
+
     /// The worker answered (a response header arrived): it has started. `accepted` is when
     /// the agent accepted the request, so a new worker's first answer times its cold start.
     pub fn mark_answered(&self, accepted: Instant) {
