@@ -44,7 +44,16 @@ pub struct RequestCtx {
     started: Instant,
     /// A proxy's warm call, not a request: counted in `roost_agent_warm_calls_total` only.
     warm_call: bool,
+    /// A new worker's first answer, small: its bookkeeping waits until it has been sent.
+    answered_once_sent: bool,
 }
+
+/// A new worker's first response up to this size is counted as its first answer once it has
+/// been sent, not when its head arrives: the actor's bookkeeping for a first answer (gate,
+/// CPU weight, cold-start metric), run meanwhile, delayed the response itself (about half a
+/// millisecond in the debug build). A larger or unsized one (a download, a stream) counts
+/// at its head, so the worker is not left unanswered for as long as it lasts.
+const ANSWER_ONCE_SENT_MAX: u64 = 64 * 1024;
 
 impl AgentHttp {
     /// The site's spec from this agent's snapshot, waiting briefly when the proxy has seen a
@@ -125,6 +134,10 @@ fn header_str<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
     req.headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+fn header_str_of<'a>(resp: &'a ResponseHeader, name: &str) -> Option<&'a str> {
+    resp.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
 #[async_trait]
 impl ProxyHttp for AgentHttp {
     type CTX = RequestCtx;
@@ -136,6 +149,7 @@ impl ProxyHttp for AgentHttp {
             ticket: None,
             started: Instant::now(),
             warm_call: false,
+            answered_once_sent: false,
         }
     }
 
@@ -315,11 +329,18 @@ impl ProxyHttp for AgentHttp {
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
-        _upstream: &mut ResponseHeader,
+        upstream: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         if let Some(ticket) = &ctx.ticket {
-            ticket.mark_answered(ctx.started);
+            let small = header_str_of(upstream, "content-length")
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|len| len <= ANSWER_ONCE_SENT_MAX);
+            if small && !ticket.worker_has_answered() {
+                ctx.answered_once_sent = true;
+            } else {
+                ticket.mark_answered(ctx.started);
+            }
         }
         Ok(())
     }
@@ -439,6 +460,11 @@ impl ProxyHttp for AgentHttp {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
+        if ctx.answered_once_sent && session.response_written().is_some() {
+            if let Some(ticket) = &ctx.ticket {
+                ticket.mark_answered(ctx.started);
+            }
+        }
         // Give the worker back first: the idle clock starts when the response is done.
         let reached_worker = ctx.ticket.take().is_some();
         if ctx.warm_call {
