@@ -264,14 +264,20 @@ mod tests {
         std::iter::from_fn(|| listener.accept().ok().map(|(s, _)| s)).collect()
     }
 
-    #[tokio::test]
-    async fn a_kept_connection_goes_only_to_its_own_worker_and_only_while_open() {
-        let dir = std::env::temp_dir().join(format!("roost-preconnect-{}", std::process::id()));
+    /// A worker's listening socket (non-blocking) in a fresh directory named `name`.
+    fn worker_socket(name: &str) -> (PathBuf, PathBuf, std::os::unix::net::UnixListener) {
+        let dir = std::env::temp_dir().join(format!("roost-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("sock");
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         listener.set_nonblocking(true).unwrap();
+        (dir, path, listener)
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_goes_only_to_its_own_worker_and_only_while_open() {
+        let (dir, path, listener) = worker_socket("preconnect");
         let addr = SocketAddr::Unix(std::os::unix::net::SocketAddr::from_pathname(&path).unwrap());
         let p = Arc::new(Preconnects::new(outcomes()));
 
@@ -316,12 +322,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_no_request_took_is_closed_after_keep_for() {
-        let dir = std::env::temp_dir().join(format!("roost-preconnect-x-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("sock");
-        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        listener.set_nonblocking(true).unwrap();
+        let (dir, path, listener) = worker_socket("preconnect-expiry");
         let p = Arc::new(Preconnects::new(outcomes()));
         p.open(&path, 1).await;
         let held = accept_all(&listener);
