@@ -130,12 +130,8 @@ impl AgentHttp {
     }
 }
 
-fn header_str<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
-    req.headers.get(name).and_then(|v| v.to_str().ok())
-}
-
-fn header_str_of<'a>(resp: &'a ResponseHeader, name: &str) -> Option<&'a str> {
-    resp.headers.get(name).and_then(|v| v.to_str().ok())
+fn header_str<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 #[async_trait]
@@ -175,11 +171,11 @@ impl ProxyHttp for AgentHttp {
                     .await;
             }
         }
-        ctx.request_id = header_str(req, headers::REQUEST_ID)
+        ctx.request_id = header_str(&req.headers, headers::REQUEST_ID)
             .filter(|id| valid_request_id(id))
             .map(str::to_string)
             .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
-        let site = match header_str(req, headers::SITE) {
+        let site = match header_str(&req.headers, headers::SITE) {
             Some(s) if canonical_host(s).is_ok_and(|c| c == s) => s.to_string(),
             _ => {
                 return self
@@ -193,7 +189,8 @@ impl ProxyHttp for AgentHttp {
                     .await
             }
         };
-        let proxy_revision = header_str(req, headers::REVISION).and_then(|r| r.parse().ok());
+        let proxy_revision =
+            header_str(&req.headers, headers::REVISION).and_then(|r| r.parse().ok());
         ctx.site = site.clone();
         let Some(spec) = self.find_site(&site, proxy_revision).await else {
             return self
@@ -305,11 +302,15 @@ impl ProxyHttp for AgentHttp {
         peer.options.read_timeout = Some(ticket.request_timeout);
         peer.options.write_timeout = Some(ticket.request_timeout);
         peer.options.idle_timeout = Some(Duration::from_secs(30));
-        if let Some(kept) = self
-            .preconnects
-            .take(&ticket.socket_path, ticket.generation)
-        {
-            peer.options.custom_l4 = Some(kept);
+        // Only a worker that has yet to answer can have a connection kept for it: a warm
+        // worker's requests never touch the node-wide map.
+        if !ticket.worker_has_answered() {
+            if let Some(kept) = self
+                .preconnects
+                .take(&ticket.socket_path, ticket.generation)
+            {
+                peer.options.custom_l4 = Some(kept);
+            }
         }
         Ok(Box::new(peer))
     }
@@ -333,7 +334,7 @@ impl ProxyHttp for AgentHttp {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         if let Some(ticket) = &ctx.ticket {
-            let small = header_str_of(upstream, "content-length")
+            let small = header_str(&upstream.headers, "content-length")
                 .and_then(|v| v.parse::<u64>().ok())
                 .is_some_and(|len| len <= ANSWER_ONCE_SENT_MAX);
             if small && !ticket.worker_has_answered() {
