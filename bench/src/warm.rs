@@ -85,6 +85,11 @@ struct Flags {
     /// Where roost-agent and roost-proxy are (default: this binary's directory).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// An older build's roost-agent and roost-proxy: a second node runs them, and its path,
+    /// `roost-baseline`, is alternated with the others, so a change is measured before and
+    /// after in one run.
+    #[arg(long)]
+    baseline_bin_dir: Option<PathBuf>,
 }
 
 fn die(msg: &str) -> ! {
@@ -566,20 +571,24 @@ fn main() {
     // Roost: one node, default logging (one line per request at each hop, as operators run it).
     let proxy_toml = r.join("proxy.toml");
     std::fs::write(&proxy_toml, f.proxy_toml.replace("\\n", "\n")).unwrap();
-    let node = node::start(
-        r,
-        &bin_dir,
-        &NodeOptions {
-            agent_config: format!("preload = []\n{}\n", f.agent_toml.replace("\\n", "\n")),
-            agent_log_filter: f.log_filter.clone(),
-            proxy_log_filter: f.log_filter.clone(),
-            proxy_args: vec!["--config".into(), proxy_toml.display().to_string()],
-        },
-    );
+    let node_options = NodeOptions {
+        agent_config: format!("preload = []\n{}\n", f.agent_toml.replace("\\n", "\n")),
+        agent_log_filter: f.log_filter.clone(),
+        proxy_log_filter: f.log_filter.clone(),
+        proxy_args: vec!["--config".into(), proxy_toml.display().to_string()],
+    };
+    let node = node::start(r, &bin_dir, &node_options);
     let record = json!({"user": USER, "app": "app:application", "dir": app_dir, "idle_timeout": 86400,
         "workers": f.workers, "threads": f.threads});
     node.etcd
         .put(&format!("{PREFIX}/sites/{SITE}"), &record.to_string());
+    // The same site on a node of the older build (its own etcd, proxy and agent).
+    let baseline = f.baseline_bin_dir.as_ref().map(|dir| {
+        let b = node::start(&root.subdir("baseline"), dir, &node_options);
+        b.etcd
+            .put(&format!("{PREFIX}/sites/{SITE}"), &record.to_string());
+        b
+    });
     // The same app started by the agent as a fresh gunicorn (`spawn = direct`), not a zygote fork.
     let mut direct = record.clone();
     direct["spawn"] = json!("direct");
@@ -769,8 +778,37 @@ fn main() {
             }],
         },
     ];
+    let baseline_worker = std::rc::Rc::new(std::cell::Cell::new(0u32));
+    if let Some(b) = &baseline {
+        let (bproxy_pid, bagent_pid) = (b.proxy_proc.pid(), b.agent_proc.pid());
+        let bw = baseline_worker.clone();
+        paths.insert(
+            1,
+            Target {
+                name: "roost-baseline",
+                addr: b.proxy,
+                host: SITE,
+                headers: vec![],
+                hops: vec![
+                    Hop {
+                        label: "proxy",
+                        pids: Box::new(move || vec![bproxy_pid]),
+                    },
+                    Hop {
+                        label: "agent",
+                        pids: Box::new(move || vec![bagent_pid]),
+                    },
+                    Hop {
+                        label: "worker",
+                        pids: Box::new(move || tree(bw.get())),
+                    },
+                ],
+            },
+        );
+    }
     if !f.only.is_empty() {
-        paths.retain(|p| f.only.iter().any(|o| o == p.name));
+        // The baseline build is compared with whatever else runs.
+        paths.retain(|p| p.name == "roost-baseline" || f.only.iter().any(|o| o == p.name));
         if paths.is_empty() {
             die("--only names no path");
         }
@@ -783,6 +821,9 @@ fn main() {
         .any(|p| p.name == "roost" || p.name == "agent-direct")
     {
         roost_worker.set(worker_pid(&node, SITE));
+    }
+    if let Some(b) = &baseline {
+        baseline_worker.set(worker_pid(b, SITE));
     }
     if paths.iter().any(|p| p.name == "roost-spawn-direct") {
         direct_worker.set(worker_pid(&node, DIRECT_SITE));
@@ -801,6 +842,9 @@ fn main() {
         f.threads,
         bin_dir.display()
     );
+    if let Some(dir) = &f.baseline_bin_dir {
+        println!("roost-baseline: binaries from {}", dir.display());
+    }
     if !f.agent_toml.is_empty() || !f.proxy_toml.is_empty() || f.log_filter != "info" {
         println!(
             "agent config: {:?}; proxy config: {:?}; RUST_LOG={}",
@@ -892,6 +936,7 @@ fn main() {
         gunicorn_behind_nginx,
     ));
     drop(node);
+    drop(baseline);
     drop(root);
     if failed {
         eprintln!(
