@@ -41,6 +41,14 @@ use crate::config::{Args, Config};
 use crate::routes::{Router, SiteInformer};
 use crate::tls::{CertStore, SniCallbacks};
 
+/// mimalloc, not glibc's malloc: pingora's per-request buffers are larger than glibc's
+/// thread cache takes, and malloc and free were about a tenth of this hop's samples
+/// (BENCHMARKS.md, "The allocator"). The proxy's threads are a fixed set, so mimalloc's heap
+/// per thread costs a fixed few MB. The agent keeps glibc's: it runs a thread per warm
+/// worker's output, and a heap each would cost ~0.9 MB per warm site.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> Result<()> {
     roost_runtime::init_logging();
     let cfg = Arc::new(Config::load(Args::parse())?);
