@@ -11,6 +11,7 @@ mod registration;
 mod site;
 mod sitelog;
 
+use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -122,6 +123,11 @@ fn main() -> Result<()> {
             warn!(listen = %cfg.listen, "no --tls-cert: proxies reach this agent in clear text, and the secret travels with every request; see docs/security.md");
             proxy.add_tcp(&cfg.listen);
         }
+    }
+    if let Some(path) = &registration.local_socket {
+        // Reachable by whoever may reach --listen, no further: any local user can connect
+        // to that port too, and both ask for the secret.
+        proxy.add_uds(path, Some(std::fs::Permissions::from_mode(0o666)));
     }
     let mut admin = Service::new(
         "admin".to_string(),

@@ -17,6 +17,9 @@ use crate::metrics::Metrics;
 /// The registration's state, shared with the admin port and shutdown.
 pub struct Registration {
     cfg: Arc<Config>,
+    /// The unix socket the agent serves proxies on beside --listen: published so a proxy
+    /// on this machine takes it instead of loopback TCP.
+    pub local_socket: Option<String>,
     registered: AtomicBool,
     draining: watch::Sender<bool>,
     lease: std::sync::Mutex<Option<i64>>,
@@ -24,7 +27,9 @@ pub struct Registration {
 
 impl Registration {
     pub fn new(cfg: Arc<Config>) -> Arc<Self> {
+        let local_socket = cfg.local_socket.as_deref().and_then(local_socket_path);
         Arc::new(Self {
+            local_socket,
             cfg,
             registered: AtomicBool::new(false),
             draining: watch::channel(false).0,
@@ -42,6 +47,9 @@ impl Registration {
         node.capacity = self.cfg.capacity;
         node.draining = *self.draining.borrow();
         node.version = env!("CARGO_PKG_VERSION").to_string();
+        if let Some(path) = &self.local_socket {
+            node.set_local_socket(path);
+        }
         node
     }
 
@@ -159,4 +167,17 @@ impl Registration {
         }
         self.registered.store(false, Ordering::Release);
     }
+}
+
+/// The local socket's absolute path, or `None` (logged) when it cannot be offered.
+fn local_socket_path(path: &std::path::Path) -> Option<String> {
+    /// `sun_path` holds 108 bytes with the terminating NUL.
+    const SUN_PATH_MAX: usize = 107;
+    let absolute = std::path::absolute(path).ok()?;
+    let text = absolute.to_str()?.to_string();
+    if text.len() > SUN_PATH_MAX {
+        warn!(path = %text, "the state directory's path is too long for a unix socket; proxies here reach this agent over TCP only");
+        return None;
+    }
+    Some(text)
 }

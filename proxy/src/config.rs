@@ -107,6 +107,7 @@ struct FileConfig {
     drain_delay_secs: Option<u64>,
     max_node_attempts: Option<usize>,
     suspect_secs: Option<u64>,
+    local_agent_sockets: Option<bool>,
     connect_timeout_ms: Option<u64>,
     upstream_idle_secs: Option<u64>,
     upstream_pool_size: Option<usize>,
@@ -150,6 +151,11 @@ pub struct Config {
     pub max_node_attempts: usize,
     /// How long a node that refused a connection is tried last.
     pub suspect_secs: u64,
+    /// Reach an agent on this machine over the unix socket its node record offers, not its
+    /// TCP address: several µs less CPU per request on each side. Only without --agent-ca
+    /// (an operator who asked for TLS to agents gets it). `local_agent_sockets = false`
+    /// turns it off.
+    pub local_agent_sockets: bool,
     pub connect_timeout_ms: u64,
     /// Idle keep-alive connections to agents are closed after this long; keep it below the
     /// agent's own keep-alive timeout (60 s) so the proxy never reuses one the agent closed.
@@ -184,6 +190,7 @@ impl Config {
             Some(path) => Some(roost_runtime::read_secret(&path)?),
             None => None,
         };
+        let local_agent_sockets = file.local_agent_sockets.unwrap_or(true);
         let agent_tls = match args.agent_ca.or(file.agent_ca) {
             Some(ca) => Some(AgentTls::load(
                 &ca,
@@ -192,6 +199,7 @@ impl Config {
             )?),
             None => None,
         };
+        let local_agent_sockets = local_agent_sockets && agent_tls.is_none();
         let trusted_proxies = args
             .trusted_proxies
             .or(file.trusted_proxies)
@@ -258,6 +266,7 @@ impl Config {
             drain_delay_secs: file.drain_delay_secs.unwrap_or(0),
             max_node_attempts: file.max_node_attempts.unwrap_or(3).max(1),
             suspect_secs: file.suspect_secs.unwrap_or(10),
+            local_agent_sockets,
             connect_timeout_ms: file.connect_timeout_ms.unwrap_or(2000).max(10),
             upstream_idle_secs: file.upstream_idle_secs.unwrap_or(30).max(1),
             upstream_pool_size: file.upstream_pool_size.unwrap_or(256),

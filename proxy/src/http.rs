@@ -16,7 +16,6 @@
 //! 7. `fail_to_proxy`: Roost's short error pages instead of pingora's.
 //! 8. `logging`: one line and the metrics per request (by status class and node).
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,7 +36,7 @@ use crate::awaiting::{AwaitingGuard, AwaitingSites};
 use crate::config::Config;
 use crate::forwarded::forwarded;
 use crate::metrics::Metrics;
-use crate::routes::Router;
+use crate::routes::{AgentAddr, Router};
 use crate::tap::{self, ReadAhead, Trailers};
 use crate::tls::TlsInfo;
 use crate::warm::Warmer;
@@ -207,17 +206,25 @@ async fn linger(session: &mut Session) {
 }
 
 /// How the proxy reaches the agent of `node` at `addr`: for requests and for warm calls alike.
-pub fn agent_peer(cfg: &Config, node: &str, addr: SocketAddr, io_timeout: Duration) -> HttpPeer {
+pub fn agent_peer(cfg: &Config, node: &str, addr: &str, io_timeout: Duration) -> Result<HttpPeer> {
+    let Some(addr) = AgentAddr::parse(addr) else {
+        return Error::e_explain(
+            ErrorType::ConnectError,
+            format!("node {node} has a bad address"),
+        );
+    };
     // With --agent-ca: TLS, and the agent's certificate must name `node` (docs/security.md).
-    let mut peer = match &cfg.agent_tls {
-        Some(tls) => tls.peer(addr, node),
-        None => HttpPeer::new(addr, false, String::new()),
+    // A unix socket is offered only without it (`Config::local_agent_sockets`).
+    let mut peer = match (addr, &cfg.agent_tls) {
+        (AgentAddr::Tcp(addr), Some(tls)) => tls.peer(addr, node),
+        (AgentAddr::Tcp(addr), None) => HttpPeer::new(addr, false, String::new()),
+        (AgentAddr::Unix(path), _) => HttpPeer::new_uds(path, false, String::new())?,
     };
     peer.options.connection_timeout = Some(Duration::from_millis(cfg.connect_timeout_ms));
     peer.options.read_timeout = Some(io_timeout);
     peer.options.write_timeout = Some(io_timeout);
     peer.options.idle_timeout = Some(Duration::from_secs(cfg.upstream_idle_secs));
-    peer
+    Ok(peer)
 }
 
 /// Bytes of the request head as a client sent it (near enough: names, values, separators).
@@ -481,19 +488,13 @@ impl ProxyHttp for EdgeHttp {
                 "every node of the site's ranking failed",
             );
         };
-        let sockaddr: SocketAddr = addr.parse().or_else(|_| {
-            Error::e_explain(
-                ErrorType::ConnectError,
-                format!("node {node} has a bad address"),
-            )
-        })?;
         // The agent answers 504 at the site's own timeout; wait a little longer for that.
         let peer = agent_peer(
             &self.cfg,
             node,
-            sockaddr,
+            addr,
             ctx.request_timeout + Duration::from_secs(5),
-        );
+        )?;
         Ok(Box::new(peer))
     }
 

@@ -69,7 +69,10 @@ fn main() -> Result<()> {
     check_etcd(&cfg)?;
     // Nothing here may start a thread: in daemon mode pingora forks inside `run`, and only
     // the forking thread survives. The etcd informers start in the `control` service.
-    let router = Router::new(Duration::from_secs(cfg.suspect_secs));
+    let router = Router::new(
+        Duration::from_secs(cfg.suspect_secs),
+        cfg.local_agent_sockets,
+    );
     let certs = cfg
         .listen_tls
         .as_ref()

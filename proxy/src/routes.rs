@@ -7,7 +7,7 @@
 //! [`SiteRoute`] (the fields routing reads), not the whole record: that keeps the proxy's
 //! memory per site small.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use roost_proto::hosts::{HostIndex, Site};
 use roost_proto::placement::{NodeSet, Ranking};
 use roost_proto::{Informer, NodeInfo, SiteRoute, Snapshot};
-use tracing::warn;
+use tracing::{info, warn};
 
 /// A routable site: its key, routing fields and cached ranking.
 pub type Route = Site<SiteRoute>;
@@ -75,16 +75,20 @@ pub struct Router {
     /// Becomes true once a synced table is published.
     synced: tokio::sync::watch::Sender<bool>,
     suspects: Suspects,
+    /// Whether agents on this machine are reached over their unix socket.
+    local_sockets: bool,
 }
 
 impl Router {
-    pub fn new(suspect_for: Duration) -> Arc<Self> {
+    /// `local_sockets`: reach agents on this machine over their unix socket, not `addr`.
+    pub fn new(suspect_for: Duration, local_sockets: bool) -> Arc<Self> {
         Arc::new(Self {
             sites: OnceLock::new(),
             nodes: OnceLock::new(),
             table: ArcSwap::from_pointee(RouteTable::default()),
             synced: tokio::sync::watch::channel(false).0,
             suspects: Suspects::new(suspect_for),
+            local_sockets,
         })
     }
 
@@ -184,7 +188,7 @@ impl Router {
         let mut sites_rx = sites.subscribe();
         let mut nodes_rx = nodes.subscribe();
         let (mut last_sites, mut last_nodes) = (sites.snapshot(), nodes.snapshot());
-        let mut node_set = Arc::new(node_set_of(&last_nodes));
+        let mut node_set = Arc::new(node_set_of(&last_nodes, self.local_sockets).await);
         self.publish(node_set.clone());
         loop {
             tokio::select! {
@@ -197,7 +201,7 @@ impl Router {
                 continue;
             }
             if !Arc::ptr_eq(&n, &last_nodes) {
-                node_set = Arc::new(node_set_of(&n));
+                node_set = Arc::new(node_set_of(&n, self.local_sockets).await);
                 // A node that left etcd is no longer anyone's suspect (or the gauge would
                 // report it until its deadline, and an alert on it would fire for nothing).
                 self.suspects.keep_only(|id| n.items.contains_key(id));
@@ -210,14 +214,80 @@ impl Router {
 }
 
 /// The node set placement ranks over (a new generation: cached rankings are recomputed).
-fn node_set_of(nodes: &Snapshot<NodeInfo>) -> NodeSet {
-    NodeSet::new(
-        nodes
-            .items
-            .iter()
-            .map(|(id, n)| (id.clone(), (**n).clone()))
-            .collect(),
-    )
+/// With `local_sockets`, an agent whose record offers a unix socket that this proxy finds
+/// on its machine and can open is reached there: its address becomes `unix:<path>`
+/// ([`AgentAddr`]).
+async fn node_set_of(nodes: &Snapshot<NodeInfo>, local_sockets: bool) -> NodeSet {
+    let mut set = BTreeMap::new();
+    for (id, n) in nodes.items.iter() {
+        let mut node = (**n).clone();
+        let offered = n.local_socket(id).filter(|_| local_sockets);
+        if let Some(path) = offered {
+            match probe_local_socket(path).await {
+                Ok(()) => {
+                    info!(node = %id, socket = path, "reaching the agent on this machine over its unix socket");
+                    node.addr = format!("{UNIX_PREFIX}{path}");
+                }
+                // Another machine's node: the usual case in a cluster, not worth a line.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    warn!(node = %id, socket = path, error = %e, addr = %n.addr,
+                        "a unix socket of this node's name is here but cannot be used; reaching it at its address");
+                }
+            }
+        }
+        set.insert(id.clone(), node);
+    }
+    NodeSet::new(set)
+}
+
+/// Ranked addresses of agents reached over their unix socket start with this.
+const UNIX_PREFIX: &str = "unix:";
+
+/// Where the proxy connects for a node: what the ranking holds, parsed once per request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AgentAddr<'a> {
+    Tcp(std::net::SocketAddr),
+    Unix(&'a str),
+}
+
+impl<'a> AgentAddr<'a> {
+    pub fn parse(addr: &'a str) -> Option<Self> {
+        match addr.strip_prefix(UNIX_PREFIX) {
+            Some(path) => Some(Self::Unix(path)),
+            None => addr.parse().ok().map(Self::Tcp),
+        }
+    }
+}
+
+/// Whether the socket is here, is an agent's, and this proxy may open it (the agent's
+/// permissions, another container's mount namespace): found out once per node change, not
+/// on a request. The path's name is already the node's ([`NodeInfo::local_socket`]); it
+/// must also be a socket owned by root, as agents run, so a record cannot point the proxy
+/// (and the requests it forwards) at some other local service's socket.
+async fn probe_local_socket(path: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let refuse = |why: &str| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            why.to_string(),
+        ))
+    };
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.file_type().is_socket() {
+        return refuse("not a unix socket");
+    }
+    if meta.uid() != 0 {
+        return refuse("not owned by root, as an agent's socket is");
+    }
+    let connect = tokio::net::UnixStream::connect(path);
+    match tokio::time::timeout(Duration::from_millis(500), connect).await {
+        Ok(stream) => stream.map(drop),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no answer in 500 ms",
+        )),
+    }
 }
 
 /// Nodes that refused a connection recently, each until a deadline. Read on every request,
@@ -306,8 +376,6 @@ impl Suspects {
 mod tests {
     use super::*;
 
-    use std::collections::BTreeMap;
-
     fn spec(aliases: &[&str]) -> Arc<SiteRoute> {
         let mut s = roost_proto::SiteSpec::new_app("alice", "app:application", "/srv/a");
         s.aliases = aliases.iter().map(|a| a.to_string()).collect();
@@ -358,7 +426,7 @@ mod tests {
     #[test]
     fn suspects_reorder_a_copy_and_never_the_cached_ranking() {
         let t = table(&[("a.example", &[])], &["n1", "n2", "n3"]);
-        let router = Router::new(Duration::from_secs(60));
+        let router = Router::new(Duration::from_secs(60), false);
         let route = t.lookup("a.example").unwrap();
         let cached = router.ranked(&t, route);
         assert!(Arc::ptr_eq(&cached, &router.ranked(&t, route)));
@@ -422,5 +490,44 @@ mod tests {
     fn a_site_name_beats_another_sites_alias() {
         let t = table(&[("a.example", &["b.example"]), ("b.example", &[])], &[]);
         assert_eq!(t.lookup("b.example").unwrap().host, "b.example");
+    }
+}
+
+#[cfg(test)]
+mod local_socket_tests {
+    use super::*;
+
+    #[test]
+    fn ranked_addresses_parse_as_tcp_or_unix() {
+        assert_eq!(
+            AgentAddr::parse("127.0.0.1:7100"),
+            Some(AgentAddr::Tcp("127.0.0.1:7100".parse().unwrap()))
+        );
+        assert_eq!(
+            AgentAddr::parse("unix:/var/lib/roost/agent-n1.sock"),
+            Some(AgentAddr::Unix("/var/lib/roost/agent-n1.sock"))
+        );
+        assert_eq!(AgentAddr::parse("nowhere"), None);
+    }
+
+    /// The suite runs as root: the socket is root's until it is given away.
+    #[tokio::test]
+    async fn only_a_live_root_owned_socket_is_taken() {
+        let dir = std::env::temp_dir().join(format!("roost-probe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent-n1.sock");
+        let _ = std::fs::remove_file(&path);
+        let p = path.to_str().unwrap();
+        assert!(probe_local_socket(p).await.is_err(), "no socket yet");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        probe_local_socket(p).await.expect("root's live socket");
+        std::os::unix::fs::chown(&path, Some(65534), None).expect("chown: run the tests as root");
+        let e = probe_local_socket(p).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+        drop(listener);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"").unwrap();
+        assert!(probe_local_socket(p).await.is_err(), "a plain file");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

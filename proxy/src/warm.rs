@@ -13,7 +13,7 @@
 //! name costs a table lookup and nothing else.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -215,10 +215,7 @@ impl Warmer {
         site: &str,
         revision: i64,
     ) -> pingora_core::Result<()> {
-        let sockaddr: SocketAddr = addr.parse().map_err(|_| {
-            pingora_core::Error::explain(pingora_core::ErrorType::ConnectError, "bad node address")
-        })?;
-        let peer = agent_peer(&self.cfg, node, sockaddr, CALL_TIMEOUT);
+        let peer = agent_peer(&self.cfg, node, addr, CALL_TIMEOUT)?;
         let (mut session, _) = self.connector.get_http_session(&peer).await?;
         let mut req = RequestHeader::build("POST", b"/", None)?;
         req.insert_header(http::header::HOST, site)?;

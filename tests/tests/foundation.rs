@@ -329,3 +329,125 @@ fn agent_refuses_requests_without_the_secret() {
     .expect("direct request with the secret");
     assert_served_by(&r, host, &alice);
 }
+
+/// Sockets in `/proc/net/<table>` (tcp, tcp6) connected to local port `port`, either end.
+fn established_tcp_on_port(port: u16) -> usize {
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|t| std::fs::read_to_string(format!("/proc/net/{t}")).ok())
+        .flat_map(|text| text.lines().skip(1).map(str::to_string).collect::<Vec<_>>())
+        .filter(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let port_of = |a: &str| {
+                a.rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+            };
+            // st 01: ESTABLISHED
+            f.len() > 3
+                && f[3] == "01"
+                && (port_of(f[1]) == Some(port) || port_of(f[2]) == Some(port))
+        })
+        .count()
+}
+
+/// Connected unix sockets bound to `path` (the agent's ends of accepted connections).
+fn connected_unix_on(path: &std::path::Path) -> usize {
+    let text = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    let path = path.to_string_lossy();
+    text.lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // St 03: connected
+            f.len() >= 8 && f[5] == "03" && f[7] == path
+        })
+        .count()
+}
+
+/// A request as `user` (ids only, as a tenant's shell would run it) straight to the agent's
+/// unix socket, with `headers`; prints the status line.
+const TENANT_TO_AGENT_SOCKET: &str = r#"
+import socket, sys
+path, host = sys.argv[1], sys.argv[2]
+extra = "".join(h + "\r\n" for h in sys.argv[3:])
+s = socket.socket(socket.AF_UNIX)
+s.connect(path)
+s.sendall(("GET / HTTP/1.1\r\nHost: %s\r\n%sConnection: close\r\n\r\n" % (host, extra)).encode())
+print(s.recv(200).split(b"\r\n")[0].decode())
+"#;
+
+#[test]
+fn a_proxy_on_the_agents_machine_reaches_it_over_its_unix_socket_which_still_asks_for_the_secret() {
+    let c = Cluster::start();
+    let alice = ensure_user(ALICE);
+    let host = "local-link.example";
+    c.add_site(host, &alice, &c.echo_site_dir(&alice, host), &[]);
+    if let Err(last) = c.wait_for_status(host, 200, PROPAGATION) {
+        panic!("{host} never 200; last: {last}\n{}", c.diagnostics());
+    }
+    // The node record offers the socket, named for the node.
+    let socket = c.state_dir.join("agent-node-1.sock");
+    let record: Value = serde_json::from_str(
+        &c.etcd
+            .get(&format!(
+                "{}/nodes/{}",
+                roost_tests::cluster::PREFIX,
+                roost_tests::cluster::NODE_ID
+            ))
+            .expect("the node record"),
+    )
+    .unwrap();
+    assert_eq!(
+        record["labels"]["roost/local-socket"],
+        socket.to_string_lossy().as_ref(),
+        "{record}"
+    );
+    // Requests go over the socket: the proxy's pooled connections to the agent are unix
+    // ones, and none is open to the agent's TCP port.
+    for _ in 0..5 {
+        assert_served_by(&c.get(host, "/").expect("through the proxy"), host, &alice);
+    }
+    assert!(
+        connected_unix_on(&socket) >= 1,
+        "no connection on {}",
+        socket.display()
+    );
+    assert_eq!(
+        established_tcp_on_port(c.agent_addr.port()),
+        0,
+        "the proxy used the agent's TCP port"
+    );
+    // And the proxy says so.
+    assert!(
+        c.proxy_log()
+            .contains("reaching the agent on this machine over its unix socket"),
+        "{}",
+        c.diagnostics()
+    );
+    // A tenant can open the socket (as it can the TCP port), and gets what it gets there:
+    // nothing without the secret.
+    let wrong = format!("X-Roost-Auth: {}", "0".repeat(c.secret.len()));
+    let site = format!("X-Roost-Site: {host}");
+    for headers in [
+        vec![],
+        vec![site.as_str()],
+        vec![site.as_str(), wrong.as_str()],
+    ] {
+        let out = std::process::Command::new("setpriv")
+            .arg(format!("--reuid={}", alice.uid))
+            .arg(format!("--regid={}", alice.gid))
+            .arg("--clear-groups")
+            .args(["/usr/bin/python3", "-c", TENANT_TO_AGENT_SOCKET])
+            .arg(&socket)
+            .arg(host)
+            .args(&headers)
+            .output()
+            .expect("run setpriv (util-linux)");
+        let status_line = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            status_line.starts_with("HTTP/1.1 403"),
+            "tenant with {headers:?} got {status_line:?} ({})",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
