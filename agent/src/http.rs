@@ -16,7 +16,7 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
-use roost_proto::headers::{self, credential_matches, valid_request_id};
+use roost_proto::headers::{self, valid_request_id, Credential};
 use roost_proto::{canonical_host, Informer, SiteSpec};
 use tracing::info;
 
@@ -32,7 +32,8 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
 pub struct AgentHttp {
     pub supervisor: Arc<Sites>,
     pub sites: Arc<Informer<SiteSpec>>,
-    pub secret: Option<Vec<u8>>,
+    /// The cluster secret proxies present, when the agent has one.
+    pub credential: Option<Credential>,
     pub metrics: Arc<Metrics>,
     pub preconnects: Arc<Preconnects>,
 }
@@ -157,9 +158,9 @@ impl ProxyHttp for AgentHttp {
                 .await;
         }
         let req = session.req_header();
-        if let Some(secret) = &self.secret {
+        if let Some(credential) = &self.credential {
             let presented = req.headers.get(headers::AUTH).map(|v| v.as_bytes());
-            if !presented.is_some_and(|p| credential_matches(p, secret)) {
+            if !presented.is_some_and(|p| credential.matches(p)) {
                 return self
                     .refuse(
                         session,

@@ -108,7 +108,10 @@ fn main() -> Result<()> {
         http::AgentHttp {
             supervisor: supervisor.clone(),
             sites: sites.clone(),
-            secret: cfg.secret.clone(),
+            credential: cfg
+                .secret
+                .as_deref()
+                .map(roost_proto::headers::Credential::new),
             metrics: metrics.clone(),
             preconnects: Arc::new(preconnect::Preconnects::new(metrics.preconnects.clone())),
         },
