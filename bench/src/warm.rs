@@ -14,10 +14,12 @@
 //!
 //! Run (as root: sites run as a real unix user): `bench/warm-path.sh [--smoke] [...]`.
 
+use std::cell::Cell;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -101,6 +103,25 @@ fn die(msg: &str) -> ! {
 struct Hop {
     label: &'static str,
     pids: Box<dyn Fn() -> Vec<u32>>,
+}
+
+/// A Roost node's hops: its proxy, its agent, and the site's worker processes (whose pid
+/// `worker` holds once the worker has started).
+fn node_hops(proxy_pid: u32, agent_pid: u32, worker: Rc<Cell<u32>>) -> Vec<Hop> {
+    vec![
+        Hop {
+            label: "proxy",
+            pids: Box::new(move || vec![proxy_pid]),
+        },
+        Hop {
+            label: "agent",
+            pids: Box::new(move || vec![agent_pid]),
+        },
+        Hop {
+            label: "worker",
+            pids: Box::new(move || tree(worker.get())),
+        },
+    ]
 }
 
 /// One way of serving the app: where to send requests and which processes do the work.
@@ -652,7 +673,7 @@ fn main() {
     let apache_pid = apache.pid();
     let (sync_pid, gthread_pid) = (gunicorn_sync.pid(), gunicorn_gthread.pid());
     // The worker's pid is known once it has started (the first request below starts it).
-    let roost_worker = std::rc::Rc::new(std::cell::Cell::new(0u32));
+    let roost_worker = Rc::new(Cell::new(0u32));
     // mod_wsgi's daemons run as the site user, Apache's own processes as root and www-data.
     let site_uid = user.uid;
     let apache_procs = move |daemon: bool| {
@@ -663,7 +684,7 @@ fn main() {
     };
     let rw = roost_worker.clone();
     let rw2 = roost_worker.clone();
-    let direct_worker = std::rc::Rc::new(std::cell::Cell::new(0u32));
+    let direct_worker = Rc::new(Cell::new(0u32));
     let dw = direct_worker.clone();
     let mut paths = vec![
         Target {
@@ -671,40 +692,14 @@ fn main() {
             addr: node.proxy,
             host: SITE,
             headers: vec![],
-            hops: vec![
-                Hop {
-                    label: "proxy",
-                    pids: Box::new(move || vec![proxy_pid]),
-                },
-                Hop {
-                    label: "agent",
-                    pids: Box::new(move || vec![agent_pid]),
-                },
-                Hop {
-                    label: "worker",
-                    pids: Box::new(move || tree(rw.get())),
-                },
-            ],
+            hops: node_hops(proxy_pid, agent_pid, rw),
         },
         Target {
             name: "roost-spawn-direct",
             addr: node.proxy,
             host: DIRECT_SITE,
             headers: vec![],
-            hops: vec![
-                Hop {
-                    label: "proxy",
-                    pids: Box::new(move || vec![proxy_pid]),
-                },
-                Hop {
-                    label: "agent",
-                    pids: Box::new(move || vec![agent_pid]),
-                },
-                Hop {
-                    label: "worker",
-                    pids: Box::new(move || tree(dw.get())),
-                },
-            ],
+            hops: node_hops(proxy_pid, agent_pid, dw),
         },
         Target {
             name: "agent-direct",
@@ -778,7 +773,7 @@ fn main() {
             }],
         },
     ];
-    let baseline_worker = std::rc::Rc::new(std::cell::Cell::new(0u32));
+    let baseline_worker = Rc::new(Cell::new(0u32));
     if let Some(b) = &baseline {
         let (bproxy_pid, bagent_pid) = (b.proxy_proc.pid(), b.agent_proc.pid());
         let bw = baseline_worker.clone();
@@ -789,20 +784,7 @@ fn main() {
                 addr: b.proxy,
                 host: SITE,
                 headers: vec![],
-                hops: vec![
-                    Hop {
-                        label: "proxy",
-                        pids: Box::new(move || vec![bproxy_pid]),
-                    },
-                    Hop {
-                        label: "agent",
-                        pids: Box::new(move || vec![bagent_pid]),
-                    },
-                    Hop {
-                        label: "worker",
-                        pids: Box::new(move || tree(bw.get())),
-                    },
-                ],
+                hops: node_hops(bproxy_pid, bagent_pid, bw),
             },
         );
     }
