@@ -24,7 +24,7 @@ use super::cgroup::{Cgroups, Limits, SiteCgroup, STARTING_CPU_WEIGHT};
 use super::direct as worker;
 use super::interpreters;
 use super::socket;
-use super::users::SiteUser;
+use super::users::{SiteUser, UserCache};
 use super::{
     BootWeight, BoxFut, Exit, LaunchError, Launcher, Listener, SocketRole, Started, Worker,
 };
@@ -50,6 +50,8 @@ pub struct SystemLauncher {
     site_cgroups: Arc<DashMap<String, SiteCgroup>>,
     /// Each site's log writer, shared by its workers' output pumps.
     logs: Arc<DashMap<String, Arc<Mutex<SiteLog>>>>,
+    /// Site users looked up before, while the user files stay as they were.
+    users: Arc<UserCache>,
     jobs: Mutex<mpsc::Sender<Job>>,
     metrics: Arc<Metrics>,
 }
@@ -113,6 +115,7 @@ impl SystemLauncher {
             cgroups,
             site_cgroups: Arc::new(DashMap::new()),
             logs: Arc::new(DashMap::new()),
+            users: Arc::new(UserCache::default()),
             jobs: Mutex::new(tx),
             metrics,
         }))
@@ -218,12 +221,13 @@ fn site_limits(spec: &SiteSpec, cfg: &Config) -> Limits {
 /// The site's user, if the operator's policy lends it to sites; a refusal is counted and
 /// logged here, and its reason reaches the client's 503 page.
 fn site_user(
+    users: &UserCache,
     host: &str,
     name: &str,
     cfg: &Config,
     metrics: &Metrics,
 ) -> Result<SiteUser, LaunchError> {
-    SiteUser::lookup_allowed(name, &cfg.site_users).map_err(|e| {
+    users.lookup_allowed(name, &cfg.site_users).map_err(|e| {
         if e.is_refusal() {
             metrics.refused_site_users.inc();
             warn!(site = %host, user = %name, error = %e, "site refused: its user is not one sites may run as");
@@ -275,6 +279,7 @@ struct StartJob {
     setup: CgroupSetup,
     cfg: Arc<Config>,
     logs: Arc<DashMap<String, Arc<Mutex<SiteLog>>>>,
+    users: Arc<UserCache>,
     metrics: Arc<Metrics>,
     /// When the start was asked for (the launcher queue's wait is in the timings).
     queued: Instant,
@@ -297,6 +302,7 @@ impl SystemLauncher {
             },
             cfg: self.cfg.load_full(),
             logs: self.logs.clone(),
+            users: self.users.clone(),
             metrics: self.metrics.clone(),
             queued: Instant::now(),
         }
@@ -306,7 +312,7 @@ impl SystemLauncher {
 impl StartJob {
     /// The site's user, if the operator lends it to sites (looked up once per trip).
     fn user(&self, host: &str, spec: &SiteSpec) -> Result<SiteUser, LaunchError> {
-        site_user(host, &spec.user, &self.cfg, &self.metrics)
+        site_user(&self.users, host, &spec.user, &self.cfg, &self.metrics)
     }
 
     /// Bind the site's socket.
