@@ -4,7 +4,9 @@
 //! Real etcd, real binaries, real users, real Python.
 
 use std::collections::BTreeSet;
+use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -163,15 +165,15 @@ fn a_forked_worker_is_exactly_its_site_user_and_holds_nothing_of_the_agent() {
         pid.to_string(),
         "the worker leads its session: {stat}"
     );
-    // The work of a start yields to serving processes (issue 11): the zygote and the
-    // agent's launcher threads run at nice 10, the agent's other threads and the worker
-    // (which could not undo it after dropping root) at 0.
+    // The work of a start yields to serving processes (issue 11): the zygote, the agent's
+    // launcher threads and the one that makes sockets and cgroups ahead run at nice 10, the
+    // agent's other threads and the worker (which could not undo it after dropping root) at 0.
     assert_eq!(nice(zygote), Some(10), "the zygote's nice");
     assert_eq!(nice(pid), Some(0), "the worker's nice");
     let threads = thread_nices(agent);
     assert!(
         threads.iter().all(|(name, n)| *n
-            == if name.starts_with("roost-launch") {
+            == if name.starts_with("roost-launch") || name == "roost-ready" {
                 10
             } else {
                 0
@@ -189,11 +191,19 @@ fn a_forked_worker_is_exactly_its_site_user_and_holds_nothing_of_the_agent() {
     // it got its spec on, for the report of the modules it imported (issue 14): it closes
     // that at the first quiet moment after its first response.)
     let sock_path = c.site_state_dir(host).join("sock");
+    // Where the kernel says fd 3 was bound: the site's path, or, for a socket made ahead
+    // and renamed into the site's directory (agent/src/launch/ready.rs), the placeholder's
+    // (/proc/net/unix does not follow renames). Connections accepted on it show the same.
+    let bound = fds(pid)
+        .get(&3)
+        .and_then(|t| inode_of(t))
+        .and_then(|i| unix_sockets().get(&i).cloned())
+        .and_then(|s| s.path);
     let on_site_socket = |target: &String| {
         let socks = unix_sockets();
         inode_of(target)
             .and_then(|i| socks.get(&i))
-            .is_some_and(|s| s.state == 3 && s.path.as_deref() == Some(sock_path.as_path()))
+            .is_some_and(|s| s.state == 3 && s.path.is_some() && s.path == bound)
     };
     assert!(
         wait_until(EXIT, || fds(pid)
@@ -226,10 +236,22 @@ fn a_forked_worker_is_exactly_its_site_user_and_holds_nothing_of_the_agent() {
         Some(1),
         "fd 3 must be a listening socket: {held:?}"
     );
+    // ... and the one the site's socket path leads to: a request there reaches this worker.
+    let mut direct = UnixStream::connect(&sock_path).expect("connect to the site's socket");
+    write!(
+        direct,
+        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    direct.read_to_string(&mut answer).unwrap();
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     assert_eq!(
-        listen.and_then(|s| s.path),
-        Some(sock_path.clone()),
-        "fd 3 must be the site's socket"
+        serde_json::from_str::<Value>(body)
+            .ok()
+            .and_then(|v| v["pid"].as_u64()),
+        Some(pid as u64),
+        "fd 3 must be the site's socket: {answer}"
     );
     let zygote_lifeline = fds(zygote).get(&5).cloned();
     assert!(
@@ -252,7 +274,7 @@ fn a_forked_worker_is_exactly_its_site_user_and_holds_nothing_of_the_agent() {
     {
         let accepted = inode_of(target)
             .and_then(|i| socks.get(&i))
-            .is_some_and(|s| s.state == 3 && s.path.as_deref() == Some(sock_path.as_path()));
+            .is_some_and(|s| s.state == 3 && s.path.is_some() && s.path == bound);
         assert!(accepted, "fd {fd} ({target}) is neither stdio, the socket, the lifeline nor a connection on it: {held:?}");
     }
 

@@ -71,6 +71,21 @@ impl V1Groups {
         }
     }
 
+    /// The groups named `name` beside these (in the same parents).
+    fn sibling(&self, name: &str) -> Self {
+        let s = |p: &PathBuf| {
+            p.parent()
+                .map_or_else(|| PathBuf::from(name), |d| d.join(name))
+        };
+        Self {
+            memory: s(&self.memory),
+            pids: self.pids.as_ref().map(s),
+            cpu: self.cpu.as_ref().map(s),
+            cpuacct: self.cpuacct.as_ref().map(s),
+            blkio: self.blkio.as_ref().map(s),
+        }
+    }
+
     /// Every distinct directory, memory first.
     fn dirs(&self) -> Vec<&PathBuf> {
         let mut out = vec![&self.memory];
@@ -222,6 +237,12 @@ impl Cgroups {
         Ok(Some(SiteCgroup { kind }))
     }
 
+    /// Whether a group made under a placeholder name can become a site's by a rename
+    /// (`launch/ready.rs`): v1 allows renames within a parent; v2 refuses them.
+    pub fn renames_groups(&self) -> bool {
+        matches!(self, Cgroups::V1(_))
+    }
+
     /// Kill whatever a previous agent left in site cgroups (workers of an agent that was
     /// SIGKILLed) and remove those groups. Returns how many processes were killed.
     pub fn clean_leftovers(&self) -> usize {
@@ -354,6 +375,28 @@ impl SiteCgroup {
             }
             _ => Ok(()),
         }
+    }
+
+    /// The same (empty) group under `host`'s name, in every hierarchy, or nothing renamed
+    /// at all: a hierarchy that refuses (a group of that name exists) undoes the others.
+    pub fn rename_to(&self, host: &str) -> io::Result<SiteCgroup> {
+        let Kind::V1(groups) = &self.kind else {
+            return Err(io::Error::other("cgroup v2 does not rename groups"));
+        };
+        let renamed = groups.sibling(host);
+        let moves: Vec<(&PathBuf, &PathBuf)> =
+            groups.dirs().into_iter().zip(renamed.dirs()).collect();
+        for (done, (from, to)) in moves.iter().enumerate() {
+            if let Err(e) = fs::rename(from, to) {
+                for (back_from, back_to) in moves[..done].iter().rev() {
+                    let _ = fs::rename(back_to, back_from);
+                }
+                return Err(with_path(e, to));
+            }
+        }
+        Ok(SiteCgroup {
+            kind: Kind::V1(renamed),
+        })
     }
 
     /// The `cgroup.procs` files a new worker writes its pid to.

@@ -12,6 +12,7 @@
 //!   that preload them): the second level of the zygote tree.
 //! - `watchdog.rs`: the RSS fallback for nodes without cgroups.
 //! - `priority.rs`: the work of a start runs below normal CPU priority.
+//! - `ready.rs`: a socket and a cgroup made ahead, renamed to a never-started site's.
 
 pub mod cgroup;
 pub mod direct;
@@ -20,6 +21,7 @@ pub mod framework_zygotes;
 pub mod frameworks;
 pub mod interpreters;
 pub mod priority;
+pub mod ready;
 pub mod rlimit;
 pub mod socket;
 pub mod system;

@@ -49,6 +49,29 @@ pub fn bind(state_dir: &Path, host: &str, name: &str) -> io::Result<(UnixListene
 
 /// Remove the site's socket directory (the site is gone from this node). `remove_dir_all`
 /// never follows a symlink inside the tree.
+/// A socket bound ahead of any site, for the next never-started site's worker
+/// (`launch/ready.rs`): `sites/<placeholder>/sock`, in a directory as root-only as a site's.
+pub fn bind_ready(state_dir: &Path, placeholder: &str) -> io::Result<(UnixListener, PathBuf)> {
+    bind(state_dir, placeholder, SERVING)
+}
+
+/// Make the directory of a socket from [`bind_ready`] the serving socket directory of
+/// `host`; the listener follows it (a unix socket is found by its inode). Refuses, and
+/// changes nothing, when `host` has a directory already.
+pub fn claim_ready(state_dir: &Path, placeholder: &str, host: &str) -> io::Result<PathBuf> {
+    let sites = state_dir.join("sites");
+    let to = sites.join(host);
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        &sites.join(placeholder),
+        nix::fcntl::AT_FDCWD,
+        &to,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    )
+    .map_err(|e| with_path(e.into(), &to))?;
+    Ok(to.join(SERVING))
+}
+
 pub fn remove(state_dir: &Path, host: &str) {
     let _ = fs::remove_dir_all(state_dir.join("sites").join(host));
 }

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use super::cgroup::{Cgroups, Limits, SiteCgroup, STARTING_CPU_WEIGHT};
 use super::direct as worker;
 use super::interpreters;
+use super::ready::Ready;
 use super::socket;
 use super::users::{SiteUser, UserCache};
 use super::{
@@ -52,6 +53,8 @@ pub struct SystemLauncher {
     logs: Arc<DashMap<String, Arc<Mutex<SiteLog>>>>,
     /// Site users looked up before, while the user files stay as they were.
     users: Arc<UserCache>,
+    /// Sockets and cgroups made ahead for the next never-started sites.
+    ready: Arc<Ready>,
     jobs: Mutex<mpsc::Sender<Job>>,
     metrics: Arc<Metrics>,
 }
@@ -80,6 +83,7 @@ impl SystemLauncher {
                 "killed workers left behind by a previous agent"
             );
         }
+        let ready = Ready::start(cfg.clone(), cgroups.clone(), starting_limits)?;
         info!(limits = cgroups.describe(), max_workers = c.max_workers, memory_budget_mb = ?c.memory_budget_mb,
             "launcher ready");
         if !super::priority::can_restore_normal() {
@@ -116,6 +120,7 @@ impl SystemLauncher {
             site_cgroups: Arc::new(DashMap::new()),
             logs: Arc::new(DashMap::new()),
             users: Arc::new(UserCache::default()),
+            ready,
             jobs: Mutex::new(tx),
             metrics,
         }))
@@ -156,6 +161,7 @@ impl SystemLauncher {
 #[derive(Clone)]
 struct CgroupSetup {
     cgroups: Cgroups,
+    ready: Arc<Ready>,
     site_cgroups: Arc<DashMap<String, SiteCgroup>>,
     metrics: Arc<Metrics>,
 }
@@ -170,15 +176,19 @@ impl CgroupSetup {
         cfg: &Config,
         weight: BootWeight,
     ) -> Vec<PathBuf> {
-        // Created (again) at every start: cheap, and it heals a group someone removed.
-        let cg = match self.cgroups.site(host) {
-            Ok(Some(cg)) => cg,
-            Ok(None) => return Vec::new(),
-            Err(e) => {
-                self.metrics.limit_failures.inc();
-                tracing::error!(site = %host, error = %e, "cannot create the site's cgroup; starting without kernel limits");
-                return Vec::new();
-            }
+        // A ready-made group renamed to the site's, or the site's created (again) at every
+        // start: that heals a group someone removed.
+        let (cg, written) = match self.ready.take_group(host) {
+            Some((cg, written)) => (cg, Some(written)),
+            None => match self.cgroups.site(host) {
+                Ok(Some(cg)) => (cg, None),
+                Ok(None) => return Vec::new(),
+                Err(e) => {
+                    self.metrics.limit_failures.inc();
+                    tracing::error!(site = %host, error = %e, "cannot create the site's cgroup; starting without kernel limits");
+                    return Vec::new();
+                }
+            },
         };
         let mut limits = site_limits(spec, cfg);
         if weight == BootWeight::Lowest {
@@ -190,7 +200,9 @@ impl CgroupSetup {
         if spec.io_weight.is_some() && !self.cgroups.has_io() {
             info!(site = %host, "no io/blkio cgroup controller on this node: the site's io_weight is not applied");
         }
-        if let Err(e) = cg.set_limits(&limits) {
+        if written == Some(limits) {
+            // The ready-made group has them already.
+        } else if let Err(e) = cg.set_limits(&limits) {
             self.metrics.limit_failures.inc();
             tracing::error!(site = %host, error = %e, "cannot set the site's limits; starting without kernel limits");
             return Vec::new();
@@ -204,6 +216,18 @@ impl CgroupSetup {
 /// Microseconds, for the start timings' debug lines.
 fn us(d: Duration) -> u64 {
     d.as_micros() as u64
+}
+
+/// The limits a site with none of its own starts under: what a ready-made group gets.
+fn starting_limits(cfg: &Config) -> Limits {
+    let d = &cfg.site_limits;
+    Limits {
+        memory_bytes: None,
+        pids_max: Some(cfg.pids_max),
+        cpu_cores: d.cpu_limit,
+        cpu_weight: STARTING_CPU_WEIGHT,
+        io_weight: d.io_weight,
+    }
 }
 
 /// The site's kernel limits: its record's, else the node's defaults.
@@ -297,6 +321,7 @@ impl SystemLauncher {
         StartJob {
             setup: CgroupSetup {
                 cgroups: self.cgroups.clone(),
+                ready: self.ready.clone(),
                 site_cgroups: self.site_cgroups.clone(),
                 metrics: self.metrics.clone(),
             },
@@ -322,8 +347,15 @@ impl StartJob {
             SocketRole::Serving => socket::SERVING,
             SocketRole::Candidate => socket::CANDIDATE,
         };
-        let (socket, path) = socket::bind(&self.cfg.state_dir, host, name)
-            .map_err(|e| LaunchError(format!("cannot create the site's socket: {e}")))?;
+        let ready = match role {
+            SocketRole::Serving => self.setup.ready.take_socket(host),
+            SocketRole::Candidate => None,
+        };
+        let (socket, path) = match ready {
+            Some(taken) => taken,
+            None => socket::bind(&self.cfg.state_dir, host, name)
+                .map_err(|e| LaunchError(format!("cannot create the site's socket: {e}")))?,
+        };
         debug!(site = %host, bind_us = us(began.elapsed()), "socket bound");
         Ok(Arc::new(Listener { socket, path }))
     }

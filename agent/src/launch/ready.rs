@@ -1,0 +1,218 @@
+//! Ready-made start resources: a bound socket and (cgroup v1) a site group, made while the
+//! agent is idle and renamed into a site's name when a never-started site starts.
+//!
+//! A cold start's preparation runs between the fork request and the child's first step, on
+//! the same two CPUs as the zygote's handover and the child's boot (`perf sched` of
+//! `bench/cold-start.sh`: the child waits for it). Two parts of it are filesystem work that
+//! does not depend on the site:
+//! - the socket's directory and the socket: two new inodes, ~130 µs each on this ext4;
+//! - on cgroup v1, five `mkdir`s and eight limit writes, 0.5–0.6 ms under a start's load.
+//!
+//! Made ahead, each is a rename at the start (~25 µs for the directory, a few µs per
+//! hierarchy):
+//! - a socket: `sites/.ready-<n>/sock`, bound and listening, in a root-only directory like a
+//!   site's; renamed (`RENAME_NOREPLACE`) to `sites/<host>` when the site has no directory.
+//! - a group (v1 only: v2 refuses renames) named `.ready-<n>` beside the sites' groups, with
+//!   the limits a site with the node's defaults starts under; renamed to `<host>`, then only
+//!   a site whose limits differ has them written.
+//!
+//! Host names never start with a dot, so a placeholder can never meet a site's name. A few
+//! of each are kept; one low-priority thread tops them up once starts have been quiet for
+//! [`QUIET`], so the refill never competes with the boot that just took one. The agent's
+//! start removes what a previous run left (`sites/.ready-*` here, the groups with every
+//! other group in its own).
+
+use std::fs;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tracing::{debug, warn};
+
+use super::cgroup::{Cgroups, Limits, SiteCgroup};
+use super::socket;
+use crate::config::Config;
+
+/// How many of each are kept ready: a burst of this many first hits finds them.
+const READY: usize = 4;
+/// Starts must have been quiet this long before the refill runs.
+const QUIET: Duration = Duration::from_millis(50);
+const PLACEHOLDER_PREFIX: &str = ".ready-";
+
+/// A socket bound for no site yet.
+struct ReadySocket {
+    placeholder: String,
+    listener: UnixListener,
+}
+
+/// An empty group for no site yet, and the limits written to it.
+struct ReadyGroup {
+    cgroup: SiteCgroup,
+    limits: Limits,
+}
+
+#[derive(Default)]
+struct Pool {
+    sockets: Vec<ReadySocket>,
+    groups: Vec<ReadyGroup>,
+}
+
+pub struct Ready {
+    cfg: Arc<ArcSwap<Config>>,
+    cgroups: Cgroups,
+    /// The limits a site with the node's defaults starts under.
+    starting_limits: fn(&Config) -> Limits,
+    pool: Mutex<Pool>,
+    refill: Mutex<mpsc::Sender<()>>,
+    next: AtomicU64,
+}
+
+impl Ready {
+    /// Remove what a previous agent left and start the refill thread, which fills the pool
+    /// at once.
+    pub fn start(
+        cfg: Arc<ArcSwap<Config>>,
+        cgroups: Cgroups,
+        starting_limits: fn(&Config) -> Limits,
+    ) -> std::io::Result<Arc<Self>> {
+        remove_leftover_sockets(&cfg.load().state_dir);
+        let (tx, rx) = mpsc::channel();
+        let ready = Arc::new(Self {
+            cfg,
+            cgroups,
+            starting_limits,
+            pool: Mutex::new(Pool::default()),
+            refill: Mutex::new(tx),
+            next: AtomicU64::new(0),
+        });
+        let filler = ready.clone();
+        std::thread::Builder::new()
+            .name("roost-ready".into())
+            .spawn(move || filler.refill_loop(rx))?;
+        ready.refill_soon();
+        Ok(ready)
+    }
+
+    /// A listening socket at `sites/<host>/sock`, if one was ready and `host` has no socket
+    /// directory; `None`: bind one the usual way.
+    pub fn take_socket(&self, host: &str) -> Option<(UnixListener, std::path::PathBuf)> {
+        let ready = self.lock().sockets.pop()?;
+        self.refill_soon();
+        let state_dir = self.cfg.load().state_dir.clone();
+        match socket::claim_ready(&state_dir, &ready.placeholder, host) {
+            Ok(path) => Some((ready.listener, path)),
+            Err(e) => {
+                debug!(site = %host, error = %e, "no ready socket for this site: it has a socket directory");
+                self.lock().sockets.push(ready);
+                None
+            }
+        }
+    }
+
+    /// An empty group named for `host` and the limits already written to it, if one was
+    /// ready and `host` has no group; `None`: make one the usual way.
+    pub fn take_group(&self, host: &str) -> Option<(SiteCgroup, Limits)> {
+        let ready = self.lock().groups.pop()?;
+        self.refill_soon();
+        match ready.cgroup.rename_to(host) {
+            Ok(cgroup) => Some((cgroup, ready.limits)),
+            Err(e) => {
+                debug!(site = %host, error = %e, "no ready cgroup for this site: it has a group");
+                self.lock().groups.push(ready);
+                None
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn refill_soon(&self) {
+        let _ = self
+            .refill
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(());
+    }
+
+    fn refill_loop(&self, rx: mpsc::Receiver<()>) {
+        if let Err(e) = super::priority::lower_this_thread() {
+            warn!(error = %e, "the ready-made start resources are made at normal CPU priority");
+        }
+        while rx.recv().is_ok() {
+            loop {
+                match rx.recv_timeout(QUIET) {
+                    Ok(()) => continue,
+                    Err(mpsc::RecvTimeoutError::Timeout) => break,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            self.top_up();
+        }
+    }
+
+    fn top_up(&self) {
+        let cfg = self.cfg.load_full();
+        while self.lock().sockets.len() < READY {
+            let placeholder = self.placeholder();
+            match socket::bind_ready(&cfg.state_dir, &placeholder) {
+                Ok((listener, _)) => self.lock().sockets.push(ReadySocket {
+                    placeholder,
+                    listener,
+                }),
+                Err(e) => {
+                    warn!(error = %e, "cannot make a socket ready for the next start");
+                    break;
+                }
+            }
+        }
+        if !self.cgroups.renames_groups() {
+            return;
+        }
+        let limits = (self.starting_limits)(&cfg);
+        while self.lock().groups.len() < READY {
+            let placeholder = self.placeholder();
+            let cgroup = match self.cgroups.site(&placeholder) {
+                Ok(Some(cgroup)) => cgroup,
+                Ok(None) => return,
+                Err(e) => {
+                    warn!(error = %e, "cannot make a cgroup ready for the next start");
+                    return;
+                }
+            };
+            if let Err(e) = cgroup.set_limits(&limits) {
+                warn!(error = %e, "cannot set the limits of a cgroup made ready for the next start");
+                cgroup.remove();
+                return;
+            }
+            self.lock().groups.push(ReadyGroup { cgroup, limits });
+        }
+    }
+
+    fn placeholder(&self) -> String {
+        format!(
+            "{PLACEHOLDER_PREFIX}{}",
+            self.next.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}
+
+/// A previous agent's ready sockets (their listeners died with it).
+fn remove_leftover_sockets(state_dir: &Path) {
+    let Ok(entries) = fs::read_dir(state_dir.join("sites")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(PLACEHOLDER_PREFIX)
+        {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
