@@ -686,3 +686,46 @@ fn a_spare_waits_as_one_unspecialised_thread_with_nothing_left_of_its_prewarm() 
     assert_eq!(held.get(&5), fds(zygote).get(&5), "fd 5 is the lifeline");
     c.assert_running();
 }
+
+/// A never-started site's first import writes its bytecode after the first response, not
+/// before it (roost_zygote.py, `_defer_bytecode_writes`): the files are there, the site
+/// user's, as if written during the import.
+#[test]
+fn a_fresh_sites_bytecode_is_written_after_its_first_response() {
+    let c = Cluster::start();
+    let alice = ensure_user(ALICE);
+    let host = "bytecode.example";
+    let dir = c.echo_site_dir(&alice, host);
+    let cache = dir.join("__pycache__");
+    assert!(!cache.exists(), "a fresh site has no bytecode yet");
+    put_site(&c, host, echo_record(&alice, &dir));
+    let v = first_answer(&c, host).json();
+    assert_eq!(v["uid"].as_u64(), Some(alice.uid as u64), "{v}");
+    let pyc = || -> Option<std::path::PathBuf> {
+        std::fs::read_dir(&cache)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                let name = p.file_name().unwrap_or_default().to_string_lossy();
+                name.starts_with("app.") && name.ends_with(".pyc")
+            })
+    };
+    assert!(
+        wait_until(EXIT, || pyc().is_some()),
+        "no app bytecode in {} after the first response\n{}",
+        cache.display(),
+        c.diagnostics()
+    );
+    let written = pyc().unwrap();
+    let meta = std::fs::metadata(&written).unwrap();
+    assert_eq!(
+        meta.uid(),
+        alice.uid,
+        "{} is not the site user's",
+        written.display()
+    );
+    assert!(meta.len() > 16, "{} is empty", written.display());
+    // The worker goes on serving after writing it.
+    assert_eq!(c.get(host, "/").unwrap().status, 200);
+}
