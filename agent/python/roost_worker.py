@@ -761,6 +761,11 @@ def prewarm():
         worker.wsgi, worker._server_name = None, ""
         worker._rehearse()
         importlib.util.find_spec("roost_prewarm_absent")
+        # A worker replaces the whole environment: touch every entry, and the putenv path.
+        saved = dict(os.environ)
+        os.environ["ROOST_PREWARM"] = "1"
+        del os.environ["ROOST_PREWARM"]
+        del saved
         # A site's first import compiles its module and writes the .pyc.
         marshal.dumps(compile(_PREWARM_SOURCE, "<roost-prewarm>", "exec"))
         _prewarmed = True

@@ -97,6 +97,24 @@ impl SiteLog {
 
 /// `logs/` is root's alone (0750), so no tenant can place a symlink here; `O_NOFOLLOW`
 /// keeps it that way should the directory's rights ever be loosened.
+/// An empty log made ahead for no site yet (`launch/ready.rs`): `logs/<placeholder>.log`.
+pub fn create_ready(state_dir: &Path, placeholder: &str) -> io::Result<()> {
+    open_append(&path(state_dir, placeholder)).map(drop)
+}
+
+/// Make the log from [`create_ready`] the log of `host`; refuses, and changes nothing, when
+/// `host` has a log already (a site that ran before keeps its own).
+pub fn claim_ready(state_dir: &Path, placeholder: &str, host: &str) -> io::Result<()> {
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        &path(state_dir, placeholder),
+        nix::fcntl::AT_FDCWD,
+        &path(state_dir, host),
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    )
+    .map_err(io::Error::from)
+}
+
 fn open_append(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .create(true)

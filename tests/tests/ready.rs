@@ -1,5 +1,5 @@
-//! Issue 14 (a first hit at PHP-FPM's speed): the agent makes a listening socket and, on
-//! cgroup v1, a cgroup ahead of any site (`agent/src/launch/ready.rs`), and a never-started
+//! Issue 14 (a first hit at PHP-FPM's speed): the agent makes a listening socket, a log
+//! file and, on cgroup v1, a cgroup ahead of any site (`agent/src/launch/ready.rs`), and a never-started
 //! site's start renames them to the site's instead of making them on its critical path.
 //! Real etcd, agent, proxy and workers; the checks read the filesystem and `/proc` as an
 //! operator would.
@@ -93,11 +93,12 @@ except OSError as e:
 }
 
 #[test]
-fn a_never_started_site_takes_a_socket_and_cgroup_made_ahead_with_its_own_limits_and_they_are_made_again(
+fn a_never_started_site_takes_a_socket_log_and_cgroup_made_ahead_with_its_own_limits_and_they_are_made_again(
 ) {
     let c = Cluster::start();
     let (gina, hal) = (ensure_user("roost-r-gina"), ensure_user("roost-r-hal"));
     let sites = c.state_dir.join("sites");
+    let logs = c.state_dir.join("logs");
 
     // A first site shows where the sites' groups live.
     let plain_dir = c.echo_site_dir(&gina, "plain.example");
@@ -109,6 +110,7 @@ fn a_never_started_site_takes_a_socket_and_cgroup_made_ahead_with_its_own_limits
     // Once starts are quiet the agent has its ready sockets (and v1 groups) again.
     let refilled = || {
         ready_entries(&sites).len() == READY
+            && ready_entries(&logs).len() == READY
             && groups_dir
                 .as_ref()
                 .is_none_or(|d| ready_entries(d).len() == READY)
@@ -121,6 +123,7 @@ fn a_never_started_site_takes_a_socket_and_cgroup_made_ahead_with_its_own_limits
         c.diagnostics()
     );
     let ready_sockets = ready_entries(&sites);
+    let ready_logs = ready_entries(&logs);
     let ready_groups = groups_dir
         .as_ref()
         .map(|d| ready_entries(d))
@@ -158,6 +161,19 @@ fn a_never_started_site_takes_a_socket_and_cgroup_made_ahead_with_its_own_limits
         inodes(&ready_sockets).contains(&ino(&c.site_state_dir("capped.example"))),
         "capped.example's socket directory was not a ready one\n{}",
         c.diagnostics()
+    );
+    let log = logs.join("capped.example.log");
+    assert!(
+        inodes(&ready_logs).contains(&ino(&log)),
+        "capped.example's log was not a ready one\n{}",
+        c.diagnostics()
+    );
+    let meta = std::fs::metadata(&log).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o7777),
+        (0, 0o640),
+        "{}",
+        log.display()
     );
     if let Some(groups_dir) = &groups_dir {
         let group = v1_memory_group(capped).expect("a v1 memory group");

@@ -1,17 +1,21 @@
-//! Ready-made start resources: a bound socket and (cgroup v1) a site group, made while the
-//! agent is idle and renamed into a site's name when a never-started site starts.
+//! Ready-made start resources: a bound socket, a log file and (cgroup v1) a site group,
+//! made while the agent is idle and renamed into a site's name when a never-started site
+//! starts.
 //!
 //! A cold start's preparation runs between the fork request and the child's first step, on
 //! the same two CPUs as the zygote's handover and the child's boot (`perf sched` of
 //! `bench/cold-start.sh`: the child waits for it). Two parts of it are filesystem work that
 //! does not depend on the site:
-//! - the socket's directory and the socket: two new inodes, ~130 µs each on this ext4;
+//! - the socket's directory and the socket, and the site's log file: three new inodes,
+//!   ~130 µs each on this ext4;
 //! - on cgroup v1, five `mkdir`s and eight limit writes, 0.5–0.6 ms under a start's load.
 //!
 //! Made ahead, each is a rename at the start (~25 µs for the directory, a few µs per
 //! hierarchy):
 //! - a socket: `sites/.ready-<n>/sock`, bound and listening, in a root-only directory like a
 //!   site's; renamed (`RENAME_NOREPLACE`) to `sites/<host>` when the site has no directory.
+//! - a log: `logs/.ready-<n>.log`, empty, root's, 0640 like a site's; renamed to
+//!   `logs/<host>.log` when the site has no log yet.
 //! - a group (v1 only: v2 refuses renames) named `.ready-<n>` beside the sites' groups, with
 //!   the limits a site with the node's defaults starts under; renamed to `<host>`, then only
 //!   a site whose limits differ has them written.
@@ -19,8 +23,8 @@
 //! Host names never start with a dot, so a placeholder can never meet a site's name. A few
 //! of each are kept; one low-priority thread tops them up once starts have been quiet for
 //! [`QUIET`], so the refill never competes with the boot that just took one. The agent's
-//! start removes what a previous run left (`sites/.ready-*` here, the groups with every
-//! other group in its own).
+//! start removes what a previous run left (`sites/.ready-*` and `logs/.ready-*` here, the
+//! groups with every other group in its own).
 
 use std::fs;
 use std::os::unix::net::UnixListener;
@@ -35,6 +39,7 @@ use tracing::{debug, warn};
 use super::cgroup::{Cgroups, Limits, SiteCgroup};
 use super::socket;
 use crate::config::Config;
+use crate::sitelog;
 
 /// How many of each are kept ready: a burst of this many first hits finds them.
 const READY: usize = 4;
@@ -57,6 +62,8 @@ struct ReadyGroup {
 #[derive(Default)]
 struct Pool {
     sockets: Vec<ReadySocket>,
+    /// Placeholders of empty log files.
+    logs: Vec<String>,
     groups: Vec<ReadyGroup>,
 }
 
@@ -78,7 +85,7 @@ impl Ready {
         cgroups: Cgroups,
         starting_limits: fn(&Config) -> Limits,
     ) -> std::io::Result<Arc<Self>> {
-        remove_leftover_sockets(&cfg.load().state_dir);
+        remove_leftovers(&cfg.load().state_dir);
         let (tx, rx) = mpsc::channel();
         let ready = Arc::new(Self {
             cfg,
@@ -109,6 +116,19 @@ impl Ready {
                 self.lock().sockets.push(ready);
                 None
             }
+        }
+    }
+
+    /// Make a ready log `host`'s, if one was ready and `host` has no log yet; either way
+    /// the site's log is then opened the usual way.
+    pub fn take_log(&self, host: &str) {
+        let Some(placeholder) = self.lock().logs.pop() else {
+            return;
+        };
+        self.refill_soon();
+        let state_dir = self.cfg.load().state_dir.clone();
+        if sitelog::claim_ready(&state_dir, &placeholder, host).is_err() {
+            self.lock().logs.push(placeholder); // the site has its log from an earlier run
         }
     }
 
@@ -170,6 +190,16 @@ impl Ready {
                 }
             }
         }
+        while self.lock().logs.len() < READY {
+            let placeholder = self.placeholder();
+            match sitelog::create_ready(&cfg.state_dir, &placeholder) {
+                Ok(()) => self.lock().logs.push(placeholder),
+                Err(e) => {
+                    warn!(error = %e, "cannot make a log ready for the next start");
+                    break;
+                }
+            }
+        }
         if !self.cgroups.renames_groups() {
             return;
         }
@@ -201,18 +231,26 @@ impl Ready {
     }
 }
 
-/// A previous agent's ready sockets (their listeners died with it).
-fn remove_leftover_sockets(state_dir: &Path) {
-    let Ok(entries) = fs::read_dir(state_dir.join("sites")) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(PLACEHOLDER_PREFIX)
-        {
-            let _ = fs::remove_dir_all(entry.path());
+/// A previous agent's ready sockets (their listeners died with it) and logs.
+fn remove_leftovers(state_dir: &Path) {
+    for dir in ["sites", "logs"] {
+        let Ok(entries) = fs::read_dir(state_dir.join(dir)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if !entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(PLACEHOLDER_PREFIX)
+            {
+                continue;
+            }
+            let path = entry.path();
+            let _ = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
         }
     }
 }

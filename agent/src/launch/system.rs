@@ -263,12 +263,14 @@ fn site_user(
 /// The site's log writer, opened on its first worker's start.
 fn site_log(
     logs: &DashMap<String, Arc<Mutex<SiteLog>>>,
+    ready: &Ready,
     cfg: &Config,
     host: &str,
 ) -> std::io::Result<Arc<Mutex<SiteLog>>> {
     if let Some(log) = logs.get(host) {
         return Ok(log.clone());
     }
+    ready.take_log(host);
     let log = Arc::new(Mutex::new(SiteLog::open(
         &cfg.state_dir,
         host,
@@ -406,7 +408,7 @@ impl StartJob {
             Err(role) => self.bind(host, role)?,
         };
         let bound = Instant::now();
-        let (log, output_drained) = site_log(&self.logs, cfg, host)
+        let (log, output_drained) = site_log(&self.logs, &self.setup.ready, cfg, host)
             .and_then(|log| sitelog::pump(host, log))
             .map_err(|e| LaunchError(format!("cannot open the site's log: {e}")))?;
         let log_ready = Instant::now();
