@@ -3,8 +3,8 @@
 The agent starts one per base interpreter, as root, with:
 
     fd 3  control   SOCK_SEQPACKET: the agent asks for a fork, sending the child's channel;
-                    the zygote answers on that channel with the child's pid and a pidfd for
-                    it (SCM_RIGHTS)
+                    the answer on that channel is the child's pid and a pidfd for it
+                    (SCM_RIGHTS), from the spare that took the request, else the zygote
     fd 4  events    SOCK_SEQPACKET: the zygote reports each child's exit status
     fd 5  lifeline  the read end of a pipe whose write end only the agent holds
 
@@ -627,6 +627,7 @@ def preload(modules):
 # A spare: a child forked ahead of time that waits, still unspecialised, for a fork
 # request to hand it its channel; the request then costs a message instead of a fork (the
 # fork, ~3 ms here, is made after the handover, once the zygote has been idle a moment).
+# The zygote passes the request on as it came; the spare checks it and answers it.
 # It holds no site data and no fd but stdio, the lifeline and its socket to the zygote.
 SPARE_AFTER_IDLE_MS = 30
 
@@ -662,32 +663,50 @@ def make_spare(control, events):
 
 
 def rehearse_handover():
-    """Walk the handover's path once on a throwaway socket pair, right after a spare's fork.
+    """Walk the handover's path once on throwaway socket pairs, right after a spare's fork.
 
     The fork leaves every page of the zygote shared, copy-on-write, with the spare, so the
-    next request's handover (the json and socket code, the refcounts of everything it
-    touches) would copy ~240 pages first: about half a millisecond of a cold start here.
-    Walked now, while idle, those pages are the zygote's own again.
+    next request's handover (the socket code and the refcounts of everything it touches)
+    would copy those pages first, on a cold start's path. Walked now, while idle, they are
+    the zygote's own again.
     """
     req_a, req_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    chan_a, chan_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    spare_a, spare_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         request = json.dumps({"op": "fork", "id": 0, "role": "worker"}).encode()
-        socket.send_fds(req_a, [request], [chan_a.fileno()])
+        socket.send_fds(req_a, [request], [spare_a.fileno()])
         msg, fds, _, _ = socket.recv_fds(req_b, 4096, 1)
-        req = json.loads(msg)
-        handover = {"t": time.perf_counter(), "role": req.get("role", "worker")}
-        socket.send_fds(req_b, [json.dumps(handover).encode()], fds)
-        _answer(fds[0], {"id": req["id"], "pid": 0}, [os.dup(chan_a.fileno())])
-        os.close(fds[0])
-        for received in (socket.recv_fds(req_a, 4096, 1), socket.recv_fds(chan_b, 4096, 1)):
-            for fd in received[1]:
-                os.close(fd)
+        handed = hand_over(Spare(0, os.dup(fds[0]), socket.socket(fileno=os.dup(spare_a.fileno()))), msg, fds[0])
+        _, passed, _, _ = socket.recv_fds(spare_b, 4096, 1)
+        for fd in passed:
+            os.close(fd)
+        if not handed:
+            os.close(fds[0])
     except OSError as e:
         log("cannot rehearse a handover: %s" % e)
     finally:
-        for s in (req_a, req_b, chan_a, chan_b):
+        for s in (req_a, req_b, spare_a, spare_b):
             s.close()
+
+
+def _rehearse_answer():
+    """A spare's answer to a fork request (parse it, open a pidfd on itself, send both),
+    walked on a throwaway socket pair."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        req = json.loads(json.dumps({"op": "fork", "id": 0, "role": "worker"}))
+        try:
+            pidfd = [os.pidfd_open(os.getpid())]
+        except (AttributeError, OSError):
+            pidfd = []
+        _answer(ours.fileno(), {"id": req["id"], "pid": os.getpid()}, pidfd)
+        for fd in socket.recv_fds(theirs, 4096, 1)[1]:
+            os.close(fd)
+    except OSError:
+        pass  # a walk that fails only leaves its faults to the handover
+    finally:
+        ours.close()
+        theirs.close()
 
 
 def spare_main(sock, zygote_socks):
@@ -701,15 +720,27 @@ def spare_main(sock, zygote_socks):
         os.close(EVENTS_FD)
         set_name("roost-spare")
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        # While it waits: the copy-on-write faults of the request path, paid ahead.
+        # While it waits: the copy-on-write faults of the request path, and of answering
+        # the fork request, paid ahead.
         roost_worker.prewarm()
+        _rehearse_answer()
         msg, fds, _, _ = socket.recv_fds(sock, 4096, 1)
         if not msg or len(fds) != 1:
             os._exit(0)  # the zygote is gone (or never needed this spare)
-        handover = json.loads(msg)
-        roost_worker.start_timeline(handover["t"])
-        role = CHILD_ROLES.get(handover.get("role", "worker"), worker_main)
+        # The request as the agent sent it: this process answers it.
+        t = time.perf_counter()
         sock.close()
+        req = json.loads(msg)
+        role = CHILD_ROLES.get(req.get("role", "worker")) if req.get("op") == "fork" else None
+        if role is None:
+            _answer(fds[0], {"id": req.get("id"), "error": "bad request"})
+            os._exit(0)
+        try:
+            pidfd = [os.pidfd_open(os.getpid())]
+        except (AttributeError, OSError):
+            pidfd = []  # the agent opens one itself
+        _answer(fds[0], {"id": req["id"], "pid": os.getpid()}, pidfd)
+        roost_worker.start_timeline(t)
     except BaseException:
         traceback.print_exc()
         os._exit(1)
@@ -776,6 +807,10 @@ def serve_forks(control, events):
             if not msg:
                 log("control socket closed; exiting")
                 return 0
+            if spare is not None and len(fds) == 1:
+                handed, spare = hand_over(spare, msg, fds[0]), None
+                if handed:
+                    continue
             req = json.loads(msg)
             role = req.get("role", "worker")
             if req.get("op") != "fork" or len(fds) != 1 or role not in CHILD_ROLES:
@@ -784,7 +819,24 @@ def serve_forks(control, events):
                 for fd_ in fds:
                     os.close(fd_)
                 continue
-            spare = fork(control, events, req["id"], fds[0], spare, role)
+            fork(control, events, req["id"], fds[0], role)
+
+
+def hand_over(spare, msg, chan_fd):
+    """Pass a fork request, as it came, and its channel to the spare, which checks and
+    answers it itself: the zygote's part of a cold start is one message, no parsing.
+    Whether it was handed over (False: the spare is gone; the caller forks instead)."""
+    try:
+        socket.send_fds(spare.sock, [msg], [chan_fd])
+    except OSError:
+        handed = False
+    else:
+        handed = True
+        os.close(chan_fd)
+    spare.sock.close()
+    if spare.pidfd is not None:
+        os.close(spare.pidfd)
+    return handed
 
 
 def _answer(chan_fd, msg, fds=()):
@@ -799,27 +851,11 @@ def _answer(chan_fd, msg, fds=()):
             os.close(fd)
 
 
-def fork(control, events, req_id, chan_fd, spare, role="worker"):
-    """Answer a fork request: hand the channel to the spare, or fork a child for it; the
-    child becomes a worker, a probe or a framework zygote (`role`). The pid (and a pidfd)
-    go back on the channel. Returns the spare that is left (None: make a new one when
-    idle)."""
+def fork(control, events, req_id, chan_fd, role="worker"):
+    """Answer a fork request that no spare took: fork a child for it, which becomes a
+    worker, a probe or a framework zygote (`role`). The pid (and a pidfd) go back on the
+    channel."""
     t = time.perf_counter()
-    if spare is not None:
-        try:
-            socket.send_fds(spare.sock, [json.dumps({"t": t, "role": role}).encode()], [chan_fd])
-        except OSError:
-            handed = False  # the spare died; fork instead
-        else:
-            handed = True
-        spare.sock.close()
-        if handed:
-            fds = [spare.pidfd] if spare.pidfd is not None else []
-            _answer(chan_fd, {"id": req_id, "pid": spare.pid}, fds)
-            os.close(chan_fd)
-            return None
-        if spare.pidfd is not None:
-            os.close(spare.pidfd)
     sys.stdout.flush()
     sys.stderr.flush()
     # No reaping between fork and pidfd_open: the pid can't be recycled under the pidfd.
