@@ -25,6 +25,7 @@ scenarios=(
   a_restarted_agent_cleans_up_what_its_predecessor_left
   a_killed_agents_workers_do_not_live_on
   limits:a_site_capped_at_half_a_core_spinning_8_processes_uses_about_half_a_core
+  ready:a_never_started_site_takes_a_socket_log_and_cgroup_made_ahead_with_its_own_limits_and_they_are_made_again
 )
 (($#)) && scenarios=("$@")
 timeout_s=${ROOST_VM_TIMEOUT:-900}
