@@ -1,6 +1,7 @@
-//! Issue 14 (a first hit at PHP-FPM's speed): the agent makes a listening socket, a log
-//! file and, on cgroup v1, a cgroup ahead of any site (`agent/src/launch/ready.rs`), and a never-started
-//! site's start renames them to the site's instead of making them on its critical path.
+//! Issue 14 (a first hit at PHP-FPM's speed): the agent makes a socket directory, a log
+//! file and, on cgroup v1, a cgroup ahead of any site (`agent/src/launch/ready.rs`), and a
+//! never-started site's start renames them to the site's instead of making them on its
+//! critical path.
 //! Real etcd, agent, proxy and workers; the checks read the filesystem and `/proc` as an
 //! operator would.
 
@@ -129,7 +130,8 @@ fn a_never_started_site_takes_a_socket_log_and_cgroup_made_ahead_with_its_own_li
         .map(|d| ready_entries(d))
         .unwrap_or_default();
 
-    // Each is root's alone: a tenant can't reach a ready socket, which will be a site's.
+    // Each is root's alone: a tenant can't get into a ready directory, which will hold a
+    // site's socket.
     for (name, _) in &ready_sockets {
         let dir = sites.join(name);
         let meta = std::fs::symlink_metadata(&dir).unwrap();
@@ -142,7 +144,7 @@ fn a_never_started_site_takes_a_socket_log_and_cgroup_made_ahead_with_its_own_li
         assert_eq!(
             tenant_connects(&hal, &dir.join("sock")),
             "PermissionError",
-            "a tenant reached the ready socket {}",
+            "a tenant got into the ready directory {}",
             dir.display()
         );
     }
@@ -161,6 +163,17 @@ fn a_never_started_site_takes_a_socket_log_and_cgroup_made_ahead_with_its_own_li
         inodes(&ready_sockets).contains(&ino(&c.site_state_dir("capped.example"))),
         "capped.example's socket directory was not a ready one\n{}",
         c.diagnostics()
+    );
+    // ... and the socket was bound there, not under the placeholder: a socket's address is
+    // the path it was bound at, and the agent reuses connections only to a socket whose
+    // address is the path it connects to.
+    let sock = c.site_state_dir("capped.example").join("sock");
+    let unix = std::fs::read_to_string("/proc/net/unix").unwrap();
+    assert!(
+        unix.lines()
+            .any(|l| l.ends_with(&format!(" {}", sock.display()))),
+        "no socket bound at {}:\n{unix}",
+        sock.display()
     );
     let log = logs.join("capped.example.log");
     assert!(

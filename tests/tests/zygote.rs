@@ -191,9 +191,8 @@ fn a_forked_worker_is_exactly_its_site_user_and_holds_nothing_of_the_agent() {
     // it got its spec on, for the report of the modules it imported (issue 14): it closes
     // that at the first quiet moment after its first response.)
     let sock_path = c.site_state_dir(host).join("sock");
-    // Where the kernel says fd 3 was bound: the site's path, or, for a socket made ahead
-    // and renamed into the site's directory (agent/src/launch/ready.rs), the placeholder's
-    // (/proc/net/unix does not follow renames). Connections accepted on it show the same.
+    // Where the kernel says fd 3 was bound (/proc/net/unix does not follow renames, as of a
+    // promoted `sock.next`); connections accepted on it show the same.
     let bound = fds(pid)
         .get(&3)
         .and_then(|t| inode_of(t))

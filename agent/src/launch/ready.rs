@@ -1,19 +1,23 @@
-//! Ready-made start resources: a bound socket, a log file and (cgroup v1) a site group,
-//! made while the agent is idle and renamed into a site's name when a never-started site
-//! starts.
+//! Ready-made start resources: a socket directory, a log file and (cgroup v1) a site
+//! group, made while the agent is idle and renamed into a site's name when a never-started
+//! site starts.
 //!
 //! A cold start's preparation runs between the fork request and the child's first step, on
 //! the same two CPUs as the zygote's handover and the child's boot (`perf sched` of
 //! `bench/cold-start.sh`: the child waits for it). Two parts of it are filesystem work that
 //! does not depend on the site:
-//! - the socket's directory and the socket, and the site's log file: three new inodes,
-//!   ~130 µs each on this ext4;
+//! - the socket's directory, the socket and the site's log file: three new inodes, ~130 µs
+//!   each on this ext4 (two of them made ahead here);
 //! - on cgroup v1, five `mkdir`s and eight limit writes, 0.5–0.6 ms under a start's load.
 //!
-//! Made ahead, each is a rename at the start (~25 µs for the directory, a few µs per
-//! hierarchy):
-//! - a socket: `sites/.ready-<n>/sock`, bound and listening, in a root-only directory like a
-//!   site's; renamed (`RENAME_NOREPLACE`) to `sites/<host>` when the site has no directory.
+//! Made ahead, each is a rename at the start (~25 µs for a directory or file, a few µs per
+//! cgroup hierarchy):
+//! - a socket directory: `sites/.ready-<n>/`, root-only like a site's; renamed
+//!   (`RENAME_NOREPLACE`) to `sites/<host>` when the site has no directory, and the socket
+//!   bound in it then. Not the socket itself: a unix socket keeps the path it was bound at as
+//!   its address, and the agent's connection pool (pingora) refuses to reuse a connection
+//!   whose peer address is not the path it connected to, so a socket bound under a
+//!   placeholder would cost every request a new connection to the worker.
 //! - a log: `logs/.ready-<n>.log`, empty, root's, 0640 like a site's; renamed to
 //!   `logs/<host>.log` when the site has no log yet.
 //! - a group (v1 only: v2 refuses renames) named `.ready-<n>` beside the sites' groups, with
@@ -47,12 +51,6 @@ const READY: usize = 4;
 const QUIET: Duration = Duration::from_millis(50);
 const PLACEHOLDER_PREFIX: &str = ".ready-";
 
-/// A socket bound for no site yet.
-struct ReadySocket {
-    placeholder: String,
-    listener: UnixListener,
-}
-
 /// An empty group for no site yet, and the limits written to it.
 struct ReadyGroup {
     cgroup: SiteCgroup,
@@ -61,7 +59,8 @@ struct ReadyGroup {
 
 #[derive(Default)]
 struct Pool {
-    sockets: Vec<ReadySocket>,
+    /// Placeholders of empty socket directories.
+    socket_dirs: Vec<String>,
     /// Placeholders of empty log files.
     logs: Vec<String>,
     groups: Vec<ReadyGroup>,
@@ -103,17 +102,19 @@ impl Ready {
         Ok(ready)
     }
 
-    /// A listening socket at `sites/<host>/sock`, if one was ready and `host` has no socket
-    /// directory; `None`: bind one the usual way.
+    /// A listening socket at `sites/<host>/sock`, in a directory that was ready, if one was
+    /// and `host` has no socket directory; `None`: bind one the usual way.
     pub fn take_socket(&self, host: &str) -> Option<(UnixListener, std::path::PathBuf)> {
-        let ready = self.lock().sockets.pop()?;
+        let placeholder = self.lock().socket_dirs.pop()?;
         self.refill_soon();
         let state_dir = self.cfg.load().state_dir.clone();
-        match socket::claim_ready(&state_dir, &ready.placeholder, host) {
-            Ok(path) => Some((ready.listener, path)),
-            Err(e) => {
-                debug!(site = %host, error = %e, "no ready socket for this site: it has a socket directory");
-                self.lock().sockets.push(ready);
+        match socket::bind_in_ready_dir(&state_dir, &placeholder, host) {
+            Ok(bound) => Some(bound),
+            Err((e, renamed)) => {
+                debug!(site = %host, error = %e, "no ready socket directory for this site");
+                if !renamed {
+                    self.lock().socket_dirs.push(placeholder); // the site has its directory
+                }
                 None
             }
         }
@@ -177,15 +178,12 @@ impl Ready {
 
     fn top_up(&self) {
         let cfg = self.cfg.load_full();
-        while self.lock().sockets.len() < READY {
+        while self.lock().socket_dirs.len() < READY {
             let placeholder = self.placeholder();
-            match socket::bind_ready(&cfg.state_dir, &placeholder) {
-                Ok((listener, _)) => self.lock().sockets.push(ReadySocket {
-                    placeholder,
-                    listener,
-                }),
+            match socket::make_ready_dir(&cfg.state_dir, &placeholder) {
+                Ok(()) => self.lock().socket_dirs.push(placeholder),
                 Err(e) => {
-                    warn!(error = %e, "cannot make a socket ready for the next start");
+                    warn!(error = %e, "cannot make a socket directory ready for the next start");
                     break;
                 }
             }
@@ -231,7 +229,7 @@ impl Ready {
     }
 }
 
-/// A previous agent's ready sockets (their listeners died with it) and logs.
+/// A previous agent's ready socket directories and logs.
 fn remove_leftovers(state_dir: &Path) {
     for dir in ["sites", "logs"] {
         let Ok(entries) = fs::read_dir(state_dir.join(dir)) else {

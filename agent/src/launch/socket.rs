@@ -49,27 +49,39 @@ pub fn bind(state_dir: &Path, host: &str, name: &str) -> io::Result<(UnixListene
 
 /// Remove the site's socket directory (the site is gone from this node). `remove_dir_all`
 /// never follows a symlink inside the tree.
-/// A socket bound ahead of any site, for the next never-started site's worker
-/// (`launch/ready.rs`): `sites/<placeholder>/sock`, in a directory as root-only as a site's.
-pub fn bind_ready(state_dir: &Path, placeholder: &str) -> io::Result<(UnixListener, PathBuf)> {
-    bind(state_dir, placeholder, SERVING)
+/// A socket directory made ahead of any site, for the next never-started site's worker
+/// (`launch/ready.rs`): `sites/<placeholder>/`, as root-only as a site's.
+pub fn make_ready_dir(state_dir: &Path, placeholder: &str) -> io::Result<()> {
+    ensure_dir(&state_dir.join("sites"), 0o711)?;
+    ensure_root_only_dir(&state_dir.join("sites").join(placeholder))
 }
 
-/// Make the directory of a socket from [`bind_ready`] the serving socket directory of
-/// `host`; the listener follows it (a unix socket is found by its inode). Refuses, and
-/// changes nothing, when `host` has a directory already.
-pub fn claim_ready(state_dir: &Path, placeholder: &str, host: &str) -> io::Result<PathBuf> {
+/// Make the directory from [`make_ready_dir`] the socket directory of `host` and bind the
+/// serving socket in it. Refuses, and changes nothing, when `host` has a directory already.
+/// The socket is bound after the rename, at its final path: a unix socket keeps the path it
+/// was bound at as its address (`getpeername`), and the agent's connection pool checks
+/// that address against the path it connected to.
+pub fn bind_in_ready_dir(
+    state_dir: &Path,
+    placeholder: &str,
+    host: &str,
+) -> Result<(UnixListener, PathBuf), (io::Error, bool)> {
     let sites = state_dir.join("sites");
-    let to = sites.join(host);
+    let dir = sites.join(host);
     nix::fcntl::renameat2(
         nix::fcntl::AT_FDCWD,
         &sites.join(placeholder),
         nix::fcntl::AT_FDCWD,
-        &to,
+        &dir,
         nix::fcntl::RenameFlags::RENAME_NOREPLACE,
     )
-    .map_err(|e| with_path(e.into(), &to))?;
-    Ok(to.join(SERVING))
+    .map_err(|e| (with_path(e.into(), &dir), false))?;
+    let path = dir.join(SERVING);
+    let listener = UnixListener::bind(&path).map_err(|e| (with_path(e, &path), true))?;
+    // Safe by path: the directory is root's alone, nobody else can put a symlink here.
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+        .map_err(|e| (with_path(e, &path), true))?;
+    Ok((listener, path))
 }
 
 pub fn remove(state_dir: &Path, host: &str) {
