@@ -487,6 +487,16 @@ fn a_changed_spec_replaces_the_worker_without_failing_requests() {
         wait_until(EXIT, || dead(old_leader)),
         "the old worker drained and exited"
     );
+    // The new worker's connections are kept and reused, like the first one's: the agent's
+    // pool reuses a connection only to a socket whose address is the path it connects to.
+    for _ in 0..5 {
+        assert_eq!(c.get("change.example", "/").unwrap().status, 200);
+    }
+    let log = c.agent_log();
+    assert!(
+        !log.contains("FD mismatch"),
+        "the agent could not reuse its connections to the new worker:\n{log}"
+    );
 }
 
 #[test]

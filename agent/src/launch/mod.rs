@@ -165,9 +165,9 @@ pub trait Launcher: Send + Sync + 'static {
     /// Send one request to whatever serves `listener`; `Ok` once it answered anything.
     fn probe(&self, host: &str, listener: &Arc<Listener>) -> BoxFut<Result<(), String>>;
 
-    /// Make a candidate's socket the site's serving one; returns the path it has now. One
-    /// rename(2) in the agent's own directory, so the actor does it itself: nothing can
-    /// come between its decision and the switch.
+    /// Make a candidate's socket the site's serving one; returns the path requests reach it
+    /// at. Cheap and synchronous, so the actor does it itself: nothing can come between its
+    /// decision and the switch.
     fn promote(&self, host: &str, listener: &Listener) -> Result<PathBuf, String>;
 
     /// The site is gone from this node: remove its socket directory and cgroup.

@@ -55,6 +55,8 @@ pub struct SystemLauncher {
     users: Arc<UserCache>,
     /// Sockets and cgroups made ahead for the next never-started sites.
     ready: Arc<Ready>,
+    /// Which of a site's two socket names its serving worker was bound at.
+    serving_names: Arc<DashMap<String, &'static str>>,
     jobs: Mutex<mpsc::Sender<Job>>,
     metrics: Arc<Metrics>,
 }
@@ -121,6 +123,7 @@ impl SystemLauncher {
             logs: Arc::new(DashMap::new()),
             users: Arc::new(UserCache::default()),
             ready,
+            serving_names: Arc::new(DashMap::new()),
             jobs: Mutex::new(tx),
             metrics,
         }))
@@ -307,6 +310,7 @@ struct StartJob {
     logs: Arc<DashMap<String, Arc<Mutex<SiteLog>>>>,
     users: Arc<UserCache>,
     metrics: Arc<Metrics>,
+    serving_names: Arc<DashMap<String, &'static str>>,
     /// When the start was asked for (the launcher queue's wait is in the timings).
     queued: Instant,
 }
@@ -331,6 +335,7 @@ impl SystemLauncher {
             logs: self.logs.clone(),
             users: self.users.clone(),
             metrics: self.metrics.clone(),
+            serving_names: self.serving_names.clone(),
             queued: Instant::now(),
         }
     }
@@ -345,10 +350,18 @@ impl StartJob {
     /// Bind the site's socket.
     fn bind(&self, host: &str, role: SocketRole) -> Result<Arc<Listener>, LaunchError> {
         let began = Instant::now();
+        // A candidate takes whichever of the two names the serving worker was not bound at:
+        // a promotion renames nothing (see `promote`).
         let name = match role {
             SocketRole::Serving => socket::SERVING,
-            SocketRole::Candidate => socket::CANDIDATE,
+            SocketRole::Candidate => match self.serving_names.get(host).map(|n| *n) {
+                Some(socket::CANDIDATE) => socket::SERVING,
+                _ => socket::CANDIDATE,
+            },
         };
+        if role == SocketRole::Serving {
+            self.serving_names.insert(host.to_string(), socket::SERVING);
+        }
         let ready = match role {
             SocketRole::Serving => self.setup.ready.take_socket(host),
             SocketRole::Candidate => None,
@@ -584,21 +597,24 @@ impl Launcher for SystemLauncher {
     }
 
     fn promote(&self, host: &str, listener: &Listener) -> Result<PathBuf, String> {
-        let to = self
-            .cfg
-            .load()
-            .state_dir
-            .join("sites")
-            .join(host)
-            .join(socket::SERVING);
-        // Atomic: a connect sees the old listener or the new one, never no socket.
-        std::fs::rename(&listener.path, &to)
-            .map(|_| to)
-            .map_err(|e| format!("cannot move the new worker's socket into place: {e}"))
+        // No rename: a unix socket keeps the path it was bound at as its address, and the
+        // agent's connection pool (pingora) reuses a connection only to a socket whose
+        // address is the path it connects to; a renamed socket cost every request a new
+        // connection and an error line. The candidate serves where it was bound; the old
+        // name stays until the next candidate is bound over it, so a ticket taken just
+        // before the switch still reaches the old worker, which drains it.
+        let name = match listener.path.file_name().and_then(|n| n.to_str()) {
+            Some(socket::CANDIDATE) => socket::CANDIDATE,
+            Some(socket::SERVING) => socket::SERVING,
+            _ => return Err(format!("not a site socket: {}", listener.path.display())),
+        };
+        self.serving_names.insert(host.to_string(), name);
+        Ok(listener.path.clone())
     }
 
     fn forget(&self, host: &str) -> BoxFut<()> {
         let state_dir = self.cfg.load().state_dir.clone();
+        self.serving_names.remove(host);
         let cgroup = self.site_cgroups.remove(host).map(|(_, c)| c);
         self.logs.remove(host);
         let host = host.to_string();
