@@ -237,9 +237,12 @@ def _worker(chan_fd, zygote_socks):
     data, _, _, _ = socket.recv_fds(chan, MAX_SPEC, 0)
     if not data:
         return 0  # the agent withdrew the request
-    # 1. The site's cgroups, before anything else runs or allocates.
-    for path in json.loads(data)["cgroup_procs"]:
-        _join_cgroup(path)
+    # 1. The site's cgroups, before anything else runs or allocates (a spare that joined a
+    # group made ahead is in them already: the agent renamed that group to the site's).
+    cgroups = json.loads(data)
+    if not cgroups.get("joined"):
+        for path in cgroups["cgroup_procs"]:
+            _join_cgroup(path)
     # The zygote runs below normal priority (agent/src/launch/priority.rs); its worker, once
     # in its site's cgroup, is back to normal, while it is still root and can. Without
     # CAP_SYS_NICE (the agent warned at its start) it keeps the zygote's nice.
@@ -633,11 +636,13 @@ SPARE_AFTER_IDLE_MS = 30
 
 
 class Spare:
-    def __init__(self, pid, pidfd, sock):
+    def __init__(self, pid, pidfd, sock, group=None):
         self.pid, self.pidfd, self.sock = pid, pidfd, sock
+        # The cgroup the agent gave it to join while it waits (`spare-cgroup`), if any.
+        self.group = group
 
 
-def make_spare(control, events):
+def make_spare(control, events, group=None):
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -646,13 +651,13 @@ def make_spare(control, events):
         pid = os.fork()
         if pid == 0:
             ours.close()  # the child's copy: EOF reaches the spare when the zygote goes
-            spare_main(theirs, (control, events))
+            spare_main(theirs, (control, events), group)
         theirs.close()
         try:
             pidfd = os.pidfd_open(pid)
         except (AttributeError, OSError):
             pidfd = None
-        return Spare(pid, pidfd, ours)
+        return Spare(pid, pidfd, ours, group and json.loads(group)["name"])
     except OSError as e:
         log("cannot fork a spare: %s" % e)
         ours.close()
@@ -709,8 +714,22 @@ def _rehearse_answer():
         theirs.close()
 
 
-def spare_main(sock, zygote_socks):
-    """A spare's life until a request hands it a channel; never returns."""
+def _join_spare_group(grant):
+    """Join the cgroup the agent made ahead for this spare (cgroup v1: `tasks`, \"0\", cheap
+    for a process moving itself); its name if every hierarchy took it, else None."""
+    try:
+        for path in grant["cgroup_procs"]:
+            _join_cgroup(path)
+    except OSError as e:
+        log("spare: cannot join %s: %s" % (grant.get("name"), e))
+        return None
+    return grant["name"]
+
+
+def spare_main(sock, zygote_socks, group=None):
+    """A spare's life until a request hands it a channel; never returns. `group`: the
+    agent's `spare-cgroup` message, if the zygote had one for it."""
+    offered = joined = None
     try:
         for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(s, signal.SIG_DFL)
@@ -720,13 +739,26 @@ def spare_main(sock, zygote_socks):
         os.close(EVENTS_FD)
         set_name("roost-spare")
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        # A group the agent made ahead, joined while idle: the worker it becomes then has
+        # no cgroup to join (issue 14; cgroup v1 only, where the agent can rename it).
+        if group is not None:
+            grant = json.loads(group)
+            offered, joined = grant["name"], _join_spare_group(grant)
         # While it waits: the copy-on-write faults of the request path, and of answering
         # the fork request, paid ahead.
         roost_worker.prewarm()
         _rehearse_answer()
-        msg, fds, _, _ = socket.recv_fds(sock, 4096, 1)
-        if not msg or len(fds) != 1:
-            os._exit(0)  # the zygote is gone (or never needed this spare)
+        while True:
+            msg, fds, _, _ = socket.recv_fds(sock, 4096, 1)
+            if not msg:
+                os._exit(0)  # the zygote is gone (or never needed this spare)
+            if fds:
+                break
+            grant = json.loads(msg)  # a group given after this spare was made
+            if grant.get("op") == "spare-cgroup" and offered is None:
+                offered, joined = grant["name"], _join_spare_group(grant)
+        if len(fds) != 1:
+            os._exit(0)
         # The request as the agent sent it: this process answers it.
         t = time.perf_counter()
         sock.close()
@@ -739,7 +771,7 @@ def spare_main(sock, zygote_socks):
             pidfd = [os.pidfd_open(os.getpid())]
         except (AttributeError, OSError):
             pidfd = []  # the agent opens one itself
-        _answer(fds[0], {"id": req["id"], "pid": os.getpid()}, pidfd)
+        _answer(fds[0], {"id": req["id"], "pid": os.getpid(), "cgroup": joined, "cgroup_offered": offered}, pidfd)
         roost_worker.start_timeline(t)
     except BaseException:
         traceback.print_exc()
@@ -789,11 +821,15 @@ def serve_forks(control, events):
     poller.register(LIFELINE_FD, select.POLLIN)
     spare = make_spare(control, events)
     rehearse_handover()
+    # A `spare-cgroup` from the agent for the next spare, kept until that one is made.
+    granted = None
     log("ready (python %s, pid %d)" % (sys.version.split()[0], os.getpid()))
     while True:
         ready = poller.poll(None if spare else SPARE_AFTER_IDLE_MS)
         if not ready:
-            spare = make_spare(control, events)
+            spare = make_spare(control, events, granted)
+            if spare is not None:
+                granted = None
             rehearse_handover()
             continue
         for fd, _ in ready:
@@ -807,11 +843,23 @@ def serve_forks(control, events):
             if not msg:
                 log("control socket closed; exiting")
                 return 0
-            if spare is not None and len(fds) == 1:
+            # A spare in a group made ahead becomes a worker only: a probe or a framework
+            # zygote must not live in a site's group.
+            if spare is not None and len(fds) == 1 and (spare.group is None or json.loads(msg).get("role", "worker") == "worker"):
                 handed, spare = hand_over(spare, msg, fds[0]), None
                 if handed:
                     continue
             req = json.loads(msg)
+            if req.get("op") == "spare-cgroup" and not fds:
+                if spare is not None and spare.group is None:
+                    try:
+                        spare.sock.send(msg)
+                        spare.group = req["name"]
+                    except OSError:
+                        granted = msg  # the spare is gone: the next one gets it
+                else:
+                    granted = msg
+                continue
             role = req.get("role", "worker")
             if req.get("op") != "fork" or len(fds) != 1 or role not in CHILD_ROLES:
                 if fds:

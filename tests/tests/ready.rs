@@ -63,6 +63,23 @@ fn v1_memory_group(pid: u32) -> Option<PathBuf> {
     Some(PathBuf::from(format!("{mount}{path}")))
 }
 
+/// The base zygote's spare, once it waits in a `.ready-*` group under `groups_dir`.
+fn wait_for_spare_in(groups_dir: &Path) -> Option<u32> {
+    let mut found = None;
+    wait_until(Duration::from_secs(10), || {
+        found = roost_tests::procfs::all_pids().into_iter().find(|p| {
+            roost_tests::procfs::comm(*p) == "roost-spare"
+                && v1_memory_group(*p).is_some_and(|g| {
+                    g.parent() == Some(groups_dir)
+                        && g.file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with(".ready-"))
+                })
+        });
+        found.is_some()
+    });
+    found
+}
+
 fn worker_pid(c: &Cluster, host: &str) -> u32 {
     let r = c
         .wait_for_status(host, 200, COLD_START)
@@ -114,7 +131,7 @@ fn a_never_started_site_takes_a_socket_log_and_cgroup_made_ahead_with_its_own_li
             && ready_entries(&logs).len() == READY
             && groups_dir
                 .as_ref()
-                .is_none_or(|d| ready_entries(d).len() == READY)
+                .is_none_or(|d| ready_entries(d).len() > READY)
     };
     assert!(
         wait_until(Duration::from_secs(10), refilled),
@@ -129,6 +146,18 @@ fn a_never_started_site_takes_a_socket_log_and_cgroup_made_ahead_with_its_own_li
         .as_ref()
         .map(|d| ready_entries(d))
         .unwrap_or_default();
+    // On v1 the base zygote's spare waits in one of them (one more than the pool's), joined
+    // ahead: the worker it becomes has no group to join, and that group becomes the site's.
+    let spare_in_group = groups_dir.as_ref().map(|d| {
+        let spare = wait_for_spare_in(d).unwrap_or_else(|| {
+            panic!(
+                "no spare in a ready group under {}\n{}",
+                d.display(),
+                c.diagnostics()
+            )
+        });
+        (spare, ino(&v1_memory_group(spare).unwrap()))
+    });
 
     // Each is root's alone: a tenant can't get into a ready directory, which will hold a
     // site's socket.
@@ -191,6 +220,16 @@ fn a_never_started_site_takes_a_socket_log_and_cgroup_made_ahead_with_its_own_li
     if let Some(groups_dir) = &groups_dir {
         let group = v1_memory_group(capped).expect("a v1 memory group");
         assert_eq!(group, groups_dir.join("capped.example"));
+        let (spare, spare_group) = spare_in_group.expect("a spare in a ready group");
+        assert_eq!(
+            capped, spare,
+            "the waiting spare became capped.example's worker"
+        );
+        assert_eq!(
+            ino(&group),
+            spare_group,
+            "its group, renamed, is the site's"
+        );
         assert!(
             inodes(&ready_groups).contains(&ino(&group)),
             "capped.example's cgroup was not a ready one\n{}",

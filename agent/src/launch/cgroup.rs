@@ -459,6 +459,16 @@ impl SiteCgroup {
         }
     }
 
+    /// Remove the group if no process is in it; whether it is gone.
+    pub fn remove_if_empty(&self) -> bool {
+        let dirs = match &self.kind {
+            Kind::V2 { dir, .. } => vec![dir],
+            Kind::V1(g) => g.dirs(),
+        };
+        dirs.into_iter()
+            .all(|d| fs::remove_dir(d).is_ok() || !d.exists())
+    }
+
     /// Remove the group (the site is gone); processes still in it are killed first.
     pub fn remove(&self) {
         match &self.kind {

@@ -657,7 +657,7 @@ fn seqpacket() -> io::Result<(OwnedFd, OwnedFd)> {
 /// channel, bounded by the import timeout, and its pid.
 fn fork_child(base: &Arc<Zygote>, role: &str) -> io::Result<(OwnedFd, i32)> {
     let asked = Asked::new(base, role)?;
-    let (pid, _pidfd) = asked.answer()?;
+    let pid = asked.answer()?.pid;
     set_timeouts(asked.ours.as_raw_fd(), IMPORT_TIMEOUT)?;
     Ok((asked.ours, pid))
 }

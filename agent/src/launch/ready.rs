@@ -51,16 +51,38 @@ const READY: usize = 4;
 const QUIET: Duration = Duration::from_millis(50);
 const PLACEHOLDER_PREFIX: &str = ".ready-";
 
-/// An empty group for no site yet, and the limits written to it.
-struct ReadyGroup {
-    cgroup: SiteCgroup,
+/// A group made ahead for no site yet (empty, or holding a zygote's spare), the limits
+/// written to it, and its placeholder name.
+pub struct ReadyGroup {
+    placeholder: String,
+    pub(super) cgroup: Box<SiteCgroup>,
     limits: Limits,
+}
+
+impl ReadyGroup {
+    pub fn name(&self) -> &str {
+        &self.placeholder
+    }
+
+    /// The group under `host`'s name, and the limits it has; the group back when `host`
+    /// has a group already.
+    pub fn claim(self, host: &str) -> Result<(SiteCgroup, Limits), ReadyGroup> {
+        match self.cgroup.rename_to(host) {
+            Ok(cgroup) => Ok((cgroup, self.limits)),
+            Err(e) => {
+                debug!(site = %host, error = %e, "cannot rename a ready cgroup to the site's");
+                Err(self)
+            }
+        }
+    }
 }
 
 #[derive(Default)]
 struct Pool {
     /// Placeholders of empty socket directories.
     socket_dirs: Vec<String>,
+    /// Groups a spare was offered but did not become the site's: removed once empty.
+    orphans: Vec<SiteCgroup>,
     /// Placeholders of empty log files.
     logs: Vec<String>,
     groups: Vec<ReadyGroup>,
@@ -138,14 +160,20 @@ impl Ready {
     pub fn take_group(&self, host: &str) -> Option<(SiteCgroup, Limits)> {
         let ready = self.lock().groups.pop()?;
         self.refill_soon();
-        match ready.cgroup.rename_to(host) {
-            Ok(cgroup) => Some((cgroup, ready.limits)),
-            Err(e) => {
-                debug!(site = %host, error = %e, "no ready cgroup for this site: it has a group");
+        match ready.claim(host) {
+            Ok(claimed) => Some(claimed),
+            Err(ready) => {
                 self.lock().groups.push(ready);
                 None
             }
         }
+    }
+
+    /// A group a spare was offered and that did not become a site's: removed once the
+    /// process that may still be in it has moved to its site's group.
+    pub fn orphan(&self, group: ReadyGroup) {
+        self.lock().orphans.push(*group.cgroup);
+        self.refill_soon();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
@@ -217,7 +245,39 @@ impl Ready {
                 cgroup.remove();
                 return;
             }
-            self.lock().groups.push(ReadyGroup { cgroup, limits });
+            self.lock().groups.push(ReadyGroup {
+                placeholder,
+                cgroup: Box::new(cgroup),
+                limits,
+            });
+        }
+        self.grant_spare_groups();
+        let orphans = std::mem::take(&mut self.lock().orphans);
+        let left: Vec<SiteCgroup> = orphans
+            .into_iter()
+            .filter(|g| !g.remove_if_empty())
+            .collect();
+        self.lock().orphans.extend(left);
+    }
+
+    /// Each base zygote's spares get a group to join while they wait (so the worker a spare
+    /// becomes has none to join), taken from the pool, which is then topped up again.
+    fn grant_spare_groups(&self) {
+        let Some(zygotes) = super::zygote::global() else {
+            return;
+        };
+        for zygote in zygotes.base_zygotes() {
+            if !zygote.wants_spare_group() {
+                continue;
+            }
+            let Some(group) = self.lock().groups.pop() else {
+                return;
+            };
+            if let Err(group) = zygote.grant_spare_group(group) {
+                self.lock().groups.push(group);
+            } else {
+                self.refill_soon();
+            }
         }
     }
 

@@ -23,9 +23,10 @@ use tracing::{debug, info, warn};
 use super::cgroup::{Cgroups, Limits, SiteCgroup, STARTING_CPU_WEIGHT};
 use super::direct as worker;
 use super::interpreters;
-use super::ready::Ready;
+use super::ready::{Ready, ReadyGroup};
 use super::socket;
 use super::users::{SiteUser, UserCache};
+use super::zygote::{PendingFork, SpareGroup};
 use super::{
     BootWeight, BoxFut, Exit, LaunchError, Launcher, Listener, SocketRole, Started, Worker,
 };
@@ -172,24 +173,39 @@ struct CgroupSetup {
 impl CgroupSetup {
     /// The site's cgroup with the spec's limits applied; the files a new worker joins.
     /// A cgroup that can't be set up is logged and the worker runs without it.
+    /// `joined`: a group made ahead that the child is in already; it becomes the site's
+    /// (then the second value is true: the child has nothing to join).
     fn prepare(
         &self,
         host: &str,
         spec: &SiteSpec,
         cfg: &Config,
         weight: BootWeight,
-    ) -> Vec<PathBuf> {
-        // A ready-made group renamed to the site's, or the site's created (again) at every
-        // start: that heals a group someone removed.
-        let (cg, written) = match self.ready.take_group(host) {
+        joined: Option<ReadyGroup>,
+    ) -> (Vec<PathBuf>, bool) {
+        let mut in_place = false;
+        let claimed = match joined.map(|g| g.claim(host)) {
+            Some(Ok(claimed)) => {
+                in_place = true;
+                Some(claimed)
+            }
+            Some(Err(g)) => {
+                self.ready.orphan(g);
+                None
+            }
+            None => None,
+        };
+        // The child's group made ahead, a ready-made group renamed to the site's, or the
+        // site's created (again) at every start: that heals a group someone removed.
+        let (cg, written) = match claimed.or_else(|| self.ready.take_group(host)) {
             Some((cg, written)) => (cg, Some(written)),
             None => match self.cgroups.site(host) {
                 Ok(Some(cg)) => (cg, None),
-                Ok(None) => return Vec::new(),
+                Ok(None) => return (Vec::new(), false),
                 Err(e) => {
                     self.metrics.limit_failures.inc();
                     tracing::error!(site = %host, error = %e, "cannot create the site's cgroup; starting without kernel limits");
-                    return Vec::new();
+                    return (Vec::new(), false);
                 }
             },
         };
@@ -208,11 +224,23 @@ impl CgroupSetup {
         } else if let Err(e) = cg.set_limits(&limits) {
             self.metrics.limit_failures.inc();
             tracing::error!(site = %host, error = %e, "cannot set the site's limits; starting without kernel limits");
-            return Vec::new();
+            // A child already in the group stays there, under the limits it had ahead.
+            return (Vec::new(), false);
         }
         let files = cg.procs_files();
         self.site_cgroups.insert(host.to_string(), cg);
-        files
+        (files, in_place)
+    }
+}
+
+/// Tell the zygote's child its cgroups. A child that is gone (its zygote died with the
+/// request) is found out when the answer is read, and the base zygote asked instead
+/// (`finish_fork`).
+fn tell_cgroups(host: &str, fork: Option<&mut PendingFork>, procs: &[PathBuf], joined: bool) {
+    if let Some(pending) = fork {
+        if let Err(e) = pending.send_cgroups(procs, joined) {
+            debug!(site = %host, error = %e, "cannot tell the zygote's child its cgroups yet");
+        }
     }
 }
 
@@ -375,6 +403,44 @@ impl StartJob {
         Ok(Arc::new(Listener { socket, path }))
     }
 
+    /// The user, the socket and the log of a start, with when each was ready.
+    #[allow(clippy::type_complexity)]
+    fn prepare_rest(
+        &self,
+        host: &str,
+        spec: &SiteSpec,
+        socket: Result<Arc<Listener>, SocketRole>,
+    ) -> Result<
+        (
+            SiteUser,
+            Arc<Listener>,
+            std::fs::File,
+            oneshot::Receiver<()>,
+            [Instant; 3],
+        ),
+        LaunchError,
+    > {
+        // The user must exist and be one sites may run as before its socket, log or spec is
+        // made (a refused site's start leaves at most its empty cgroup, removed with the site).
+        let user = self.user(host, spec)?;
+        let looked_up = Instant::now();
+        let listener = match socket {
+            Ok(listener) => listener,
+            Err(role) => self.bind(host, role)?,
+        };
+        let bound = Instant::now();
+        let (log, output_drained) = site_log(&self.logs, &self.setup.ready, &self.cfg, host)
+            .and_then(|log| sitelog::pump(host, log))
+            .map_err(|e| LaunchError(format!("cannot open the site's log: {e}")))?;
+        Ok((
+            user,
+            listener,
+            log,
+            output_drained,
+            [looked_up, bound, Instant::now()],
+        ))
+    }
+
     /// Everything up to the worker's pid, on `socket` (or a new socket of that role). The
     /// zygote is asked for the child first, so its answer and the child's wake-up overlap
     /// the user lookup, the socket, the cgroup and the log (issue 14).
@@ -402,29 +468,35 @@ impl StartJob {
         // An unspecialised child: if the start goes no further, it reads EOF and exits.
         let mut fork = worker::ask_zygote(host, spec, zygote_interpreter.as_deref());
         let asked = Instant::now();
-        // The cgroup first: the child joins it while the rest is prepared.
-        let procs = self.setup.prepare(host, spec, cfg, weight);
-        let cgroup_ready = Instant::now();
-        if let Some(pending) = fork.as_mut() {
-            // A child that is gone (its zygote died with the request) is found out when the
-            // answer is read, and the base zygote asked instead (`finish_fork`).
-            if let Err(e) = pending.send_cgroups(&procs) {
-                debug!(site = %host, error = %e, "cannot tell the zygote's child its cgroups yet");
-            }
+        // A spare that joined a group made ahead (cgroup v1, `ready.rs`) has that group
+        // become the site's once its answer says so, after the user, socket and log; its
+        // worker then joins nothing. Otherwise the cgroup first: the child joins it while the
+        // rest is prepared.
+        let late = fork.as_ref().is_some_and(|f| f.expects_spare_group());
+        let mut procs = Vec::new();
+        if !late {
+            procs = self.setup.prepare(host, spec, cfg, weight, None).0;
+            tell_cgroups(host, fork.as_mut(), &procs, false);
         }
-        // The user must exist and be one sites may run as before its socket, log or spec is
-        // made (a refused site's start leaves at most its empty cgroup, removed with the site).
-        let user = self.user(host, spec)?;
-        let looked_up = Instant::now();
-        let listener = match socket {
-            Ok(listener) => listener,
-            Err(role) => self.bind(host, role)?,
+        let cgroup_ready = Instant::now();
+        let prepared = self.prepare_rest(host, spec, socket);
+        // The answer now: what it says of a group made ahead decides the cgroup step (late)
+        // or frees that group (a child that got the site's group already, or a start that
+        // stops here).
+        let joined = match fork.as_mut().map(|f| f.read_answer()) {
+            Some(SpareGroup::Joined(g)) if late && prepared.is_ok() => Some(g),
+            Some(SpareGroup::Joined(g) | SpareGroup::Unused(g)) => {
+                self.setup.ready.orphan(g);
+                None
+            }
+            _ => None,
         };
-        let bound = Instant::now();
-        let (log, output_drained) = site_log(&self.logs, &self.setup.ready, cfg, host)
-            .and_then(|log| sitelog::pump(host, log))
-            .map_err(|e| LaunchError(format!("cannot open the site's log: {e}")))?;
-        let log_ready = Instant::now();
+        let (user, listener, log, output_drained, [looked_up, bound, log_ready]) = prepared?;
+        if late {
+            let in_place;
+            (procs, in_place) = self.setup.prepare(host, spec, cfg, weight, joined);
+            tell_cgroups(host, fork.as_mut(), &procs, in_place);
+        }
         let launch = worker::Launch {
             spec,
             host,

@@ -56,6 +56,7 @@ use tracing::{debug, info, warn};
 use super::direct::{check, worker_env, Launch};
 use super::fdpass::{pidfd_open, recv_with_fds, send_with_fds, set_timeouts};
 use super::framework_zygotes::{FrameworkZygote, Frameworks};
+use super::ready::ReadyGroup;
 use super::socket::ensure_dir;
 use crate::config::FrameworkSettings;
 
@@ -116,6 +117,9 @@ pub struct Zygote {
     control: Mutex<OwnedFd>,
     next_id: AtomicU64,
     dead: AtomicBool,
+    /// The cgroup made ahead that this zygote's current or next spare joins while it waits
+    /// (cgroup v1; `launch/ready.rs`), until a spare's answer names it.
+    spare_group: Mutex<Option<ReadyGroup>>,
 }
 
 struct Start {
@@ -191,6 +195,11 @@ impl Zygotes {
             .map_err(|_| "the zygote manager did not answer".to_string())?
     }
 
+    /// The base zygotes running now.
+    pub(super) fn base_zygotes(&self) -> Vec<Arc<Zygote>> {
+        self.lock_live().values().cloned().collect()
+    }
+
     fn lock_live(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Arc<Zygote>>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -223,6 +232,7 @@ impl Zygotes {
                         interpreter: interpreter.to_path_buf(),
                         t0,
                         cgroups_sent: false,
+                        answer: None,
                     })
                 }
                 Err(e) => self.framework_failed(host, &fz, &e),
@@ -234,6 +244,7 @@ impl Zygotes {
             interpreter: interpreter.to_path_buf(),
             t0,
             cgroups_sent: false,
+            answer: None,
         })
     }
 
@@ -247,10 +258,14 @@ impl Zygotes {
             interpreter,
             t0,
             mut cgroups_sent,
+            answer,
         } = pending;
         let host = launch.host;
         let t1 = Instant::now();
-        let (asked, answer, from) = match (asked.answer(), framework) {
+        let answer = answer
+            .unwrap_or_else(|| asked.answer())
+            .map(|a| (a.pid, a.pidfd));
+        let (asked, answer, from) = match (answer, framework) {
             (Ok(answer), Some(fz)) => {
                 if let Some(fw) = self.frameworks.get() {
                     fw.forks_framework.fetch_add(1, Ordering::Relaxed);
@@ -261,7 +276,7 @@ impl Zygotes {
                 self.framework_failed(host, &fz, &e);
                 let asked = self.ask_base(&interpreter)?;
                 cgroups_sent = false; // a new child
-                let answer = asked.answer()?;
+                let answer = asked.answer().map(|a| (a.pid, a.pidfd))?;
                 self.count_base_fork();
                 (asked, answer, None)
             }
@@ -279,7 +294,7 @@ impl Zygotes {
         let ours = asked.ours;
         let t2 = Instant::now();
         if !cgroups_sent {
-            send_cgroups(&ours, launch.cgroup_procs)?;
+            send_cgroups(&ours, launch.cgroup_procs, false)?;
         }
         send_spec(&ours, launch)?;
         let zygote_name = from
@@ -330,6 +345,19 @@ pub struct PendingFork {
     t0: Instant,
     /// Whether the child has been told its cgroups (the first of its two messages).
     cgroups_sent: bool,
+    /// The answer, when the launcher read it before the cgroup step ([`Self::read_answer`]).
+    answer: Option<io::Result<Answer>>,
+}
+
+/// What a spare's answer says of the group made ahead for it.
+pub enum SpareGroup {
+    /// The child is in this group (under its placeholder name) in every hierarchy.
+    Joined(ReadyGroup),
+    /// The child was offered this group but is not wholly in it: the group is to be removed
+    /// once the child has moved to its site's.
+    Unused(ReadyGroup),
+    /// No group was offered to this child.
+    None,
 }
 
 impl PendingFork {
@@ -337,16 +365,47 @@ impl PendingFork {
     /// launcher prepares the rest (user, socket, log), which the spec then carries. On an
     /// error the child is lost; [`Zygotes::finish_fork`] finds that out from the answer and
     /// asks again.
-    pub fn send_cgroups(&mut self, cgroup_procs: &[PathBuf]) -> io::Result<()> {
-        send_cgroups(&self.asked.ours, cgroup_procs)?;
+    pub fn send_cgroups(&mut self, cgroup_procs: &[PathBuf], joined: bool) -> io::Result<()> {
+        send_cgroups(&self.asked.ours, cgroup_procs, joined)?;
         self.cgroups_sent = true;
         Ok(())
     }
+
+    /// Whether the child is likely a spare that joined a group made ahead: the base zygote
+    /// was asked and holds one for its spares. The launcher then reads the answer before the
+    /// cgroup step, so that group can become the site's.
+    pub fn expects_spare_group(&self) -> bool {
+        self.framework.is_none() && self.asked.zygote.lock_spare_group().is_some()
+    }
+
+    /// Read the answer now (kept for [`Zygotes::finish_fork`]) and take the zygote's group
+    /// made ahead if the answer names it.
+    pub fn read_answer(&mut self) -> SpareGroup {
+        let answer = self.asked.answer();
+        let group = match &answer {
+            Ok(a) => {
+                let mut held = self.asked.zygote.lock_spare_group();
+                let offered = held
+                    .as_ref()
+                    .is_some_and(|g| Some(g.name()) == a.cgroup_offered.as_deref());
+                match held.take_if(|_| offered) {
+                    Some(g) if a.cgroup.as_deref() == Some(g.name()) => SpareGroup::Joined(g),
+                    Some(g) => SpareGroup::Unused(g),
+                    None => SpareGroup::None,
+                }
+            }
+            Err(_) => SpareGroup::None,
+        };
+        self.answer = Some(answer);
+        group
+    }
 }
 
-/// The child's first message: the `cgroup.procs` files it joins before anything else.
-fn send_cgroups(ours: &OwnedFd, cgroup_procs: &[PathBuf]) -> io::Result<()> {
+/// The child's first message: the `cgroup.procs` files it joins before anything else, or,
+/// `joined`, those it is in already (a spare's group made ahead, renamed to the site's).
+fn send_cgroups(ours: &OwnedFd, cgroup_procs: &[PathBuf], joined: bool) -> io::Result<()> {
     let message = json!({
+        "joined": joined,
         "cgroup_procs": cgroup_procs.iter().map(|p| p.to_string_lossy()).collect::<Vec<_>>(),
     })
     .to_string();
@@ -359,6 +418,15 @@ fn yield_cpu() {
     unsafe {
         libc::sched_yield();
     }
+}
+
+/// A fork request's answer: the child, and (from a spare) the group made ahead it was
+/// offered and whether it joined it.
+pub(super) struct Answer {
+    pub(super) pid: i32,
+    pub(super) pidfd: Option<OwnedFd>,
+    pub(super) cgroup: Option<String>,
+    pub(super) cgroup_offered: Option<String>,
 }
 
 /// One fork request sent: the agent's end of the new child's channel, on which the zygote
@@ -388,10 +456,10 @@ impl Asked {
         })
     }
 
-    /// The child's pid and, when the zygote could open one, its pidfd. A zygote that does
-    /// not answer in time (or answers garbage) is killed; the manager restarts it.
-    pub(super) fn answer(&self) -> io::Result<(i32, Option<OwnedFd>)> {
-        let read = || -> io::Result<Result<(i32, Option<OwnedFd>), String>> {
+    /// The child's pid and, when one could be opened, its pidfd. A zygote that does not
+    /// answer in time (or answers garbage) is killed; the manager restarts it.
+    pub(super) fn answer(&self) -> io::Result<Answer> {
+        let read = || -> io::Result<Result<Answer, String>> {
             // Bounded by the channel's receive timeout (set in `new`).
             let (bytes, mut fds) = recv_with_fds(self.ours.as_raw_fd(), 1)?;
             if bytes.is_empty() {
@@ -411,7 +479,13 @@ impl Asked {
                 .as_i64()
                 .filter(|p| *p > 0)
                 .ok_or_else(|| io::Error::other("zygote reply without a pid"))?;
-            Ok(Ok((pid as i32, fds.pop())))
+            let name = |key: &str| reply[key].as_str().map(str::to_string);
+            Ok(Ok(Answer {
+                pid: pid as i32,
+                pidfd: fds.pop(),
+                cgroup: name("cgroup"),
+                cgroup_offered: name("cgroup_offered"),
+            }))
         };
         match read() {
             Ok(answer) => answer.map_err(io::Error::other),
@@ -466,6 +540,7 @@ impl Zygote {
             control: Mutex::new(control),
             next_id: AtomicU64::new(1),
             dead: AtomicBool::new(false),
+            spare_group: Mutex::new(None),
         }
     }
 
@@ -506,6 +581,32 @@ impl Zygote {
         )
         .inspect_err(|e| self.failed(e))?;
         Ok(id)
+    }
+
+    /// Whether this zygote's spares have no group made ahead yet (it is live).
+    pub(super) fn wants_spare_group(&self) -> bool {
+        !self.is_dead() && self.lock_spare_group().is_none()
+    }
+
+    /// Give this zygote's current or next spare `group` to join while it waits. The group
+    /// is this zygote's until a spare's answer names it ([`PendingFork::read_answer`]).
+    pub(super) fn grant_spare_group(&self, group: ReadyGroup) -> Result<(), ReadyGroup> {
+        let control = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        let message = json!({
+            "op": "spare-cgroup",
+            "name": group.name(),
+            "cgroup_procs": group.cgroup.procs_files().iter().map(|p| p.to_string_lossy()).collect::<Vec<_>>(),
+        })
+        .to_string();
+        if self.is_dead() || send_with_fds(control.as_raw_fd(), message.as_bytes(), &[]).is_err() {
+            return Err(group);
+        }
+        *self.lock_spare_group() = Some(group);
+        Ok(())
+    }
+
+    fn lock_spare_group(&self) -> std::sync::MutexGuard<'_, Option<ReadyGroup>> {
+        self.spare_group.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A zygote that fails a request (timeout, closed socket, garbage) is replaced: kill it;
@@ -795,6 +896,7 @@ impl Manager {
             control: Mutex::new(control),
             next_id: AtomicU64::new(1),
             dead: AtomicBool::new(false),
+            spare_group: Mutex::new(None),
         });
         std::thread::Builder::new()
             .name("roost-zygote-ev".into())
