@@ -343,6 +343,17 @@ struct StartJob {
     queued: Instant,
 }
 
+/// What a start prepares besides the cgroup, and when each piece was ready (the timings).
+struct Prepared {
+    user: SiteUser,
+    listener: Arc<Listener>,
+    log: std::fs::File,
+    output_drained: oneshot::Receiver<()>,
+    looked_up: Instant,
+    bound: Instant,
+    log_ready: Instant,
+}
+
 /// A worker just started, before its exit is watched.
 struct Spawned {
     proc: worker::WorkerProc,
@@ -379,20 +390,17 @@ impl StartJob {
     fn bind(&self, host: &str, role: SocketRole) -> Result<Arc<Listener>, LaunchError> {
         let began = Instant::now();
         // A candidate takes whichever of the two names the serving worker was not bound at:
-        // a promotion renames nothing (see `promote`).
-        let name = match role {
-            SocketRole::Serving => socket::SERVING,
+        // a promotion renames nothing (see `promote`). A serving socket may go in a
+        // directory made ahead.
+        let (name, ready) = match role {
+            SocketRole::Serving => {
+                self.serving_names.insert(host.to_string(), socket::SERVING);
+                (socket::SERVING, self.setup.ready.take_socket(host))
+            }
             SocketRole::Candidate => match self.serving_names.get(host).map(|n| *n) {
-                Some(socket::CANDIDATE) => socket::SERVING,
-                _ => socket::CANDIDATE,
+                Some(socket::CANDIDATE) => (socket::SERVING, None),
+                _ => (socket::CANDIDATE, None),
             },
-        };
-        if role == SocketRole::Serving {
-            self.serving_names.insert(host.to_string(), socket::SERVING);
-        }
-        let ready = match role {
-            SocketRole::Serving => self.setup.ready.take_socket(host),
-            SocketRole::Candidate => None,
         };
         let (socket, path) = match ready {
             Some(taken) => taken,
@@ -403,23 +411,13 @@ impl StartJob {
         Ok(Arc::new(Listener { socket, path }))
     }
 
-    /// The user, the socket and the log of a start, with when each was ready.
-    #[allow(clippy::type_complexity)]
+    /// The user, the socket and the log of a start.
     fn prepare_rest(
         &self,
         host: &str,
         spec: &SiteSpec,
         socket: Result<Arc<Listener>, SocketRole>,
-    ) -> Result<
-        (
-            SiteUser,
-            Arc<Listener>,
-            std::fs::File,
-            oneshot::Receiver<()>,
-            [Instant; 3],
-        ),
-        LaunchError,
-    > {
+    ) -> Result<Prepared, LaunchError> {
         // The user must exist and be one sites may run as before its socket, log or spec is
         // made (a refused site's start leaves at most its empty cgroup, removed with the site).
         let user = self.user(host, spec)?;
@@ -432,13 +430,15 @@ impl StartJob {
         let (log, output_drained) = site_log(&self.logs, &self.setup.ready, &self.cfg, host)
             .and_then(|log| sitelog::pump(host, log))
             .map_err(|e| LaunchError(format!("cannot open the site's log: {e}")))?;
-        Ok((
+        Ok(Prepared {
             user,
             listener,
             log,
             output_drained,
-            [looked_up, bound, Instant::now()],
-        ))
+            looked_up,
+            bound,
+            log_ready: Instant::now(),
+        })
     }
 
     /// Everything up to the worker's pid, on `socket` (or a new socket of that role). The
@@ -491,7 +491,15 @@ impl StartJob {
             }
             _ => None,
         };
-        let (user, listener, log, output_drained, [looked_up, bound, log_ready]) = prepared?;
+        let Prepared {
+            user,
+            listener,
+            log,
+            output_drained,
+            looked_up,
+            bound,
+            log_ready,
+        } = prepared?;
         if late {
             let in_place;
             (procs, in_place) = self.setup.prepare(host, spec, cfg, weight, joined);
