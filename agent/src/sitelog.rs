@@ -48,6 +48,17 @@ impl SiteLog {
         })
     }
 
+    /// The log of `host` in `file`, a log made ahead ([`create_ready`]) and renamed to
+    /// `host`'s ([`claim_ready`]) by the caller: empty, and open already.
+    pub fn ready_made(state_dir: &Path, host: &str, file: File, max_bytes: u64) -> Self {
+        Self {
+            path: path(state_dir, host),
+            file,
+            len: 0,
+            max_bytes,
+        }
+    }
+
     /// Append whole lines. Past the cap, the lines that fit end the current file, which
     /// becomes `<log>.1`, and the rest start a new one. A single line longer than the cap
     /// is written whole.
@@ -97,9 +108,10 @@ impl SiteLog {
 
 /// `logs/` is root's alone (0750), so no tenant can place a symlink here; `O_NOFOLLOW`
 /// keeps it that way should the directory's rights ever be loosened.
-/// An empty log made ahead for no site yet (`launch/ready.rs`): `logs/<placeholder>.log`.
-pub fn create_ready(state_dir: &Path, placeholder: &str) -> io::Result<()> {
-    open_append(&path(state_dir, placeholder)).map(drop)
+/// An empty log made ahead for no site yet (`launch/ready.rs`): `logs/<placeholder>.log`,
+/// kept open, so the site it becomes does not open it again.
+pub fn create_ready(state_dir: &Path, placeholder: &str) -> io::Result<File> {
+    open_append(&path(state_dir, placeholder))
 }
 
 /// Make the log from [`create_ready`] the log of `host`; refuses, and changes nothing, when
@@ -131,49 +143,106 @@ pub fn pump(
     host: &str,
     log: Arc<Mutex<SiteLog>>,
 ) -> io::Result<(File, tokio::sync::oneshot::Receiver<()>)> {
-    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let (drained, drained_rx) = tokio::sync::oneshot::channel();
-    let mut read = File::from(read);
-    let host = host.to_string();
-    std::thread::Builder::new()
-        .name("roost-sitelog".into())
-        .stack_size(PUMP_STACK)
-        .spawn(move || {
-            // A worker blocks once its pipe is full: its output is not start work, whatever
-            // thread started it (launch/priority.rs).
-            let _ = crate::launch::priority::normal_this_thread();
-            let mut buf = vec![0u8; CHUNK];
-            // The worker's unfinished last line, kept back so lines reach the file whole
-            // (a site's workers share the file).
-            let mut partial: Vec<u8> = Vec::new();
-            loop {
-                let n = match read.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        tracing::warn!(site = %host, error = %e, "cannot read a worker's output");
-                        break;
-                    }
-                };
-                partial.extend_from_slice(&buf[..n]);
-                let whole = match partial.iter().rposition(|b| *b == b'\n') {
-                    Some(i) => i + 1,
-                    // A line without end for this long is written as it is.
-                    None if partial.len() >= MAX_PARTIAL => partial.len(),
-                    None => continue,
-                };
-                let rest = partial.split_off(whole);
-                write_lines(&host, &log, &partial);
-                partial = rest;
+    Ok(ReadyPump::start()?.assign(host, log))
+}
+
+/// A pump whose thread and pipe exist before it knows its site (`launch/ready.rs` keeps a
+/// few): a cold start then spawns no thread. The thread waits on its pipe, and learns where
+/// the bytes go from `target` when the first arrive, which is after [`ReadyPump::assign`]
+/// (only then does the write end leave the agent), so assigning wakes nothing.
+pub struct ReadyPump {
+    write: File,
+    target: Arc<Mutex<Option<PumpTarget>>>,
+}
+
+struct PumpTarget {
+    host: String,
+    log: Arc<Mutex<SiteLog>>,
+    drained: tokio::sync::oneshot::Sender<()>,
+}
+
+impl ReadyPump {
+    /// The pipe and its thread, at normal priority whatever thread made it: a worker blocks
+    /// once its pipe is full, and its output is not start work (launch/priority.rs).
+    pub fn start() -> io::Result<Self> {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let target = Arc::new(Mutex::new(None));
+        let theirs = target.clone();
+        std::thread::Builder::new()
+            .name("roost-sitelog".into())
+            .stack_size(PUMP_STACK)
+            .spawn(move || {
+                let _ = crate::launch::priority::normal_this_thread();
+                drain(File::from(read), &theirs);
+            })?;
+        Ok(Self {
+            write: File::from(write),
+            target,
+        })
+    }
+
+    /// This pump is `host`'s from now on: the write end to give its worker, and what
+    /// completes once all it wrote is in `log`.
+    pub fn assign(
+        self,
+        host: &str,
+        log: Arc<Mutex<SiteLog>>,
+    ) -> (File, tokio::sync::oneshot::Receiver<()>) {
+        let (drained, drained_rx) = tokio::sync::oneshot::channel();
+        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = Some(PumpTarget {
+            host: host.to_string(),
+            log,
+            drained,
+        });
+        (self.write, drained_rx)
+    }
+}
+
+/// Copy what arrives on `read` into the target's log, whole lines at a time, until EOF. A
+/// pump never assigned (the agent kept its write end, then dropped it) ends silently.
+fn drain(mut read: File, target: &Mutex<Option<PumpTarget>>) {
+    let mut buf = vec![0u8; CHUNK];
+    // The worker's unfinished last line, kept back so lines reach the file whole (a site's
+    // workers share the file).
+    let mut partial: Vec<u8> = Vec::new();
+    let mut assigned: Option<PumpTarget> = None;
+    loop {
+        let n = match read.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let host = assigned.as_ref().map(|t| t.host.as_str()).unwrap_or("?");
+                tracing::warn!(site = %host, error = %e, "cannot read a worker's output");
+                break;
             }
-            if !partial.is_empty() {
-                partial.push(b'\n');
-                write_lines(&host, &log, &partial);
-            }
-            let _ = drained.send(());
-        })?;
-    Ok((File::from(write), drained_rx))
+        };
+        if assigned.is_none() {
+            assigned = target.lock().unwrap_or_else(|p| p.into_inner()).take();
+        }
+        let Some(t) = &assigned else {
+            continue; // no worker can hold an unassigned pump's write end: nothing to keep
+        };
+        partial.extend_from_slice(&buf[..n]);
+        let whole = match partial.iter().rposition(|b| *b == b'\n') {
+            Some(i) => i + 1,
+            // A line without end for this long is written as it is.
+            None if partial.len() >= MAX_PARTIAL => partial.len(),
+            None => continue,
+        };
+        let rest = partial.split_off(whole);
+        write_lines(&t.host, &t.log, &partial);
+        partial = rest;
+    }
+    let Some(t) = assigned.or_else(|| target.lock().unwrap_or_else(|p| p.into_inner()).take())
+    else {
+        return;
+    };
+    if !partial.is_empty() {
+        partial.push(b'\n');
+        write_lines(&t.host, &t.log, &partial);
+    }
+    let _ = t.drained.send(());
 }
 
 fn write_lines(host: &str, log: &Mutex<SiteLog>, lines: &[u8]) {

@@ -80,6 +80,21 @@ fn wait_for_spare_in(groups_dir: &Path) -> Option<u32> {
     found
 }
 
+/// The agent's output-pump threads: one per running worker, and those made ahead.
+fn pump_threads(agent: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{agent}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.trim() == "roost-sitelog")
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 fn worker_pid(c: &Cluster, host: &str) -> u32 {
     let r = c
         .wait_for_status(host, 200, COLD_START)
@@ -125,19 +140,23 @@ fn a_never_started_site_takes_a_socket_log_and_cgroup_made_ahead_with_its_own_li
     let groups_dir =
         v1_memory_group(plain).map(|g| g.parent().expect("the agent's group").to_path_buf());
 
-    // Once starts are quiet the agent has its ready sockets (and v1 groups) again.
-    let refilled = || {
+    // Once starts are quiet the agent has its ready sockets, logs, output pumps (threads
+    // waiting for a worker) and v1 groups again.
+    let agent = c.agent_pid();
+    let refilled = |workers: usize| {
         ready_entries(&sites).len() == READY
             && ready_entries(&logs).len() == READY
+            && pump_threads(agent) == READY + workers
             && groups_dir
                 .as_ref()
                 .is_none_or(|d| ready_entries(d).len() > READY)
     };
     assert!(
-        wait_until(Duration::from_secs(10), refilled),
-        "ready sockets {:?}, groups {:?}\n{}",
+        wait_until(Duration::from_secs(10), || refilled(1)),
+        "ready sockets {:?}, groups {:?}, pump threads {}\n{}",
         ready_entries(&sites),
         groups_dir.as_ref().map(|d| ready_entries(d)),
+        pump_threads(agent),
         c.diagnostics()
     );
     let ready_sockets = ready_entries(&sites);
@@ -217,6 +236,14 @@ fn a_never_started_site_takes_a_socket_log_and_cgroup_made_ahead_with_its_own_li
         "{}",
         log.display()
     );
+    // A pump made ahead carries the worker's output to the site's log: its boot line.
+    assert!(
+        wait_until(Duration::from_secs(10), || std::fs::read_to_string(&log)
+            .is_ok_and(|t| t.contains("first response"))),
+        "capped.example's output never reached {}\n{}",
+        log.display(),
+        c.diagnostics()
+    );
     if let Some(groups_dir) = &groups_dir {
         let group = v1_memory_group(capped).expect("a v1 memory group");
         assert_eq!(group, groups_dir.join("capped.example"));
@@ -257,9 +284,10 @@ fn a_never_started_site_takes_a_socket_log_and_cgroup_made_ahead_with_its_own_li
 
     // And they are made again, new ones, for the next site.
     assert!(
-        wait_until(Duration::from_secs(10), refilled),
-        "not made again: sockets {:?}\n{}",
+        wait_until(Duration::from_secs(10), || refilled(2)),
+        "not made again: sockets {:?}, pump threads {}\n{}",
         ready_entries(&sites),
+        pump_threads(agent),
         c.diagnostics()
     );
     let again = inodes(&ready_entries(&sites));

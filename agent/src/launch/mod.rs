@@ -20,6 +20,7 @@ pub mod fdpass;
 pub mod framework_zygotes;
 pub mod frameworks;
 pub mod interpreters;
+mod jobs;
 pub mod priority;
 pub mod ready;
 pub mod rlimit;

@@ -18,24 +18,28 @@
 //!   its address, and the agent's connection pool (pingora) refuses to reuse a connection
 //!   whose peer address is not the path it connected to, so a socket bound under a
 //!   placeholder would cost every request a new connection to the worker.
-//! - a log: `logs/.ready-<n>.log`, empty, root's, 0640 like a site's; renamed to
-//!   `logs/<host>.log` when the site has no log yet.
+//! - a log: `logs/.ready-<n>.log`, empty, root's, 0640 like a site's, kept open; renamed
+//!   to `logs/<host>.log` when the site has no log yet.
+//! - an output pump (`sitelog::ReadyPump`): the pipe for a worker's stdout and stderr and
+//!   the thread that drains it, which waits on its pipe. Spawning that thread was ~150 µs
+//!   of the launcher's part of a start; taking a ready one is ~30 µs.
 //! - a group (v1 only: v2 refuses renames) named `.ready-<n>` beside the sites' groups, with
 //!   the limits a site with the node's defaults starts under; renamed to `<host>`, then only
 //!   a site whose limits differ has them written.
 //!
 //! Host names never start with a dot, so a placeholder can never meet a site's name. A few
 //! of each are kept; one low-priority thread tops them up once starts have been quiet for
-//! [`QUIET`], so the refill never competes with the boot that just took one. The agent's
+//! [`QUIET`], so the refill never competes with the boot that just took one. Only the first
+//! take after a refill wakes that thread (a start takes several things). The agent's
 //! start removes what a previous run left (`sites/.ready-*` and `logs/.ready-*` here, the
 //! groups with every other group in its own).
 
 use std::fs;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tracing::{debug, warn};
@@ -43,7 +47,7 @@ use tracing::{debug, warn};
 use super::cgroup::{Cgroups, Limits, SiteCgroup};
 use super::socket;
 use crate::config::Config;
-use crate::sitelog;
+use crate::sitelog::{self, ReadyPump, SiteLog};
 
 /// How many of each are kept ready: a burst of this many first hits finds them.
 const READY: usize = 4;
@@ -83,8 +87,10 @@ struct Pool {
     socket_dirs: Vec<String>,
     /// Groups a spare was offered but did not become the site's: removed once empty.
     orphans: Vec<SiteCgroup>,
-    /// Placeholders of empty log files.
-    logs: Vec<String>,
+    /// Placeholders of empty log files, open.
+    logs: Vec<(String, fs::File)>,
+    /// Output pumps whose thread waits for a worker already.
+    pumps: Vec<ReadyPump>,
     groups: Vec<ReadyGroup>,
 }
 
@@ -95,6 +101,12 @@ pub struct Ready {
     starting_limits: fn(&Config) -> Limits,
     pool: Mutex<Pool>,
     refill: Mutex<mpsc::Sender<()>>,
+    /// Whether the refill thread was told already: a start takes several things, and only
+    /// the first wakes it (a wake-up is a context switch on the start's path).
+    refill_asked: AtomicBool,
+    /// When something was last taken (ns since `epoch`): the refill waits for quiet after it.
+    last_take_ns: AtomicU64,
+    epoch: Instant,
     next: AtomicU64,
 }
 
@@ -114,6 +126,9 @@ impl Ready {
             starting_limits,
             pool: Mutex::new(Pool::default()),
             refill: Mutex::new(tx),
+            refill_asked: AtomicBool::new(false),
+            last_take_ns: AtomicU64::new(0),
+            epoch: Instant::now(),
             next: AtomicU64::new(0),
         });
         let filler = ready.clone();
@@ -142,17 +157,27 @@ impl Ready {
         }
     }
 
-    /// Make a ready log `host`'s, if one was ready and `host` has no log yet; either way
-    /// the site's log is then opened the usual way.
-    pub fn take_log(&self, host: &str) {
-        let Some(placeholder) = self.lock().logs.pop() else {
-            return;
-        };
+    /// A ready log made `host`'s, if one was ready and `host` has no log yet; `None`: open
+    /// the site's log the usual way.
+    pub fn take_log(&self, host: &str, max_bytes: u64) -> Option<SiteLog> {
+        let (placeholder, file) = self.lock().logs.pop()?;
         self.refill_soon();
         let state_dir = self.cfg.load().state_dir.clone();
-        if sitelog::claim_ready(&state_dir, &placeholder, host).is_err() {
-            self.lock().logs.push(placeholder); // the site has its log from an earlier run
+        match sitelog::claim_ready(&state_dir, &placeholder, host) {
+            Ok(()) => Some(SiteLog::ready_made(&state_dir, host, file, max_bytes)),
+            Err(_) => {
+                // The site has its log from an earlier run.
+                self.lock().logs.push((placeholder, file));
+                None
+            }
         }
+    }
+
+    /// An output pump whose thread is running already, if one is ready.
+    pub fn take_pump(&self) -> Option<ReadyPump> {
+        let pump = self.lock().pumps.pop()?;
+        self.refill_soon();
+        Some(pump)
     }
 
     /// An empty group named for `host` and the limits already written to it, if one was
@@ -181,6 +206,11 @@ impl Ready {
     }
 
     fn refill_soon(&self) {
+        self.last_take_ns
+            .store(self.epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if self.refill_asked.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let _ = self
             .refill
             .lock()
@@ -193,13 +223,18 @@ impl Ready {
             warn!(error = %e, "the ready-made start resources are made at normal CPU priority");
         }
         while rx.recv().is_ok() {
+            // Until nothing was taken for `QUIET`.
             loop {
-                match rx.recv_timeout(QUIET) {
-                    Ok(()) => continue,
-                    Err(mpsc::RecvTimeoutError::Timeout) => break,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                let last = Duration::from_nanos(self.last_take_ns.load(Ordering::Relaxed));
+                let quiet_at = last + QUIET;
+                let now = self.epoch.elapsed();
+                if now >= quiet_at {
+                    break;
                 }
+                std::thread::sleep(quiet_at - now);
             }
+            // Takes from here on ask again, so what they take is made up for too.
+            self.refill_asked.store(false, Ordering::Release);
             self.top_up();
         }
     }
@@ -219,9 +254,18 @@ impl Ready {
         while self.lock().logs.len() < READY {
             let placeholder = self.placeholder();
             match sitelog::create_ready(&cfg.state_dir, &placeholder) {
-                Ok(()) => self.lock().logs.push(placeholder),
+                Ok(file) => self.lock().logs.push((placeholder, file)),
                 Err(e) => {
                     warn!(error = %e, "cannot make a log ready for the next start");
+                    break;
+                }
+            }
+        }
+        while self.lock().pumps.len() < READY {
+            match ReadyPump::start() {
+                Ok(pump) => self.lock().pumps.push(pump),
+                Err(e) => {
+                    warn!(error = %e, "cannot start an output pump for the next start");
                     break;
                 }
             }

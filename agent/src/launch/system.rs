@@ -7,7 +7,7 @@
 //! starts) must never hold a request thread.
 
 use std::path::PathBuf;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use super::cgroup::{Cgroups, Limits, SiteCgroup, STARTING_CPU_WEIGHT};
 use super::direct as worker;
 use super::interpreters;
+use super::jobs::JobQueue;
 use super::ready::{Ready, ReadyGroup};
 use super::socket;
 use super::users::{SiteUser, UserCache};
@@ -43,8 +44,6 @@ const GROUP_GONE_WAIT: Duration = Duration::from_secs(2);
 /// How long an exited worker's output may take to reach its log before the exit is reported.
 const OUTPUT_DRAIN_WAIT: Duration = Duration::from_secs(1);
 
-type Job = Box<dyn FnOnce() + Send>;
-
 pub struct SystemLauncher {
     cfg: Arc<ArcSwap<Config>>,
     cgroups: Cgroups,
@@ -58,7 +57,7 @@ pub struct SystemLauncher {
     ready: Arc<Ready>,
     /// Which of a site's two socket names its serving worker was bound at.
     serving_names: Arc<DashMap<String, &'static str>>,
-    jobs: Mutex<mpsc::Sender<Job>>,
+    jobs: Arc<JobQueue>,
     metrics: Arc<Metrics>,
 }
 
@@ -95,10 +94,9 @@ impl SystemLauncher {
                 "no CAP_SYS_NICE: workers keep the nice their start ran at (see deploy/systemd/roost-agent.service)"
             );
         }
-        let (tx, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
+        let jobs = Arc::new(JobQueue::default());
         for i in 0..LAUNCH_THREADS {
-            let rx = rx.clone();
+            let queue = jobs.clone();
             let runtime = runtime.clone();
             std::thread::Builder::new()
                 .name(format!("roost-launch-{i}"))
@@ -108,11 +106,7 @@ impl SystemLauncher {
                     if let Err(e) = super::priority::lower_this_thread() {
                         warn!(error = %e, "launcher thread keeps normal CPU priority");
                     }
-                    loop {
-                        let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
-                            Ok(job) => job,
-                            Err(_) => return,
-                        };
+                    while let Some(job) = queue.pop() {
                         job();
                     }
                 })?;
@@ -125,7 +119,7 @@ impl SystemLauncher {
             users: Arc::new(UserCache::default()),
             ready,
             serving_names: Arc::new(DashMap::new()),
-            jobs: Mutex::new(tx),
+            jobs,
             metrics,
         }))
     }
@@ -140,13 +134,9 @@ impl SystemLauncher {
         f: impl FnOnce() -> Result<T, LaunchError> + Send + 'static,
     ) -> BoxFut<Result<T, LaunchError>> {
         let (tx, rx) = oneshot::channel();
-        let sent = self
-            .jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(Box::new(move || {
-                let _ = tx.send(f());
-            }));
+        let sent = self.jobs.push(Box::new(move || {
+            let _ = tx.send(f());
+        }));
         Box::pin(async move {
             if sent.is_err() {
                 return Err(LaunchError("the launcher threads are gone".into()));
@@ -158,6 +148,12 @@ impl SystemLauncher {
 
     fn cgroup(&self, host: &str) -> Option<SiteCgroup> {
         self.site_cgroups.get(host).map(|c| c.clone())
+    }
+}
+
+impl Drop for SystemLauncher {
+    fn drop(&mut self) {
+        self.jobs.close(); // the launcher threads end
     }
 }
 
@@ -301,12 +297,11 @@ fn site_log(
     if let Some(log) = logs.get(host) {
         return Ok(log.clone());
     }
-    ready.take_log(host);
-    let log = Arc::new(Mutex::new(SiteLog::open(
-        &cfg.state_dir,
-        host,
-        cfg.log_max_bytes,
-    )?));
+    let log = match ready.take_log(host, cfg.log_max_bytes) {
+        Some(log) => log,
+        None => SiteLog::open(&cfg.state_dir, host, cfg.log_max_bytes)?,
+    };
+    let log = Arc::new(Mutex::new(log));
     Ok(logs.entry(host.to_string()).or_insert(log).clone())
 }
 
@@ -428,7 +423,10 @@ impl StartJob {
         };
         let bound = Instant::now();
         let (log, output_drained) = site_log(&self.logs, &self.setup.ready, &self.cfg, host)
-            .and_then(|log| sitelog::pump(host, log))
+            .and_then(|log| match self.setup.ready.take_pump() {
+                Some(pump) => Ok(pump.assign(host, log)),
+                None => sitelog::pump(host, log),
+            })
             .map_err(|e| LaunchError(format!("cannot open the site's log: {e}")))?;
         Ok(Prepared {
             user,
