@@ -640,6 +640,27 @@ class Spare:
         self.pid, self.pidfd, self.sock = pid, pidfd, sock
         # The cgroup the agent gave it to join while it waits (`spare-cgroup`), if any.
         self.group = group
+        # Whether the agent holds a copy of `sock` (`announce`): then the agent sends the
+        # spare its fork request itself, and this zygote never hands it over.
+        self.announced = False
+
+    def close(self):
+        self.sock.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+
+
+def announce(spare, events):
+    """Give the agent a copy of the spare's socket and its pid (agent/src/launch/spare.rs):
+    a worker's fork request then goes to the spare directly, answered already, without
+    waking this zygote (issue 14: the zygote's wake-up and handover, then the spare's
+    answer, were 0.5 ms of a cold start)."""
+    try:
+        socket.send_fds(events, [json.dumps({"spare": spare.pid}).encode()], [spare.sock.fileno()])
+    except OSError as e:
+        log("cannot give the agent the spare's socket (it is handed over here instead): %s" % e)
+    else:
+        spare.announced = True
 
 
 def make_spare(control, events, group=None):
@@ -714,6 +735,16 @@ def _rehearse_answer():
         theirs.close()
 
 
+def _settled(sock, joined, offered):
+    """Tell whoever holds the other end (the agent, when the zygote gave it a copy) that
+    this spare is ready, and in which group made ahead: what the answer to a fork request
+    would say, so the agent can send one that needs none."""
+    try:
+        sock.send(json.dumps({"settled": True, "cgroup": joined, "cgroup_offered": offered}).encode())
+    except OSError:
+        pass  # nobody will send a request to this spare without an answer
+
+
 def _join_spare_group(grant):
     """Join the cgroup the agent made ahead for this spare (cgroup v1: `tasks`, \"0\", cheap
     for a process moving itself); its name if every hierarchy took it, else None."""
@@ -748,6 +779,7 @@ def spare_main(sock, zygote_socks, group=None):
         # the fork request, paid ahead.
         roost_worker.prewarm()
         _rehearse_answer()
+        _settled(sock, joined, offered)
         while True:
             msg, fds, _, _ = socket.recv_fds(sock, 4096, 1)
             if not msg:
@@ -757,12 +789,17 @@ def spare_main(sock, zygote_socks, group=None):
             grant = json.loads(msg)  # a group given after this spare was made
             if grant.get("op") == "spare-cgroup" and offered is None:
                 offered, joined = grant["name"], _join_spare_group(grant)
+                _settled(sock, joined, offered)
         if len(fds) != 1:
             os._exit(0)
-        # The request as the agent sent it: this process answers it.
+        # The request as the agent sent it: this process answers it, unless the agent
+        # knows the answer (a request sent to this spare directly: spare.rs).
         t = time.perf_counter()
         sock.close()
         req = json.loads(msg)
+        if req.get("answered") is True and req.get("op") == "fork" and req.get("role") == "worker":
+            roost_worker.start_timeline(t)
+            worker_main(fds[0], ())
         role = CHILD_ROLES.get(req.get("role", "worker")) if req.get("op") == "fork" else None
         if role is None:
             _answer(fds[0], {"id": req.get("id"), "error": "bad request"})
@@ -819,7 +856,17 @@ def serve_forks(control, events):
     poller = select.poll()
     poller.register(CONTROL_FD, select.POLLIN)
     poller.register(LIFELINE_FD, select.POLLIN)
-    spare = make_spare(control, events)
+
+    def new_spare(group=None):
+        made = make_spare(control, events, group)
+        if made is not None:
+            announce(made, events)
+            # The spare closes its end once it has its request (or exits): that is how
+            # this zygote learns that the agent used it.
+            poller.register(made.sock.fileno(), select.POLLHUP)
+        return made
+
+    spare = new_spare()
     rehearse_handover()
     # A `spare-cgroup` from the agent for the next spare, kept until that one is made.
     granted = None
@@ -827,7 +874,7 @@ def serve_forks(control, events):
     while True:
         ready = poller.poll(None if spare else SPARE_AFTER_IDLE_MS)
         if not ready:
-            spare = make_spare(control, events, granted)
+            spare = new_spare(granted)
             if spare is not None:
                 granted = None
             rehearse_handover()
@@ -836,6 +883,13 @@ def serve_forks(control, events):
             if fd == LIFELINE_FD:
                 log("the agent is gone; exiting")
                 return 0
+            if spare is not None and fd == spare.sock.fileno():
+                poller.unregister(fd)
+                spare.close()  # taken by the agent (or gone): the next one after a quiet spell
+                spare = None
+                continue
+            if fd != CONTROL_FD:
+                continue  # a spare closed before this zygote saw its hang-up
             try:
                 msg, fds, _, _ = socket.recv_fds(control, 4096, 1)
             except InterruptedError:
@@ -845,7 +899,8 @@ def serve_forks(control, events):
                 return 0
             # A spare in a group made ahead becomes a worker only: a probe or a framework
             # zygote must not live in a site's group.
-            if spare is not None and len(fds) == 1 and (spare.group is None or json.loads(msg).get("role", "worker") == "worker"):
+            if spare is not None and not spare.announced and len(fds) == 1 and (spare.group is None or json.loads(msg).get("role", "worker") == "worker"):
+                poller.unregister(spare.sock.fileno())
                 handed, spare = hand_over(spare, msg, fds[0]), None
                 if handed:
                     continue
@@ -881,9 +936,7 @@ def hand_over(spare, msg, chan_fd):
     else:
         handed = True
         os.close(chan_fd)
-    spare.sock.close()
-    if spare.pidfd is not None:
-        os.close(spare.pidfd)
+    spare.close()
     return handed
 
 

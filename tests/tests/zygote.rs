@@ -683,6 +683,32 @@ fn a_spare_waits_as_one_unspecialised_thread_with_nothing_left_of_its_prewarm() 
         "a spare holds only the zygote's fds and its socket to the zygote: {held:?}"
     );
     assert_eq!(held.get(&5), fds(zygote).get(&5), "fd 5 is the lifeline");
+
+    // The zygote gave the agent its end of the spare's socket (a copy, the same socket):
+    // the only socket the agent and the zygote share. A worker's fork request then goes to
+    // the spare without waking the zygote, and the spare becomes the site's worker.
+    let (agent, _) = agent_and_zygote(&c);
+    let sockets = |pid: u32| -> BTreeSet<String> {
+        fds(pid)
+            .into_values()
+            .filter(|t| t.starts_with("socket:"))
+            .collect()
+    };
+    assert!(
+        wait_until(EXIT, || sockets(agent).intersection(&sockets(zygote)).count() == 1),
+        "the agent holds no copy of the zygote's end of spare {spare}'s socket: agent {:?}, zygote {:?}",
+        sockets(agent),
+        sockets(zygote)
+    );
+    let alice = ensure_user(ALICE);
+    let host = "spare.example";
+    put_site(
+        &c,
+        host,
+        echo_record(&alice, &c.echo_site_dir(&alice, host)),
+    );
+    let worker = report_pid(&first_answer(&c, host).json());
+    assert_eq!(worker, spare, "the waiting spare became the site's worker");
     c.assert_running();
 }
 

@@ -612,10 +612,11 @@ impl Builder {
         let key = (set.interpreter.clone(), set.packages.clone());
         let exits = zygotes.exit_board();
         let fw_weak = Arc::downgrade(fw);
+        let z_weak = Arc::downgrade(&z);
         std::thread::Builder::new()
             .name("roost-fw-zygote-ev".into())
             .spawn(move || {
-                read_events(events, exits);
+                read_events(events, exits, z_weak);
                 // EOF: the framework zygote is gone.
                 if let Some(fw) = fw_weak.upgrade() {
                     let _ = lock(&fw.builder).send(Job::Died(key, pid));

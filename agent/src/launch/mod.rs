@@ -25,6 +25,7 @@ pub mod priority;
 pub mod ready;
 pub mod rlimit;
 pub mod socket;
+mod spare;
 pub mod system;
 pub mod users;
 pub mod watchdog;

@@ -43,7 +43,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
@@ -58,6 +58,7 @@ use super::fdpass::{pidfd_open, recv_with_fds, send_with_fds, set_timeouts};
 use super::framework_zygotes::{FrameworkZygote, Frameworks};
 use super::ready::ReadyGroup;
 use super::socket::ensure_dir;
+use super::spare::Spare;
 use crate::config::FrameworkSettings;
 
 /// The zygote's Python source, installed at start so the binary is self-contained.
@@ -120,6 +121,12 @@ pub struct Zygote {
     /// The cgroup made ahead that this zygote's current or next spare joins while it waits
     /// (cgroup v1; `launch/ready.rs`), until a spare's answer names it.
     spare_group: Mutex<Option<ReadyGroup>>,
+    /// This zygote's spare, when the zygote gave the agent its socket: a worker's fork
+    /// request goes to it, answered already (`spare.rs`).
+    spare: Mutex<Option<Spare>>,
+    /// To tell, before using its spare, that the zygote is still there: a spare whose
+    /// zygote died is not used (the start falls back as it would without a spare).
+    pidfd: Option<OwnedFd>,
 }
 
 struct Start {
@@ -209,6 +216,9 @@ impl Zygotes {
     /// channel while the launcher prepares the site's cgroup and log ([`Self::finish_fork`]).
     pub fn begin_fork(&self, host: &str, interpreter: &Path) -> io::Result<PendingFork> {
         let pending = self.ask_for(host, interpreter);
+        if pending.as_ref().is_ok_and(|p| p.asked.to_spare) {
+            return pending; // the zygote was not woken (the spare's own wake-up: see `request`)
+        }
         // The scheduler tends to queue the zygote, just woken, on this thread's CPU, where it
         // would wait out the whole preparation (about a millisecond: measured with `perf
         // sched`) before handing the spare over. Let it go first; when it landed on another
@@ -434,6 +444,10 @@ pub(super) struct Answer {
 pub(super) struct Asked {
     zygote: Arc<Zygote>,
     id: u64,
+    /// Sent to the zygote's spare directly, not to the zygote.
+    pub(super) to_spare: bool,
+    /// The answer, known when the request went to the spare ([`Zygote::request`]).
+    answered: Mutex<Option<Answer>>,
     pub(super) ours: OwnedFd,
 }
 
@@ -448,10 +462,12 @@ impl Asked {
             SockFlag::SOCK_CLOEXEC,
         )?;
         set_timeouts(ours.as_raw_fd(), FORK_TIMEOUT)?;
-        let id = zygote.request(theirs, role)?;
+        let (id, answered) = zygote.request(theirs, role)?;
         Ok(Self {
             zygote: zygote.clone(),
             id,
+            to_spare: answered.is_some(),
+            answered: Mutex::new(answered),
             ours,
         })
     }
@@ -459,6 +475,14 @@ impl Asked {
     /// The child's pid and, when one could be opened, its pidfd. A zygote that does not
     /// answer in time (or answers garbage) is killed; the manager restarts it.
     pub(super) fn answer(&self) -> io::Result<Answer> {
+        if let Some(answer) = self
+            .answered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            return Ok(answer);
+        }
         let read = || -> io::Result<Result<Answer, String>> {
             // Bounded by the channel's receive timeout (set in `new`).
             let (bytes, mut fds) = recv_with_fds(self.ours.as_raw_fd(), 1)?;
@@ -541,7 +565,24 @@ impl Zygote {
             next_id: AtomicU64::new(1),
             dead: AtomicBool::new(false),
             spare_group: Mutex::new(None),
+            spare: Mutex::new(None),
+            // Opened while the zygote is known to run (just spawned, or just answered).
+            pidfd: pidfd_open(pid).ok(),
         }
+    }
+
+    /// Whether the zygote process has ended, before the agent noticed (a pidfd turns
+    /// readable at the exit, before the process is reaped).
+    fn has_exited(&self) -> bool {
+        self.pidfd.as_ref().is_some_and(|fd| {
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, no wait.
+            unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+        })
     }
 
     pub fn pid(&self) -> i32 {
@@ -554,6 +595,8 @@ impl Zygote {
 
     pub(super) fn mark_dead(&self) {
         self.dead.store(true, Ordering::Release);
+        // A spare waits until every copy of its socket is closed: this one too.
+        self.lock_spare().take();
     }
 
     pub(super) fn kill(&self) {
@@ -566,21 +609,35 @@ impl Zygote {
 
     /// Send a fork request whose child reads its request from `channel` and becomes a
     /// `role`; the zygote answers on `channel` itself (see [`Asked`]). Returns the
-    /// request's id.
-    fn request(&self, channel: OwnedFd, role: &str) -> io::Result<u64> {
-        let control = self.control.lock().unwrap_or_else(|p| p.into_inner());
+    /// request's id, and the answer when the request went to the spare directly.
+    fn request(&self, channel: OwnedFd, role: &str) -> io::Result<(u64, Option<Answer>)> {
         if self.dead.load(Ordering::Acquire) {
             return Err(io::Error::other("the zygote has exited"));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let request = json!({"op": "fork", "id": id, "role": role}).to_string();
+        // A worker from the spare the zygote gave us, answered already, if it is settled;
+        // else the zygote is asked, and forks.
+        if role == "worker" && self.has_exited() {
+            self.lock_spare().take();
+        } else if role == "worker" {
+            let mut held = self.lock_spare();
+            if let Some(spare) = held.take() {
+                match spare.take_for(id, &channel) {
+                    Ok(Some(answer)) => return Ok((id, Some(answer))),
+                    Ok(None) => {}
+                    Err(unsettled) => *held = Some(*unsettled),
+                }
+            }
+        }
+        let control = self.control.lock().unwrap_or_else(|p| p.into_inner());
         send_with_fds(
             control.as_raw_fd(),
             request.as_bytes(),
             &[channel.as_raw_fd()],
         )
         .inspect_err(|e| self.failed(e))?;
-        Ok(id)
+        Ok((id, None))
     }
 
     /// Whether this zygote's spares have no group made ahead yet (it is live).
@@ -603,6 +660,19 @@ impl Zygote {
         }
         *self.lock_spare_group() = Some(group);
         Ok(())
+    }
+
+    /// The zygote's new spare (its socket and pid, from the events channel): the next
+    /// worker's request goes to it.
+    fn offer_spare(&self, sock: OwnedFd, pid: i32) {
+        if self.is_dead() {
+            return;
+        }
+        *self.lock_spare() = Spare::offer(sock, pid);
+    }
+
+    fn lock_spare(&self) -> std::sync::MutexGuard<'_, Option<Spare>> {
+        self.spare.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_spare_group(&self) -> std::sync::MutexGuard<'_, Option<ReadyGroup>> {
@@ -750,7 +820,7 @@ impl Manager {
         for (interp, status, lived) in exited {
             self.children.remove(&interp);
             if let Some(z) = zygotes.lock_live().remove(&interp) {
-                z.dead.store(true, Ordering::Release);
+                z.mark_dead();
             }
             let entry = self
                 .wanted
@@ -890,32 +960,30 @@ impl Manager {
         drop(events_theirs);
         let pid = child.id() as i32;
         info!(pid, interpreter = %interp.display(), "zygote started");
-        let zygote = Arc::new(Zygote {
-            interpreter: interp.to_path_buf(),
-            pid,
-            control: Mutex::new(control),
-            next_id: AtomicU64::new(1),
-            dead: AtomicBool::new(false),
-            spare_group: Mutex::new(None),
-        });
+        let zygote = Arc::new(Zygote::new(interp.to_path_buf(), pid, control));
+        let weak = Arc::downgrade(&zygote);
         std::thread::Builder::new()
             .name("roost-zygote-ev".into())
-            .spawn(move || read_events(events, exits))?;
+            .spawn(move || read_events(events, exits, weak))?;
         Ok((zygote, child))
     }
 }
 
-/// Exit reports from one zygote, until it closes its end.
-pub(super) fn read_events(events: OwnedFd, exits: Arc<ExitBoard>) {
+/// Exit reports and new spares' sockets from one zygote, until it closes its end.
+pub(super) fn read_events(events: OwnedFd, exits: Arc<ExitBoard>, zygote: Weak<Zygote>) {
     loop {
-        match recv_with_fds(events.as_raw_fd(), 0) {
+        match recv_with_fds(events.as_raw_fd(), 1) {
             Ok((bytes, _)) if bytes.is_empty() => return,
-            Ok((bytes, _)) => {
+            Ok((bytes, mut fds)) => {
                 let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
                     continue;
                 };
                 if let (Some(pid), Some(status)) = (v["pid"].as_i64(), v["status"].as_str()) {
                     exits.put(pid as i32, status.to_string());
+                } else if let (Some(pid), 1) = (v["spare"].as_i64(), fds.len()) {
+                    if let Some(zygote) = zygote.upgrade() {
+                        zygote.offer_spare(fds.remove(0), pid as i32);
+                    }
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
