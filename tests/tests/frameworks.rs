@@ -309,6 +309,10 @@ fn django_and_flask_sites_fork_from_framework_zygotes_learnt_with_no_configurati
     // at the first request; the zygote is started again later.
     wait_gone(&c, last_pid[0]);
     kill(Pid::from_raw(django as i32), Signal::SIGKILL).unwrap();
+    // Gone, not only killed: while its memory is torn down (milliseconds for a Django
+    // zygote) the agent can't tell, and its spare, which the agent holds, can still take
+    // a start (it serves it as well; agent/src/launch/spare.rs).
+    wait_gone(&c, django);
     let page = fetch(&c, "d1.example");
     assert_django_page(&page);
     assert_eq!(page.ppid, base, "fallback to the base zygote");
