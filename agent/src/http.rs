@@ -296,8 +296,15 @@ impl ProxyHttp for AgentHttp {
         let Some(ticket) = &ctx.ticket else {
             return Error::e_explain(ErrorType::InternalError, "no worker claimed");
         };
-        let path = ticket.socket_path.to_string_lossy();
-        let mut peer = HttpPeer::new_uds(&path, false, String::new())?;
+        // The socket's address (where it was bound), which pingora checks pooled
+        // connections against; a socket bound ahead is reached at another path.
+        let address = ticket.socket_address.to_string_lossy();
+        let mut peer = HttpPeer::new_uds(&address, false, String::new())?;
+        if ticket.socket_address != ticket.socket_path {
+            peer.options.custom_l4 = Some(Arc::new(crate::preconnect::ConnectAt {
+                socket: ticket.socket_path.clone(),
+            }));
+        }
         peer.group_key = ticket.generation;
         peer.options.connection_timeout = Some(Duration::from_secs(5));
         peer.options.read_timeout = Some(ticket.request_timeout);

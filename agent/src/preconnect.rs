@@ -218,19 +218,39 @@ impl L4Connect for Preconnected {
             }
             self.preconnects.count(Outcome::Closed);
         }
-        let connect = tokio::net::UnixStream::connect(&self.socket);
-        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-            Ok(Ok(stream)) => Ok(stream.into()),
-            Ok(Err(e)) => Err(Error::because(
-                ErrorType::ConnectError,
-                format!("connecting to {}", self.socket.display()),
-                e,
-            )),
-            Err(_) => Error::e_explain(
-                ErrorType::ConnectTimedout,
-                format!("connecting to {}", self.socket.display()),
-            ),
-        }
+        connect_to(&self.socket).await
+    }
+}
+
+/// pingora's connector for a worker socket whose address is not the path it is reached at
+/// now (bound ahead under a placeholder, then its directory renamed: `launch/ready.rs`).
+/// The peer carries the address, which pingora checks a pooled connection's against; this
+/// connects to the path.
+#[derive(Debug)]
+pub struct ConnectAt {
+    pub socket: Arc<Path>,
+}
+
+#[async_trait]
+impl L4Connect for ConnectAt {
+    async fn connect(&self, _addr: &SocketAddr) -> Result<Stream> {
+        connect_to(&self.socket).await
+    }
+}
+
+async fn connect_to(socket: &Path) -> Result<Stream> {
+    let connect = tokio::net::UnixStream::connect(socket);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(stream)) => Ok(stream.into()),
+        Ok(Err(e)) => Err(Error::because(
+            ErrorType::ConnectError,
+            format!("connecting to {}", socket.display()),
+            e,
+        )),
+        Err(_) => Error::e_explain(
+            ErrorType::ConnectTimedout,
+            format!("connecting to {}", socket.display()),
+        ),
     }
 }
 

@@ -212,16 +212,31 @@ fn a_never_started_site_takes_a_socket_log_and_cgroup_made_ahead_with_its_own_li
         "capped.example's socket directory was not a ready one\n{}",
         c.diagnostics()
     );
-    // ... and the socket was bound there, not under the placeholder: a socket's address is
-    // the path it was bound at, and the agent reuses connections only to a socket whose
-    // address is the path it connects to.
-    let sock = c.site_state_dir("capped.example").join("sock");
+    // ... with its socket, bound ahead under the placeholder: the kernel still gives that
+    // path as its address (it does not follow renames). The agent's connection pool checks
+    // a worker connection's peer address before reusing it, so the agent's peer carries
+    // that address while it connects to `sites/<host>/sock`: connections are reused
+    // (pingora logs an "FD mismatch" for each one it refuses).
+    let placeholder = ready_sockets
+        .iter()
+        .find(|(_, i)| *i == ino(&c.site_state_dir("capped.example")))
+        .map(|(name, _)| name.clone())
+        .unwrap();
+    let bound_at = sites.join(&placeholder).join("sock");
     let unix = std::fs::read_to_string("/proc/net/unix").unwrap();
     assert!(
         unix.lines()
-            .any(|l| l.ends_with(&format!(" {}", sock.display()))),
+            .any(|l| l.ends_with(&format!(" {}", bound_at.display()))),
         "no socket bound at {}:\n{unix}",
-        sock.display()
+        bound_at.display()
+    );
+    for _ in 0..5 {
+        assert_eq!(c.get("capped.example", "/").unwrap().status, 200);
+    }
+    assert!(
+        !c.agent_log().contains("FD mismatch"),
+        "the agent did not reuse its connections to a socket bound ahead\n{}",
+        c.diagnostics()
     );
     let log = logs.join("capped.example.log");
     assert!(

@@ -45,7 +45,12 @@ pub type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// A listening socket the agent owns for a site's workers, and where it can be reached.
 pub struct Listener {
     pub socket: UnixListener,
+    /// Where it is reached now.
     pub path: PathBuf,
+    /// Where it was bound: its address as connections to it report it (`getpeername`),
+    /// which the agent's connection pool checks. Differs from `path` only for a socket
+    /// bound in a directory made ahead and renamed since (`ready.rs`).
+    pub address: PathBuf,
 }
 
 /// Which of a site's sockets: the one requests go to, or a fresh one for a worker of a new

@@ -10,6 +10,9 @@
 //! sites/<host>/sock 0600 root
 //! ```
 //!
+//! (A never-started site's socket is bound ahead at `sites/.ready-<n>/sock` and its
+//! directory renamed to `sites/<host>`: `ready.rs`.)
+//!
 //! The worker gets the socket as fd 3 and never needs its path, so no directory on the
 //! way to it is the tenant's: root never resolves a path a tenant can redirect with a
 //! symlink (an earlier layout gave `sites/<host>/` to the site's user, and a tenant who
@@ -49,23 +52,20 @@ pub fn bind(state_dir: &Path, host: &str, name: &str) -> io::Result<(UnixListene
 
 /// Remove the site's socket directory (the site is gone from this node). `remove_dir_all`
 /// never follows a symlink inside the tree.
-/// A socket directory made ahead of any site, for the next never-started site's worker
-/// (`launch/ready.rs`): `sites/<placeholder>/`, as root-only as a site's.
-pub fn make_ready_dir(state_dir: &Path, placeholder: &str) -> io::Result<()> {
-    ensure_dir(&state_dir.join("sites"), 0o711)?;
-    ensure_root_only_dir(&state_dir.join("sites").join(placeholder))
-}
-
-/// Make the directory from [`make_ready_dir`] the socket directory of `host` and bind the
-/// serving socket in it. Refuses, and changes nothing, when `host` has a directory already.
-/// The socket is bound after the rename, at its final path: a unix socket keeps the path it
-/// was bound at as its address (`getpeername`), and the agent's connection pool checks
-/// that address against the path it connected to.
-pub fn bind_in_ready_dir(
+/// A serving socket bound ahead of any site, for the next never-started site's worker
+/// (`launch/ready.rs`): `sites/<placeholder>/sock`, in a directory as root-only as a site's.
+/// Returns the listener and the path it was bound at (its address from then on).
+pub fn make_ready_socket(
     state_dir: &Path,
     placeholder: &str,
-    host: &str,
-) -> Result<(UnixListener, PathBuf), (io::Error, bool)> {
+) -> io::Result<(UnixListener, PathBuf)> {
+    bind(state_dir, placeholder, SERVING)
+}
+
+/// Make the directory of [`make_ready_socket`] the socket directory of `host`: the socket
+/// is then reached at `sites/<host>/sock`, and keeps its placeholder path as its address.
+/// Refuses, and changes nothing, when `host` has a directory already. Returns the new path.
+pub fn claim_ready_socket(state_dir: &Path, placeholder: &str, host: &str) -> io::Result<PathBuf> {
     let sites = state_dir.join("sites");
     let dir = sites.join(host);
     nix::fcntl::renameat2(
@@ -75,13 +75,8 @@ pub fn bind_in_ready_dir(
         &dir,
         nix::fcntl::RenameFlags::RENAME_NOREPLACE,
     )
-    .map_err(|e| (with_path(e.into(), &dir), false))?;
-    let path = dir.join(SERVING);
-    let listener = UnixListener::bind(&path).map_err(|e| (with_path(e, &path), true))?;
-    // Safe by path: the directory is root's alone, nobody else can put a symlink here.
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
-        .map_err(|e| (with_path(e, &path), true))?;
-    Ok((listener, path))
+    .map_err(|e| with_path(e.into(), &dir))?;
+    Ok(dir.join(SERVING))
 }
 
 pub fn remove(state_dir: &Path, host: &str) {

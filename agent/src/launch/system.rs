@@ -397,13 +397,20 @@ impl StartJob {
                 _ => (socket::CANDIDATE, None),
             },
         };
-        let (socket, path) = match ready {
+        let listener = match ready {
             Some(taken) => taken,
-            None => socket::bind(&self.cfg.state_dir, host, name)
-                .map_err(|e| LaunchError(format!("cannot create the site's socket: {e}")))?,
+            None => {
+                let (socket, path) = socket::bind(&self.cfg.state_dir, host, name)
+                    .map_err(|e| LaunchError(format!("cannot create the site's socket: {e}")))?;
+                Listener {
+                    socket,
+                    address: path.clone(),
+                    path,
+                }
+            }
         };
         debug!(site = %host, bind_us = us(began.elapsed()), "socket bound");
-        Ok(Arc::new(Listener { socket, path }))
+        Ok(Arc::new(listener))
     }
 
     /// The user, the socket and the log of a start.

@@ -542,11 +542,17 @@ impl Actor {
             .as_ref()
             .map(|(_, p)| Arc::from(p.as_path()))
             .unwrap_or_else(|| Arc::from(std::path::Path::new("")));
+        // The same path unless the socket was bound ahead under another name (ready.rs).
+        let socket_address = match &self.serving {
+            Some((l, p)) if l.address != *p => Arc::from(l.address.as_path()),
+            _ => socket_path.clone(),
+        };
         self.shared.route.store(Some(Arc::new(Route {
             epoch,
             generation: proc.generation,
             pid: proc.worker.pid(),
             socket_path,
+            socket_address,
             request_timeout: Duration::from_secs(proc.spec.request_timeout),
             memory_limit_mb: proc.spec.memory_limit_mb,
             max_concurrent_requests: proc.spec.max_concurrent_requests,

@@ -98,7 +98,13 @@ impl Launcher for Fake {
             t.sockets
         };
         let path = self.dir.join(format!("{host}-{n}.sock"));
-        let bound = UnixListener::bind(&path).map(|socket| Arc::new(Listener { socket, path }));
+        let bound = UnixListener::bind(&path).map(|socket| {
+            Arc::new(Listener {
+                socket,
+                address: path.clone(),
+                path,
+            })
+        });
         Box::pin(async move { bound.map_err(LaunchError::from) })
     }
 

@@ -126,6 +126,9 @@ pub struct Route {
     pub generation: u64,
     pub pid: i32,
     pub socket_path: Arc<Path>,
+    /// The socket's address, which connections to it report: `socket_path` unless it was
+    /// bound ahead under a placeholder name (`launch/ready.rs`).
+    pub socket_address: Arc<Path>,
     pub request_timeout: Duration,
     pub memory_limit_mb: Option<u64>,
     /// The site's own limit of concurrent requests; the node's default is read per claim,
@@ -176,6 +179,8 @@ pub struct Ticket {
     pub(super) shared: Arc<SiteShared>,
     pub(super) ctx: Arc<Ctx>,
     pub socket_path: Arc<Path>,
+    /// See [`Route::socket_address`].
+    pub socket_address: Arc<Path>,
     /// Which worker generation was current, so pooled connections never cross workers.
     pub generation: u64,
     /// The gate's epoch it was counted in.
@@ -196,6 +201,7 @@ impl Ticket {
             shared: shared.clone(),
             ctx: ctx.clone(),
             socket_path: route.socket_path.clone(),
+            socket_address: route.socket_address.clone(),
             generation: route.generation,
             epoch: route.epoch,
             pid: route.pid,
