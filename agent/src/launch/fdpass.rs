@@ -77,6 +77,23 @@ pub fn set_timeouts(fd: RawFd, t: Duration) -> io::Result<()> {
     Ok(())
 }
 
+/// The events of `events` (and any hang-up or error) `fd` has now, without waiting; 0 when
+/// none, `POLLERR` when the poll itself fails.
+pub fn poll_now(fd: RawFd, events: libc::c_short) -> libc::c_short {
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    match n {
+        0 => 0,
+        n if n < 0 => libc::POLLERR,
+        _ => pfd.revents,
+    }
+}
+
 /// `pidfd_open(2)` (Linux ≥ 5.3), for a zygote whose Python lacks `os.pidfd_open`.
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: plain system call; the result is a new fd we own.

@@ -23,7 +23,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use nix::sys::socket::{recv, MsgFlags};
 use serde_json::json;
 
-use super::fdpass::{pidfd_open, send_with_fds, set_timeouts};
+use super::fdpass::{pidfd_open, poll_now, send_with_fds, set_timeouts};
 use super::zygote::Answer;
 
 /// How long a fork request may take to be sent to a spare.
@@ -114,12 +114,5 @@ impl Spare {
 
 /// Whether the other end of `sock` is closed.
 fn hung_up(sock: &OwnedFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: sock.as_raw_fd(),
-        events: 0,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, no wait.
-    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-    n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+    poll_now(sock.as_raw_fd(), 0) & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
 }

@@ -54,7 +54,7 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use super::direct::{check, worker_env, Launch};
-use super::fdpass::{pidfd_open, recv_with_fds, send_with_fds, set_timeouts};
+use super::fdpass::{pidfd_open, poll_now, recv_with_fds, send_with_fds, set_timeouts};
 use super::framework_zygotes::{FrameworkZygote, Frameworks};
 use super::ready::ReadyGroup;
 use super::socket::ensure_dir;
@@ -574,15 +574,9 @@ impl Zygote {
     /// Whether the zygote process has ended, before the agent noticed (a pidfd turns
     /// readable at the exit, before the process is reaped).
     fn has_exited(&self) -> bool {
-        self.pidfd.as_ref().is_some_and(|fd| {
-            let mut pfd = libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd, no wait.
-            unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
-        })
+        self.pidfd
+            .as_ref()
+            .is_some_and(|fd| poll_now(fd.as_raw_fd(), libc::POLLIN) != 0)
     }
 
     pub fn pid(&self) -> i32 {
@@ -727,17 +721,7 @@ impl ForkedWorker {
 }
 
 async fn poll_until_exit(fd: RawFd) {
-    loop {
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, zero timeout.
-        let n = unsafe { libc::poll(&mut p, 1, 0) };
-        if n != 0 {
-            return;
-        }
+    while poll_now(fd, libc::POLLIN) == 0 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
