@@ -223,10 +223,50 @@ def worker_main(chan_fd, zygote_socks):
             os._exit(code)
 
 
-def _worker(chan_fd, zygote_socks):
+# What a spare did ahead of its worker's specialisation (`_prepare_ahead`), else None.
+_AHEAD = None
+
+
+class _Ahead:
+    __slots__ = ("devnull", "lifeline")
+
+    def __init__(self, devnull, lifeline):
+        self.devnull, self.lifeline = devnull, lifeline
+
+
+def _reset_signals():
     for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(s, signal.SIG_DFL if s != signal.SIGPIPE else signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _prepare_ahead():
+    """In a spare, once it has walked the request path: the part of a worker's
+    specialisation that is the same for every site, done while it waits rather than on a
+    cold start's path (issue 14: in a worker woken cold, these few calls took 0.2-0.3 ms).
+    A spare becomes a worker and nothing else (`serve_forks` forks probes and framework
+    zygotes afresh), so none of this reaches a zygote. Returns what `_worker` then skips."""
+    _reset_signals()
+    # Its own session: the agent signals a worker's whole tree as -pid.
+    os.setsid()
+    # The zygote's two variables (PATH, LANG): the worker's environment is the site's alone.
+    os.environ.clear()
+    ahead = _Ahead(_high(os.open("/dev/null", os.O_RDWR)), _high(os.dup(LIFELINE_FD)))
+    roost_worker.after_first_response = _then(roost_worker.after_first_response, _defer_bytecode_writes())
+    # Back to nice 0 now: nothing runs until a request comes, and then it is a cold start's
+    # path (at the zygote's nice 10, every thread the start wakes preempted it). Whatever
+    # the boot weight, a group joined governs the worker from then on.
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except PermissionError:
+        pass
+    return ahead
+
+
+def _worker(chan_fd, zygote_socks):
+    ahead = _AHEAD
+    if ahead is None:
+        _reset_signals()
     # The zygote's sockets must never be closed through these objects (their fd numbers
     # are about to be reused).
     for s in zygote_socks:
@@ -244,12 +284,14 @@ def _worker(chan_fd, zygote_socks):
         for path in cgroups["cgroup_procs"]:
             _join_cgroup(path)
     # The zygote runs below normal priority (agent/src/launch/priority.rs); its worker, once
-    # in its site's cgroup, is back to normal, while it is still root and can. Without
-    # CAP_SYS_NICE (the agent warned at its start) it keeps the zygote's nice.
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, 0)
-    except PermissionError:
-        pass
+    # in its site's cgroup, is back to normal, while it is still root and can (a spare is
+    # already). Without CAP_SYS_NICE (the agent warned at its start) it keeps the zygote's
+    # nice.
+    if ahead is None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+        except PermissionError:
+            pass
     roost_worker.mark("cgroup")
     data, fds, _, _ = socket.recv_fds(chan, MAX_SPEC, 2)
     report_fd = _high(chan.detach())  # fd 5 below: the module report (issue 14)
@@ -260,9 +302,12 @@ def _worker(chan_fd, zygote_socks):
     if len(fds) != 2:
         raise RuntimeError("expected the listening socket and the log file, got %d fds" % len(fds))
     listen_fd, log_fd = _high(fds[0]), _high(fds[1])
-    lifeline_fd = _high(os.dup(LIFELINE_FD))
-    # 2. A session of its own: the agent signals the worker's whole tree as -pid.
-    os.setsid()
+    if ahead is None:
+        lifeline_fd = _high(os.dup(LIFELINE_FD))
+        # 2. A session of its own: the agent signals the worker's whole tree as -pid.
+        os.setsid()
+    else:
+        lifeline_fd = ahead.lifeline
     # 3. Privileges: groups, gid, uid; then no way back.
     os.setgroups(spec["groups"])
     os.setresgid(spec["gid"], spec["gid"], spec["gid"])
@@ -273,12 +318,13 @@ def _worker(chan_fd, zygote_socks):
     # report (closed after the first response); nothing else.
     sys.stdout.flush()
     sys.stderr.flush()
-    devnull = _high(os.open("/dev/null", os.O_RDWR))
+    devnull = _high(os.open("/dev/null", os.O_RDWR)) if ahead is None else ahead.devnull
     for src, dst in ((devnull, 0), (log_fd, 1), (log_fd, 2), (listen_fd, LISTEN_FD), (lifeline_fd, WORKER_LIFELINE_FD), (report_fd, REPORT_FD)):
         os.dup2(src, dst, inheritable=dst < 3)
     os.closerange(REPORT_FD + 1, 1 << 20)
     # 5. The site's environment and nothing else.
-    os.environ.clear()
+    if ahead is None:
+        os.environ.clear()
     for k, v in spec["env"]:
         os.environ[k] = v
     os.environ["LISTEN_PID"] = str(os.getpid())
@@ -291,7 +337,8 @@ def _worker(chan_fd, zygote_socks):
     _setup_path(spec["dir"], spec.get("virtualenv"))
     gc.enable()
     # 7. The app (its bytecode files written after the first response).
-    roost_worker.after_first_response = _then(roost_worker.after_first_response, _defer_bytecode_writes())
+    if ahead is None:
+        roost_worker.after_first_response = _then(roost_worker.after_first_response, _defer_bytecode_writes())
     app = _load_app(spec["app"])
     roost_worker.mark("import")
     # 8. Serve.
@@ -760,6 +807,7 @@ def _join_spare_group(grant):
 def spare_main(sock, zygote_socks, group=None):
     """A spare's life until a request hands it a channel; never returns. `group`: the
     agent's `spare-cgroup` message, if the zygote had one for it."""
+    global _AHEAD
     offered = joined = None
     try:
         for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -779,6 +827,7 @@ def spare_main(sock, zygote_socks, group=None):
         # the fork request, paid ahead.
         roost_worker.prewarm()
         _rehearse_answer()
+        _AHEAD = _prepare_ahead()
         _settled(sock, joined, offered)
         while True:
             msg, fds, _, _ = socket.recv_fds(sock, 4096, 1)
@@ -800,7 +849,8 @@ def spare_main(sock, zygote_socks, group=None):
         if req.get("answered") is True and req.get("op") == "fork" and req.get("role") == "worker":
             roost_worker.start_timeline(t)
             worker_main(fds[0], ())
-        role = CHILD_ROLES.get(req.get("role", "worker")) if req.get("op") == "fork" else None
+        # Only a worker: this process is in a session of its own, with no environment.
+        role = worker_main if req.get("op") == "fork" and req.get("role", "worker") == "worker" else None
         if role is None:
             _answer(fds[0], {"id": req.get("id"), "error": "bad request"})
             os._exit(0)
@@ -897,9 +947,9 @@ def serve_forks(control, events):
             if not msg:
                 log("control socket closed; exiting")
                 return 0
-            # A spare in a group made ahead becomes a worker only: a probe or a framework
-            # zygote must not live in a site's group.
-            if spare is not None and not spare.announced and len(fds) == 1 and (spare.group is None or json.loads(msg).get("role", "worker") == "worker"):
+            # A spare becomes a worker only: it is prepared as one (`_prepare_ahead`), and
+            # may be in a group made ahead, where a probe or a framework zygote must not live.
+            if spare is not None and not spare.announced and len(fds) == 1 and json.loads(msg).get("role", "worker") == "worker":
                 poller.unregister(spare.sock.fileno())
                 handed, spare = hand_over(spare, msg, fds[0]), None
                 if handed:
