@@ -115,9 +115,15 @@ def _log_boot(log, t0):
     log.info("first response %.2f ms after the fork (%s ms)", (prev - t0) * 1000, ", ".join(parts))
 
 
+# Set where every signal the server handles is known to be at its default already (a
+# spare's `_prepare_ahead`): the server installs its own handlers and nothing else.
+signals_at_default = False
+
+
 def _init_signals(worker):
-    for s in worker.SIGNALS:
-        signal.signal(s, signal.SIG_DFL)
+    if not signals_at_default:
+        for s in worker.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, worker.handle_exit)
     signal.signal(signal.SIGQUIT, worker.handle_quit)
     signal.signal(signal.SIGINT, worker.handle_quit)
