@@ -16,6 +16,8 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag, AT_FDCWD};
 use roost_proto::SiteSpec;
@@ -25,12 +27,64 @@ use super::zygote::trusted_interpreter;
 /// A `pyvenv.cfg` is a few lines; a larger file is not one.
 const MAX_PYVENV_CFG: u64 = 64 * 1024;
 
+/// How long an allowlist entry's resolution (its real path, and that it is root's alone
+/// down from `/`) is reused before the disk is looked at again. Resolving one is a dozen
+/// system calls, and it came first on every cold start's path, before the zygote was even
+/// asked: 42 µs of a start's launcher part (issue 14, the start timings' `interpreter_us`).
+/// An interpreter made untrusted (a directory on its path made writable) is refused within
+/// this long; the zygote it already runs was checked when it started.
+const RECHECK_AFTER: Duration = Duration::from_secs(5);
+
+static TRUSTED: TrustCache = TrustCache::new(RECHECK_AFTER);
+
+/// Allowlist entries as a check resolved them, each reused for `ttl`.
+struct TrustCache {
+    ttl: Duration,
+    entries: Mutex<Vec<(PathBuf, Instant, Result<PathBuf, String>)>>,
+}
+
+impl TrustCache {
+    const fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            entries: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// `check(entry)`, or its result from less than `ttl` before `now`.
+    fn resolve(
+        &self,
+        entry: &Path,
+        now: Instant,
+        check: impl FnOnce(&Path) -> Result<PathBuf, String>,
+    ) -> Result<PathBuf, String> {
+        let lock = || self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, _, result)) = lock()
+            .iter()
+            .find(|(p, at, _)| p == entry && now.saturating_duration_since(*at) < self.ttl)
+        {
+            return result.clone();
+        }
+        // Checked without the lock: other starts go on meanwhile.
+        let result = check(entry);
+        let mut entries = lock();
+        entries.retain(|(p, _, _)| p != entry);
+        entries.push((entry.to_path_buf(), now, result.clone()));
+        result
+    }
+}
+
 /// The real path of the interpreter whose zygote may fork `spec`'s workers, or why none may.
 pub fn for_site(spec: &SiteSpec, allowed: &[PathBuf]) -> Result<PathBuf, String> {
     // The operator's own entries are resolved (and must be root's alone); the site's never.
     let entries: Vec<(PathBuf, PathBuf)> = allowed
         .iter()
-        .filter_map(|p| trusted_interpreter(p).ok().map(|real| (p.clone(), real)))
+        .filter_map(|p| {
+            TRUSTED
+                .resolve(p, Instant::now(), trusted_interpreter)
+                .ok()
+                .map(|real| (p.clone(), real))
+        })
         .collect();
     let listed = || {
         allowed
@@ -109,6 +163,31 @@ fn parse_home(text: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_is_checked_again_once_its_resolution_is_older_than_the_ttl() {
+        let cache = TrustCache::new(Duration::from_secs(5));
+        let checks = std::cell::Cell::new(0);
+        let check = |p: &Path| -> Result<PathBuf, String> {
+            checks.set(checks.get() + 1);
+            Ok(p.with_extension("11"))
+        };
+        let (entry, t0) = (Path::new("/usr/bin/python3"), Instant::now());
+        let real = PathBuf::from("/usr/bin/python3.11");
+        assert_eq!(cache.resolve(entry, t0, check), Ok(real.clone()));
+        let later = t0 + Duration::from_secs(4);
+        assert_eq!(cache.resolve(entry, later, check), Ok(real.clone()));
+        assert_eq!(checks.get(), 1, "reused within the ttl");
+        let expired = t0 + Duration::from_secs(5);
+        assert_eq!(cache.resolve(entry, expired, check), Ok(real));
+        assert_eq!(checks.get(), 2, "checked again after it");
+        // A refusal is reused as well, and another entry is its own.
+        let refuse = |_: &Path| -> Result<PathBuf, String> { Err("not root's".into()) };
+        let other = Path::new("/opt/python3");
+        assert!(cache.resolve(other, t0, refuse).is_err());
+        assert!(cache.resolve(other, t0, check).is_err());
+        assert_eq!(checks.get(), 2);
+    }
 
     #[test]
     fn the_home_line_is_found_among_the_others() {

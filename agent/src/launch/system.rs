@@ -470,6 +470,7 @@ impl StartJob {
         } else {
             None
         };
+        let interpreter_checked = Instant::now();
         // An unspecialised child: if the start goes no further, it reads EOF and exits.
         let mut fork = worker::ask_zygote(host, spec, zygote_interpreter.as_deref());
         let asked = Instant::now();
@@ -526,7 +527,8 @@ impl StartJob {
             .with_label_values(&[proc.launcher().as_str()])
             .observe(began.elapsed().as_secs_f64());
         // Where the launcher's part of a cold start went (docs/first-hit.md, profile).
-        debug!(site = %host, queued_us = us(began - self.queued), request_us = us(asked - began),
+        debug!(site = %host, queued_us = us(began - self.queued), interpreter_us = us(interpreter_checked - began),
+            request_us = us(asked - interpreter_checked),
             cgroup_us = us(cgroup_ready - asked), user_us = us(looked_up - cgroup_ready), bind_us = us(bound - looked_up),
             log_us = us(log_ready - bound), spawn_us = us(log_ready.elapsed()), "start timings");
         info!(site = %host, pid = proc.pid(), user = %user.name, uid = user.uid.as_raw(), "worker started");

@@ -229,11 +229,12 @@ impl Zygotes {
 
     fn ask_for(&self, host: &str, interpreter: &Path) -> io::Result<PendingFork> {
         let t0 = Instant::now();
-        if let Some(fz) = self
+        let framework = self
             .frameworks
             .get()
-            .and_then(|fw| fw.zygote_for(host, interpreter))
-        {
+            .and_then(|fw| fw.zygote_for(host, interpreter));
+        let lookup = t0.elapsed();
+        if let Some(fz) = framework {
             match Asked::new(&fz.zygote, "worker") {
                 Ok(asked) => {
                     return Ok(PendingFork {
@@ -241,6 +242,7 @@ impl Zygotes {
                         framework: Some(fz),
                         interpreter: interpreter.to_path_buf(),
                         t0,
+                        lookup,
                         cgroups_sent: false,
                         answer: None,
                     })
@@ -253,6 +255,7 @@ impl Zygotes {
             framework: None,
             interpreter: interpreter.to_path_buf(),
             t0,
+            lookup,
             cgroups_sent: false,
             answer: None,
         })
@@ -267,6 +270,7 @@ impl Zygotes {
             framework,
             interpreter,
             t0,
+            lookup,
             mut cgroups_sent,
             answer,
         } = pending;
@@ -310,7 +314,8 @@ impl Zygotes {
         let zygote_name = from
             .as_ref()
             .map_or("base", |z: &Arc<FrameworkZygote>| z.name.as_str());
-        debug!(site = %host, pid, zygote = zygote_name, asked_us = (t1 - t0).as_micros() as u64, fork_us = (t2 - t1).as_micros() as u64,
+        debug!(site = %host, pid, zygote = zygote_name, lookup_us = lookup.as_micros() as u64,
+            asked_us = (t1 - t0).as_micros() as u64, fork_us = (t2 - t1).as_micros() as u64,
             send_us = t2.elapsed().as_micros() as u64, "worker forked");
         // The channel stays open: the worker reports its modules on it after its first response.
         let report = self
@@ -353,6 +358,8 @@ pub struct PendingFork {
     framework: Option<Arc<FrameworkZygote>>,
     interpreter: PathBuf,
     t0: Instant,
+    /// How long choosing the zygote (a framework zygote, or the base one) took.
+    lookup: Duration,
     /// Whether the child has been told its cgroups (the first of its two messages).
     cgroups_sent: bool,
     /// The answer, when the launcher read it before the cgroup step ([`Self::read_answer`]).
