@@ -37,10 +37,13 @@ const RECHECK_AFTER: Duration = Duration::from_secs(5);
 
 static TRUSTED: TrustCache = TrustCache::new(RECHECK_AFTER);
 
+/// An entry as written, when it was checked, and what the check said.
+type Resolution = (PathBuf, Instant, Result<PathBuf, String>);
+
 /// Allowlist entries as a check resolved them, each reused for `ttl`.
 struct TrustCache {
     ttl: Duration,
-    entries: Mutex<Vec<(PathBuf, Instant, Result<PathBuf, String>)>>,
+    entries: Mutex<Vec<Resolution>>,
 }
 
 impl TrustCache {
