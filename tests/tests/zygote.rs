@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
@@ -60,6 +60,12 @@ fn first_answer(c: &Cluster, host: &str) -> Response {
                 c.diagnostics()
             )
         })
+}
+
+/// The session id of `pid` (field 6 of its stat).
+fn session_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].split(' ').nth(3)?.parse().ok()
 }
 
 fn report_pid(v: &Value) -> u32 {
@@ -670,6 +676,14 @@ fn a_spare_waits_as_one_unspecialised_thread_with_nothing_left_of_its_prewarm() 
         vec![0; 4],
         "a spare is still root's"
     );
+    // What every worker does first it did while it waited (`_prepare_ahead`): its own
+    // session, and the nice a worker runs at (the zygote's is 10).
+    assert_eq!(
+        session_of(spare),
+        Some(spare),
+        "a spare leads its own session"
+    );
+    assert_eq!(nice(spare), Some(0), "a spare waits at a worker's nice");
     // Every fd is one the zygote holds too (stdio, the lifeline, ...), but for the spare's own
     // socket to the zygote: a socket left from the walk would be a second one.
     let held = fds(spare);
@@ -709,6 +723,48 @@ fn a_spare_waits_as_one_unspecialised_thread_with_nothing_left_of_its_prewarm() 
     );
     let worker = report_pid(&first_answer(&c, host).json());
     assert_eq!(worker, spare, "the waiting spare became the site's worker");
+    c.assert_running();
+}
+
+/// A worker loads its site's top-level module straight from the site's directory
+/// (roost_zygote.py, `_import_from_site_dir`) only where `import` would find that file
+/// first: a package of the same name beside it is what `import` takes, and so does the
+/// worker.
+#[test]
+fn a_package_beside_a_module_of_the_same_name_is_what_the_worker_imports() {
+    let c = Cluster::start();
+    let alice = ensure_user(ALICE);
+    // A plain module: loaded from its file.
+    let plain = "module.example";
+    put_site(
+        &c,
+        plain,
+        echo_record(&alice, &c.echo_site_dir(&alice, plain)),
+    );
+    let v = first_answer(&c, plain).json();
+    assert_eq!(v["uid"].as_u64(), Some(alice.uid as u64), "{v}");
+    // `app.py`, which fails if imported, beside the package `app`, which serves.
+    let shadowed = "package.example";
+    let dir = site_dir(
+        &c.root().join("sites"),
+        &alice,
+        shadowed,
+        "raise RuntimeError('app.py was imported instead of the package app')\n",
+    );
+    let package = dir.join("app");
+    std::fs::create_dir(&package).unwrap();
+    let init = package.join("__init__.py");
+    std::fs::write(
+        &init,
+        "def application(environ, start_response):\n    start_response('200 OK', [('Content-Type', 'text/plain')])\n    return [b'the package app']\n",
+    )
+    .unwrap();
+    for (p, mode) in [(&package, 0o755), (&init, 0o644)] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    put_site(&c, shadowed, echo_record(&alice, &dir));
+    let r = first_answer(&c, shadowed);
+    assert_eq!(r.text(), "the package app");
     c.assert_running();
 }
 
