@@ -281,8 +281,7 @@ def _prepare_ahead():
     cold start's path (issue 14: in a worker woken cold, these few calls took 0.2-0.3 ms).
     A spare becomes a worker and nothing else (`serve_forks` forks probes and framework
     zygotes afresh), so none of this reaches a zygote. Returns what `_worker` then skips."""
-    _reset_signals()
-    # The zygote handles SIGCHLD only, and `_reset_signals` put that back.
+    # Signals: `spare_main` reset them first thing (the zygote handles SIGCHLD only).
     roost_worker.signals_at_default = True
     # Its own session: the agent signals a worker's whole tree as -pid.
     os.setsid()
@@ -847,14 +846,13 @@ def spare_main(sock, zygote_socks, group=None):
     global _AHEAD
     offered = joined = None
     try:
-        for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(s, signal.SIG_DFL)
+        # A worker's signals from the start (the zygote's SIGCHLD handler is not a spare's).
+        _reset_signals()
         for s in zygote_socks:
             s.detach()
         os.close(CONTROL_FD)
         os.close(EVENTS_FD)
         set_name("roost-spare")
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
         # A group the agent made ahead, joined while idle: the worker it becomes then has
         # no cgroup to join (issue 14; cgroup v1 only, where the agent can rename it).
         if group is not None:
