@@ -280,32 +280,67 @@ fn sigterm_finishes_the_request_in_hand_and_leaves_the_backlog_to_the_next_worke
     );
 }
 
+/// `GET /hold?secs=` on a connection of its own, read up to the app's first line: the pid of
+/// the process now inside the app, and the connection, whose response ends `secs` later.
+fn hold(c: &Cluster, host: &str, secs: f64) -> (u64, TcpStream) {
+    let mut s = TcpStream::connect(c.proxy_addr).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.write_all(
+        format!("GET /hold?secs={secs} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let k = s.read(&mut byte).unwrap();
+        assert_eq!(
+            k,
+            1,
+            "the held response ended early: {:?}",
+            String::from_utf8_lossy(&raw)
+        );
+        raw.push(byte[0]);
+        let text = String::from_utf8_lossy(&raw);
+        if let Some(at) = text.find("pid ") {
+            if let Some(line) = text[at + 4..].split_once('\n') {
+                return (line.0.trim().parse().unwrap(), s);
+            }
+        }
+    }
+}
+
 #[test]
 fn two_single_threaded_processes_share_the_socket_and_follow_the_agent() {
     let mut c = Cluster::start();
     let host = "two-inline.example";
     probe_site(&c, host, &["--threads", "1", "--workers", "2"]);
 
-    // Two slow requests at once, until both processes have served. Usually the first pair
-    // does it, one each; but a process that is idle when the second connection arrives may
-    // accept it before the first request reaches it on a kept-alive connection, and then
-    // answer both in turn. Which process accepts is the kernel's choice: a few pairs.
+    // One process is held inside the app (it has sent the first line of a response that
+    // ends in 3 s); quick requests sent meanwhile are answered by the other one. A request
+    // the agent sends on a connection it keeps to the held process waits for it, so several
+    // at once: the agent opens new connections for the rest, which only the other can
+    // accept. Which process holds the request is the kernel's choice, and does not matter.
+    let (held, mut held_response) = hold(&c, host, 3.0);
     let addr = c.proxy_addr;
-    let mut pids: BTreeSet<u64> = BTreeSet::new();
-    for _ in 0..5 {
-        let both: Vec<_> = (0..2)
-            .map(|_| std::thread::spawn(move || get(addr, Some(host), "/sleep?secs=0.5", &[])))
-            .collect();
-        for t in both {
-            let r = t.join().unwrap().unwrap();
-            assert_eq!(r.status, 200, "{}", r.text());
-            pids.insert(r.json()["pid"].as_u64().unwrap());
-        }
-        if pids.len() == 2 {
-            break;
-        }
+    let quick: Vec<_> = (0..6)
+        .map(|i| std::thread::spawn(move || get(addr, Some(host), &format!("/quick/{i}"), &[])))
+        .collect();
+    let mut pids: BTreeSet<u64> = BTreeSet::from([held]);
+    for t in quick {
+        let r = t.join().unwrap().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        pids.insert(r.json()["pid"].as_u64().unwrap());
     }
-    assert_eq!(pids.len(), 2, "both processes served: {pids:?}");
+    let mut rest = String::new();
+    held_response.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("done"), "the held response ended: {rest:?}");
+    assert_eq!(
+        pids.len(),
+        2,
+        "while {held} was held, the other process served: {pids:?}\n{}",
+        c.diagnostics()
+    );
 
     // The agent dies without a word: both processes see the lifeline's EOF and exit.
     c.signal_agent(Signal::SIGKILL);

@@ -8,6 +8,8 @@ GET /sleep?secs=N      -> the same JSON, after N seconds, with "together": how m
 POST /upload           -> the request body, echoed; `X-Transfer-Encoding` says how it came
 GET /stream?n=N&gap=S  -> N pieces "piece i\n", S seconds apart, no Content-Length
 GET /file?kb=N         -> N KiB of a known pattern, through wsgi.file_wrapper
+GET /hold?secs=N       -> "pid P\n" at once, then "done\n" after N seconds: the client knows
+                          this process is inside the app until the response ends
 """
 import json
 import os
@@ -64,6 +66,16 @@ def application(environ, start_response):
                 yield b"piece %d\n" % i
 
         return pieces()
+    if path == "/hold":
+        secs = float(query["secs"][0])
+        start_response("200 OK", [("Content-Type", "text/plain")])
+
+        def held():
+            yield b"pid %d\n" % os.getpid()
+            time.sleep(secs)
+            yield b"done\n"
+
+        return held()
     if path == "/file":
         f = tempfile.TemporaryFile()
         f.write(bytes(range(256)) * 4 * int(query["kb"][0]))
