@@ -66,6 +66,26 @@ class _NoHeartbeat:
         pass
 
 
+class _SettledConfig:
+    """The worker's gunicorn config as its requests read it. gunicorn reads settings per
+    request through `Config.__getattr__` (a lookup and a call each, 16 reads per request:
+    a third of a hello-world request's Python); a worker's settings are fixed before it
+    serves, so each is read from the config once and then kept as a plain attribute."""
+
+    def __init__(self, cfg):
+        self._cfg = cfg
+
+    def __getattr__(self, name):
+        value = getattr(self._cfg, name)
+        setattr(self, name, value)  # two threads may both miss: the same value either way
+        return value
+
+    def set(self, name, value):
+        """Change a setting before the worker serves (`Config.set`), and forget its old value."""
+        self._cfg.set(name, value)
+        self.__dict__.pop(name, None)
+
+
 # Boot timeline of this worker (perf_counter seconds), from the zygote's fork on: logged once,
 # with the first response, so an operator (and the benchmark) sees where a cold start went.
 _T = {}
@@ -256,6 +276,9 @@ class InlineWorker(_gunicorn_base.Worker):
 
     def __init__(self, *args, siblings=False, threads=1, **kwargs):
         super().__init__(*args, **kwargs)
+        # Requests read settings through this. The module's own is settled in a spare, whose
+        # rehearsal reads what a request reads, so not even the first request pays for them.
+        self._settled = _SETTLED if self.cfg is _CFG else _SettledConfig(self.cfg)
         # Sibling processes (`workers` > 1) on the same socket: EPOLLEXCLUSIVE wakes one of
         # them per connection, not all.
         self._siblings = siblings
@@ -543,7 +566,7 @@ class InlineWorker(_gunicorn_base.Worker):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._io_timeout)
         fd = sock.fileno()
         with self._lock:
-            self._conns[fd] = _Connection(sock, client, _gunicorn_http.RequestParser(self.cfg, sock, client), now)
+            self._conns[fd] = _Connection(sock, client, _gunicorn_http.RequestParser(self._settled, sock, client), now)
             self._epoll.register(fd, self._conn_events)
             if len(self._conns) >= self._max_conns:
                 self._listen(False)
@@ -592,7 +615,7 @@ class InlineWorker(_gunicorn_base.Worker):
         gthread's `handle_request`, without the pool's bookkeeping."""
         resp = None
         try:
-            resp, environ = _gunicorn_wsgi.create(req, conn.sock, conn.client, self._server_name, self.cfg)
+            resp, environ = _gunicorn_wsgi.create(req, conn.sock, conn.client, self._server_name, self._settled)
             environ["wsgi.multithread"] = self._oneshot
             self.nr += 1
             if not self.alive:
@@ -690,7 +713,7 @@ class InlineWorker(_gunicorn_base.Worker):
         ours = theirs = None
         app, self.wsgi = self.wsgi, _rehearsal_app
         try:
-            ours, theirs, parser = _rehearsal_request(self.cfg)
+            ours, theirs, parser = _rehearsal_request(self._settled)
             self._respond(next(parser), _Connection(theirs, "", parser, 0.0))
             self.nr = 0
         except Exception as e:  # a rehearsal never stops a worker
@@ -718,6 +741,7 @@ def _http_date(timestamp=None):
         _date = (now, _format_http_date(now))
     return _date[1]
 
+
 def _server_templates():
     cfg = Config()
     for k, v in (("worker_class", "gthread"), ("errorlog", "-"), ("loglevel", "info")):
@@ -726,6 +750,7 @@ def _server_templates():
 
 
 _CFG, _LOG = _server_templates()
+_SETTLED = _SettledConfig(_CFG)
 _gunicorn_base.WorkerTmp = _NoHeartbeat
 _gunicorn_util.http_date = _http_date
 
@@ -785,7 +810,7 @@ def prewarm():
 def serve(app, spec):
     """Serve `app` on fd 3 as the site's `spec` says, until told to stop; the caller exits."""
     global _serving_line
-    cfg = _CFG
+    cfg = _SETTLED
     cfg.set("threads", int(spec["threads"]))
     cfg.set("graceful_timeout", int(spec["grace"]))
     cfg.set("timeout", int(spec["timeout"]))
@@ -803,7 +828,7 @@ def serve(app, spec):
             break
         others.append(pid)
     listener = socket.socket(fileno=LISTEN_FD)
-    args = (0, os.getppid(), [listener], None, int(spec["timeout"]), cfg, _LOG)
+    args = (0, os.getppid(), [listener], None, int(spec["timeout"]), _CFG, _LOG)
     worker = InlineWorker(*args, siblings=workers > 1, threads=threads)
     if others is None:
         worker.is_parent_alive = lambda: os.getppid() == leader
