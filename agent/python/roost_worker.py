@@ -766,6 +766,51 @@ def _lifeline_closed(fd):
         return True
 
 
+class _HandOver:
+    """Stands in for a listener in `_rehearse_accept`: its accept hands over one end of a
+    socket pair. No socket anyone else could connect to is ever listening in a spare."""
+
+    def __init__(self, sock):
+        self._sock = sock
+
+    def accept(self):
+        sock, self._sock = self._sock, None
+        return sock, ""
+
+
+def _rehearse_accept(worker):
+    """`prewarm`'s walk of what a worker's first request adds to the rehearsal: its
+    server's epoll set, the accepted connection's setup, and its first request served as a
+    kept connection is."""
+    ours = theirs = None
+    app, worker.wsgi = worker.wsgi, _rehearsal_app
+    worker._answered = True  # no boot marks, no follow-up
+    worker._io_timeout, worker._max_conns = struct.pack("ll", 30, 0), 1000
+    worker._epoll = select.epoll()
+    try:
+        ours, theirs = socket.socketpair()
+        ours.sendall(b"GET /rehearsal HTTP/1.1\r\nHost: rehearsal\r\n\r\n")
+        with worker._lock:
+            worker._listen(True)
+        worker._epoll.poll(0)
+        worker._accept(_HandOver(theirs), time.monotonic())
+        for fd, _ in worker._epoll.poll(0):
+            conn = worker._conns.get(fd)
+            if conn is not None:
+                worker._serve(conn)
+        ours.recv(65536)
+    finally:
+        for conn in list(worker._conns.values()):
+            conn.sock.close()
+        worker._conns.clear()
+        worker._epoll.close()
+        worker._listening = False
+        worker.wsgi = app
+        for s in (ours, theirs):
+            if s is not None:
+                s.close()
+
+
 _PREWARM_SOURCE = """
 import os
 
@@ -775,6 +820,11 @@ def application(environ, start_response):
     start_response("200 OK", [("Content-Length", str(len(body)))])
     return [body]
 """
+
+
+# The variables every worker's environment has (`worker_env` in agent/src/launch/direct.rs,
+# and LISTEN_PID), for `prewarm`.
+_WORKER_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "PYTHONUNBUFFERED", "ROOST_SITE", "LISTEN_FDS", "LISTEN_PID")
 
 
 def prewarm():
@@ -791,11 +841,24 @@ def prewarm():
         worker = InlineWorker(0, os.getppid(), [sock], None, 30, _CFG, _LOG, threads=1)
         worker.wsgi, worker._server_name = None, ""
         worker._rehearse()
+        _rehearse_accept(worker)
+        # The signals `serve` installs, installed as they are (at their defaults in a spare).
+        for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGABRT):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.siginterrupt(signal.SIGTERM, False)
+        # The settings `serve` sets, set to what they are: their objects' pages copied here.
+        for name in _SITE_SETTINGS:
+            _SETTLED.set(name, getattr(_CFG, name))
         importlib.util.find_spec("roost_prewarm_absent")
-        # A worker replaces the whole environment: touch every entry, and the putenv path.
+        # A worker replaces the whole environment with its site's: as many variables (the
+        # agent's `worker_env`), of like sizes, set and taken back. libc keeps every value
+        # it was given in a tree, and the worker's own go into it beside these.
         saved = dict(os.environ)
-        os.environ["ROOST_PREWARM"] = "1"
-        del os.environ["ROOST_PREWARM"]
+        for name in _WORKER_ENV:
+            os.environ[name] = "/prewarm/" + name.lower()
+        for name in _WORKER_ENV:
+            del os.environ[name]
+        os.environ.update(saved)
         del saved
         # A site's first import compiles its module and writes the .pyc.
         marshal.dumps(compile(_PREWARM_SOURCE, "<roost-prewarm>", "exec"))
@@ -805,6 +868,10 @@ def prewarm():
     finally:
         if sock is not None:
             sock.close()
+
+
+# What `serve` sets from a site's spec.
+_SITE_SETTINGS = ("threads", "graceful_timeout", "timeout", "keepalive", "workers")
 
 
 def serve(app, spec):

@@ -65,6 +65,7 @@ use crate::config::FrameworkSettings;
 pub const SCRIPT: &str = include_str!("../../python/roost_zygote.py");
 /// The server a worker runs, a module the zygote imports from its own directory.
 const WORKER_MODULE: &str = include_str!("../../python/roost_worker.py");
+const PREWARM_APP: &str = include_str!("../../python/prewarm/roost_prewarm_app.py");
 
 /// fds the zygote finds its channels on (see the script).
 const CONTROL_FD: RawFd = 3;
@@ -1017,6 +1018,10 @@ fn install_script(state_dir: &Path) -> io::Result<PathBuf> {
     ensure_dir(&dir, 0o755)?;
     // The module first: a zygote that starts between the two renames finds the new one.
     install_file(&dir, "roost_worker.py", WORKER_MODULE)?;
+    // What a spare imports while it waits, the way a never-started site's app is imported.
+    let prewarm = dir.join("prewarm");
+    ensure_dir(&prewarm, 0o755)?;
+    install_file(&prewarm, "roost_prewarm_app.py", PREWARM_APP)?;
     install_file(&dir, "roost_zygote.py", SCRIPT)
 }
 
