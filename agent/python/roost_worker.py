@@ -20,7 +20,6 @@ It also keeps the worker's boot timeline (`mark`), logged with its first respons
 
 import errno
 import importlib.util
-import marshal
 import os
 import select
 import signal
@@ -811,17 +810,6 @@ def _rehearse_accept(worker):
                 s.close()
 
 
-_PREWARM_SOURCE = """
-import os
-
-
-def application(environ, start_response):
-    body = os.environ.get("X", "").encode()
-    start_response("200 OK", [("Content-Length", str(len(body)))])
-    return [body]
-"""
-
-
 # The variables every worker's environment has (`worker_env` in agent/src/launch/direct.rs,
 # and LISTEN_PID), for `prewarm`.
 _WORKER_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "PYTHONUNBUFFERED", "ROOST_SITE", "LISTEN_FDS", "LISTEN_PID")
@@ -860,8 +848,6 @@ def prewarm():
             del os.environ[name]
         os.environ.update(saved)
         del saved
-        # A site's first import compiles its module and writes the .pyc.
-        marshal.dumps(compile(_PREWARM_SOURCE, "<roost-prewarm>", "exec"))
         _prewarmed = True
     except Exception:
         pass  # a walk that fails only leaves its faults to the first request

@@ -29,8 +29,8 @@ import ctypes
 import gc
 import importlib
 import importlib.machinery
-import io
 import importlib.util
+import io
 import json
 import os
 import select
