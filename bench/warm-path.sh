@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The warm-path benchmark (BENCHMARKS.md): Roost against nginx -> gunicorn, Apache mod_wsgi
-# and gunicorn direct, all started here with the same hello-world app and loaded with wrk.
+# The warm-path benchmark (BENCHMARKS.md): Roost against nginx -> gunicorn, Apache mod_wsgi,
+# gunicorn direct, and the floors of a hop (bare pingora, a second nginx), all started here
+# with the same hello-world app and loaded with wrk.
 # As root (sites run as a real unix user). Installs the incumbents first if they are missing.
 #
 #   bench/warm-path.sh             the full run (~5 min): 3 rounds of 4 s, c16 and c64, open loop

@@ -11,6 +11,11 @@
 //! a fresh gunicorn (`spawn = direct`), roost-agent direct -> worker,
 //! nginx -> gunicorn sync -w2 (keep-alive upstream), Apache mod_wsgi daemon mode, gunicorn
 //! sync -w2 direct, gunicorn gthread -w2 x4 direct (the server Roost's worker runs).
+//! Two floors for Roost's two hops: `pingora-gunicorn` (pingora with no Roost code,
+//! `roost-bare-pingora`, in front of the same gunicorn as nginx) prices a pingora hop beside
+//! an nginx one; `nginx-nginx-gunicorn` and `pingora-nginx-gunicorn` put a second hop,
+//! nginx or bare pingora, in front of that nginx (a hop with a keep-alive upstream, as both
+//! of Roost's are), to show what a second hop costs even when it is nginx.
 //!
 //! Run (as root: sites run as a real unix user): `bench/warm-path.sh [--smoke] [...]`.
 
@@ -459,6 +464,22 @@ fn wait_serving(path: &Target, log_hint: &Path) {
     }
 }
 
+/// `roost-bare-pingora` (built beside this benchmark) from `listen` to `upstream` (a unix
+/// socket's path, or host:port).
+fn bare_pingora(root: &Path, name: &str, listen: SocketAddr, upstream: &Path) -> Proc {
+    let mut cmd = Command::new(roost_tests::bins::current_exe_dir().join("roost-bare-pingora"));
+    cmd.arg("--listen")
+        .arg(listen.to_string())
+        .arg("--upstream")
+        .arg(upstream);
+    Proc::spawn(
+        name,
+        cmd,
+        &root.join(format!("{name}.log")),
+        Signal::SIGTERM,
+    )
+}
+
 /// gunicorn from Debian's python3-gunicorn, as root's `gunicorn` would run it.
 fn gunicorn(
     root: &Path,
@@ -641,6 +662,27 @@ fn main() {
             nginx_upstream.display()
         ),
     );
+    // Two floors for Roost's two hops (see the module comment): pingora alone in front of the
+    // same gunicorn, and two nginx hops where nginx -> gunicorn has one.
+    let pingora_addr = free_addr();
+    let pingora_only = bare_pingora(r, "bare-pingora", pingora_addr, &nginx_upstream);
+    // The same in front of nginx: a hop with a keep-alive upstream, as both of Roost's are.
+    let pingora_front_addr = free_addr();
+    let pingora_front = bare_pingora(
+        r,
+        "bare-pingora-front",
+        pingora_front_addr,
+        Path::new(&nginx_addr.to_string()),
+    );
+    let front_addr = free_addr();
+    let nginx_front = incumbents::nginx(
+        &root.subdir("nginx-front"),
+        &format!(
+            "  upstream inner {{ server {nginx_addr}; keepalive 32; }}\n  server {{\n    listen {front_addr};\n\
+             location / {{\n      proxy_pass http://inner;\n      proxy_http_version 1.1;\n\
+             proxy_set_header Connection \"\";\n      proxy_set_header Host $host;\n    }}\n  }}\n"
+        ),
+    );
     let apache_addr = free_addr();
     let apache_conf = apache_conf(r, apache_addr, &app_dir, f.workers);
     let mut cmd = Command::new("/usr/sbin/apache2");
@@ -669,6 +711,8 @@ fn main() {
 
     let (proxy_pid, agent_pid) = (node.proxy_proc.pid(), node.agent_proc.pid());
     let nginx_pid = nginx.pid();
+    let (bare_pingora_pid, front_pid) = (pingora_only.pid(), nginx_front.pid());
+    let pingora_front_pid = pingora_front.pid();
     let behind_pid = gunicorn_behind_nginx.pid();
     let apache_pid = apache.pid();
     let (sync_pid, gthread_pid) = (gunicorn_sync.pid(), gunicorn_gthread.pid());
@@ -726,6 +770,62 @@ fn main() {
             host: SITE,
             headers: vec![],
             hops: vec![
+                Hop {
+                    label: "nginx",
+                    pids: Box::new(move || tree(nginx_pid)),
+                },
+                Hop {
+                    label: "worker",
+                    pids: Box::new(move || tree(behind_pid)),
+                },
+            ],
+        },
+        Target {
+            name: "pingora-gunicorn",
+            addr: pingora_addr,
+            host: SITE,
+            headers: vec![],
+            hops: vec![
+                Hop {
+                    label: "pingora",
+                    pids: Box::new(move || vec![bare_pingora_pid]),
+                },
+                Hop {
+                    label: "worker",
+                    pids: Box::new(move || tree(behind_pid)),
+                },
+            ],
+        },
+        Target {
+            name: "nginx-nginx-gunicorn",
+            addr: front_addr,
+            host: SITE,
+            headers: vec![],
+            hops: vec![
+                Hop {
+                    label: "front nginx",
+                    pids: Box::new(move || tree(front_pid)),
+                },
+                Hop {
+                    label: "nginx",
+                    pids: Box::new(move || tree(nginx_pid)),
+                },
+                Hop {
+                    label: "worker",
+                    pids: Box::new(move || tree(behind_pid)),
+                },
+            ],
+        },
+        Target {
+            name: "pingora-nginx-gunicorn",
+            addr: pingora_front_addr,
+            host: SITE,
+            headers: vec![],
+            hops: vec![
+                Hop {
+                    label: "front pingora",
+                    pids: Box::new(move || vec![pingora_front_pid]),
+                },
                 Hop {
                     label: "nginx",
                     pids: Box::new(move || tree(nginx_pid)),
