@@ -110,22 +110,20 @@ struct Hop {
     pids: Box<dyn Fn() -> Vec<u32>>,
 }
 
+fn hop(label: &'static str, pids: impl Fn() -> Vec<u32> + 'static) -> Hop {
+    Hop {
+        label,
+        pids: Box::new(pids),
+    }
+}
+
 /// A Roost node's hops: its proxy, its agent, and the site's worker processes (whose pid
 /// `worker` holds once the worker has started).
 fn node_hops(proxy_pid: u32, agent_pid: u32, worker: Rc<Cell<u32>>) -> Vec<Hop> {
     vec![
-        Hop {
-            label: "proxy",
-            pids: Box::new(move || vec![proxy_pid]),
-        },
-        Hop {
-            label: "agent",
-            pids: Box::new(move || vec![agent_pid]),
-        },
-        Hop {
-            label: "worker",
-            pids: Box::new(move || tree(worker.get())),
-        },
+        hop("proxy", move || vec![proxy_pid]),
+        hop("agent", move || vec![agent_pid]),
+        hop("worker", move || tree(worker.get())),
     ]
 }
 
@@ -137,6 +135,19 @@ struct Target {
     host: &'static str,
     headers: Vec<(String, String)>,
     hops: Vec<Hop>,
+}
+
+impl Target {
+    /// A path asked for the benchmark's site with no extra headers.
+    fn plain(name: &'static str, addr: SocketAddr, hops: Vec<Hop>) -> Target {
+        Target {
+            name,
+            addr,
+            host: SITE,
+            headers: vec![],
+            hops,
+        }
+    }
 }
 
 /// A process and everything below it.
@@ -731,147 +742,81 @@ fn main() {
     let direct_worker = Rc::new(Cell::new(0u32));
     let dw = direct_worker.clone();
     let mut paths = vec![
+        Target::plain("roost", node.proxy, node_hops(proxy_pid, agent_pid, rw)),
         Target {
-            name: "roost",
-            addr: node.proxy,
-            host: SITE,
-            headers: vec![],
-            hops: node_hops(proxy_pid, agent_pid, rw),
-        },
-        Target {
-            name: "roost-spawn-direct",
-            addr: node.proxy,
             host: DIRECT_SITE,
-            headers: vec![],
-            hops: node_hops(proxy_pid, agent_pid, dw),
+            ..Target::plain(
+                "roost-spawn-direct",
+                node.proxy,
+                node_hops(proxy_pid, agent_pid, dw),
+            )
         },
         Target {
-            name: "agent-direct",
-            addr: node.agent,
-            host: SITE,
             headers: vec![
                 ("x-roost-site".into(), SITE.into()),
                 ("x-roost-auth".into(), node.secret.clone()),
             ],
-            hops: vec![
-                Hop {
-                    label: "agent",
-                    pids: Box::new(move || vec![agent_pid]),
-                },
-                Hop {
-                    label: "worker",
-                    pids: Box::new(move || tree(rw2.get())),
-                },
+            ..Target::plain(
+                "agent-direct",
+                node.agent,
+                vec![
+                    hop("agent", move || vec![agent_pid]),
+                    hop("worker", move || tree(rw2.get())),
+                ],
+            )
+        },
+        Target::plain(
+            "nginx-gunicorn",
+            nginx_addr,
+            vec![
+                hop("nginx", move || tree(nginx_pid)),
+                hop("worker", move || tree(behind_pid)),
             ],
-        },
-        Target {
-            name: "nginx-gunicorn",
-            addr: nginx_addr,
-            host: SITE,
-            headers: vec![],
-            hops: vec![
-                Hop {
-                    label: "nginx",
-                    pids: Box::new(move || tree(nginx_pid)),
-                },
-                Hop {
-                    label: "worker",
-                    pids: Box::new(move || tree(behind_pid)),
-                },
+        ),
+        Target::plain(
+            "pingora-gunicorn",
+            pingora_addr,
+            vec![
+                hop("pingora", move || vec![bare_pingora_pid]),
+                hop("worker", move || tree(behind_pid)),
             ],
-        },
-        Target {
-            name: "pingora-gunicorn",
-            addr: pingora_addr,
-            host: SITE,
-            headers: vec![],
-            hops: vec![
-                Hop {
-                    label: "pingora",
-                    pids: Box::new(move || vec![bare_pingora_pid]),
-                },
-                Hop {
-                    label: "worker",
-                    pids: Box::new(move || tree(behind_pid)),
-                },
+        ),
+        Target::plain(
+            "nginx-nginx-gunicorn",
+            front_addr,
+            vec![
+                hop("front nginx", move || tree(front_pid)),
+                hop("nginx", move || tree(nginx_pid)),
+                hop("worker", move || tree(behind_pid)),
             ],
-        },
-        Target {
-            name: "nginx-nginx-gunicorn",
-            addr: front_addr,
-            host: SITE,
-            headers: vec![],
-            hops: vec![
-                Hop {
-                    label: "front nginx",
-                    pids: Box::new(move || tree(front_pid)),
-                },
-                Hop {
-                    label: "nginx",
-                    pids: Box::new(move || tree(nginx_pid)),
-                },
-                Hop {
-                    label: "worker",
-                    pids: Box::new(move || tree(behind_pid)),
-                },
+        ),
+        Target::plain(
+            "pingora-nginx-gunicorn",
+            pingora_front_addr,
+            vec![
+                hop("front pingora", move || vec![pingora_front_pid]),
+                hop("nginx", move || tree(nginx_pid)),
+                hop("worker", move || tree(behind_pid)),
             ],
-        },
-        Target {
-            name: "pingora-nginx-gunicorn",
-            addr: pingora_front_addr,
-            host: SITE,
-            headers: vec![],
-            hops: vec![
-                Hop {
-                    label: "front pingora",
-                    pids: Box::new(move || vec![pingora_front_pid]),
-                },
-                Hop {
-                    label: "nginx",
-                    pids: Box::new(move || tree(nginx_pid)),
-                },
-                Hop {
-                    label: "worker",
-                    pids: Box::new(move || tree(behind_pid)),
-                },
+        ),
+        Target::plain(
+            "apache-mod_wsgi",
+            apache_addr,
+            vec![
+                hop("apache", move || apache_procs(false)),
+                hop("worker", move || apache_procs(true)),
             ],
-        },
-        Target {
-            name: "apache-mod_wsgi",
-            addr: apache_addr,
-            host: SITE,
-            headers: vec![],
-            hops: vec![
-                Hop {
-                    label: "apache",
-                    pids: Box::new(move || apache_procs(false)),
-                },
-                Hop {
-                    label: "worker",
-                    pids: Box::new(move || apache_procs(true)),
-                },
-            ],
-        },
-        Target {
-            name: "gunicorn-sync",
-            addr: sync_addr,
-            host: SITE,
-            headers: vec![],
-            hops: vec![Hop {
-                label: "worker",
-                pids: Box::new(move || tree(sync_pid)),
-            }],
-        },
-        Target {
-            name: "gunicorn-gthread",
-            addr: gthread_addr,
-            host: SITE,
-            headers: vec![],
-            hops: vec![Hop {
-                label: "worker",
-                pids: Box::new(move || tree(gthread_pid)),
-            }],
-        },
+        ),
+        Target::plain(
+            "gunicorn-sync",
+            sync_addr,
+            vec![hop("worker", move || tree(sync_pid))],
+        ),
+        Target::plain(
+            "gunicorn-gthread",
+            gthread_addr,
+            vec![hop("worker", move || tree(gthread_pid))],
+        ),
     ];
     let baseline_worker = Rc::new(Cell::new(0u32));
     if let Some(b) = &baseline {
@@ -879,13 +824,11 @@ fn main() {
         let bw = baseline_worker.clone();
         paths.insert(
             1,
-            Target {
-                name: "roost-baseline",
-                addr: b.proxy,
-                host: SITE,
-                headers: vec![],
-                hops: node_hops(bproxy_pid, bagent_pid, bw),
-            },
+            Target::plain(
+                "roost-baseline",
+                b.proxy,
+                node_hops(bproxy_pid, bagent_pid, bw),
+            ),
         );
     }
     if !f.only.is_empty() {
