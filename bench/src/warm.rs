@@ -20,6 +20,7 @@
 //! Run (as root: sites run as a real unix user): `bench/warm-path.sh [--smoke] [...]`.
 
 use std::cell::Cell;
+use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -477,7 +478,7 @@ fn wait_serving(path: &Target, log_hint: &Path) {
 
 /// `roost-bare-pingora` (built beside this benchmark) from `listen` to `upstream` (a unix
 /// socket's path, or host:port).
-fn bare_pingora(root: &Path, name: &str, listen: SocketAddr, upstream: &Path) -> Proc {
+fn bare_pingora(root: &Path, name: &str, listen: SocketAddr, upstream: impl AsRef<OsStr>) -> Proc {
     let mut cmd = Command::new(roost_tests::bins::current_exe_dir().join("roost-bare-pingora"));
     cmd.arg("--listen")
         .arg(listen.to_string())
@@ -488,6 +489,16 @@ fn bare_pingora(root: &Path, name: &str, listen: SocketAddr, upstream: &Path) ->
         cmd,
         &root.join(format!("{name}.log")),
         Signal::SIGTERM,
+    )
+}
+
+/// nginx's `http {}` body for a proxy on `listen` to `server` (an nginx `server` address),
+/// with the keep-alive upstream an operator tuning nginx would set.
+fn nginx_proxy(listen: SocketAddr, server: &str) -> String {
+    format!(
+        "  upstream app {{ server {server}; keepalive 32; }}\n  server {{\n    listen {listen};\n\
+         location / {{\n      proxy_pass http://app;\n      proxy_http_version 1.1;\n\
+         proxy_set_header Connection \"\";\n      proxy_set_header Host $host;\n    }}\n  }}\n"
     )
 }
 
@@ -666,12 +677,7 @@ fn main() {
     // after each response anyway).
     let nginx = incumbents::nginx(
         r,
-        &format!(
-            "  upstream app {{ server unix:{}; keepalive 32; }}\n  server {{\n    listen {nginx_addr};\n\
-             location / {{\n      proxy_pass http://app;\n      proxy_http_version 1.1;\n\
-             proxy_set_header Connection \"\";\n      proxy_set_header Host $host;\n    }}\n  }}\n",
-            nginx_upstream.display()
-        ),
+        &nginx_proxy(nginx_addr, &format!("unix:{}", nginx_upstream.display())),
     );
     // Two floors for Roost's two hops (see the module comment): pingora alone in front of the
     // same gunicorn, and two nginx hops where nginx -> gunicorn has one.
@@ -683,16 +689,12 @@ fn main() {
         r,
         "bare-pingora-front",
         pingora_front_addr,
-        Path::new(&nginx_addr.to_string()),
+        nginx_addr.to_string(),
     );
     let front_addr = free_addr();
     let nginx_front = incumbents::nginx(
         &root.subdir("nginx-front"),
-        &format!(
-            "  upstream inner {{ server {nginx_addr}; keepalive 32; }}\n  server {{\n    listen {front_addr};\n\
-             location / {{\n      proxy_pass http://inner;\n      proxy_http_version 1.1;\n\
-             proxy_set_header Connection \"\";\n      proxy_set_header Host $host;\n    }}\n  }}\n"
-        ),
+        &nginx_proxy(front_addr, &nginx_addr.to_string()),
     );
     let apache_addr = free_addr();
     let apache_conf = apache_conf(r, apache_addr, &app_dir, f.workers);
